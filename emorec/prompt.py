@@ -1,0 +1,89 @@
+"""Prompts and answers as token ids.
+
+The prompt is the paper's instruction through the model's chat template, ending where the
+assistant's answer starts; the answer of label i is what the template renders for an assistant
+turn holding that label's word (e.g. "sadness<|im_end|>"). Training teaches the gold answer;
+prediction ranks the label set by the likelihood of each answer.
+"""
+
+from emorec.data import Example
+from emorec.errors import EmorecError
+
+
+def join_labels(labels: list[str]) -> str:
+    """["a", "b", "c"] -> "a, b or c", the paper's "E1, E2, ... or Ek"."""
+    return labels[0] if len(labels) == 1 else f"{', '.join(labels[:-1])} or {labels[-1]}"
+
+
+def _messages(user: str, system: str | None) -> list[dict]:
+    head = [] if system is None else [{"role": "system", "content": system}]
+    return head + [{"role": "user", "content": user}]
+
+
+def render_prompt(tokenizer, template: str, system: str | None, labels: list[str], text: str) -> str:
+    try:
+        user = template.format(labels=join_labels(labels), text=text)
+    except (KeyError, IndexError) as e:
+        raise EmorecError(f"prompt.template has an unknown field {e}; use only {{labels}} and {{text}}") from None
+    if tokenizer.chat_template is None:
+        return f"{user}\nAnswer:"
+    return tokenizer.apply_chat_template(_messages(user, system), tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompts(
+    tokenizer,
+    examples: list[Example],
+    template: str,
+    system: str | None,
+    labels: list[str],
+    max_length: int,
+) -> list[list[int]]:
+    """Token ids of each example's prompt, at most max_length long: an utterance that does not
+    fit loses words from its end, the instruction and template stay whole."""
+    special = tokenizer.chat_template is None  # the chat template writes its own special tokens
+    texts = [render_prompt(tokenizer, template, system, labels, ex.text) for ex in examples]
+    ids = tokenizer(texts, add_special_tokens=special)["input_ids"]
+    for i, ex in enumerate(examples):
+        words = ex.text.split()
+        while len(ids[i]) > max_length:
+            if len(words) <= 1:
+                raise EmorecError(f"the prompt alone is longer than trainer.max_length={max_length}; raise it")
+            words = words[: max(1, len(words) - max(1, (len(ids[i]) - max_length) // 2))]
+            text = render_prompt(tokenizer, template, system, labels, " ".join(words))
+            ids[i] = tokenizer(text, add_special_tokens=special)["input_ids"]
+    return ids
+
+
+def encode_answers(tokenizer, template: str, system: str | None, labels: list[str]) -> list[list[int]]:
+    """Token ids of the assistant's answer for each label, ending with the end-of-turn token
+    so that a label which is a prefix of another ("joy", "joyful") is not favoured."""
+    if tokenizer.chat_template is None:
+        texts = [f" {label}{tokenizer.eos_token or ''}" for label in labels]
+    else:
+        texts = []
+        prompt = render_prompt(tokenizer, template, system, labels, "x")
+        for label in labels:
+            user = _messages(template.format(labels=join_labels(labels), text="x"), system)
+            full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": label}], tokenize=False)
+            if not full.startswith(prompt):
+                raise EmorecError(
+                    "the chat template renders the answer differently from the generation "
+                    "prompt; use a model whose template supports add_generation_prompt"
+                )
+            texts.append(full[len(prompt) :].rstrip())
+    answers = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if len(set(map(tuple, answers))) < len(labels):
+        raise EmorecError(f"two labels of {labels} tokenise to the same answer; reword dataset.labels")
+    return answers
+
+
+def scoring_answers(answers: list[list[int]]) -> list[list[int]]:
+    """The answers as scoring sees them: without the shared end-of-turn token when no answer's
+    label tokens are a prefix of another's. The ranking then hardly depends on it, and it costs
+    a forward position for every label of every example."""
+    if len({a[-1] for a in answers}) != 1 or min(map(len, answers)) < 2:
+        return answers
+    words = [tuple(a[:-1]) for a in answers]
+    if any(u != w and w[: len(u)] == u for u in words for w in words):
+        return answers
+    return [list(w) for w in words]

@@ -1,0 +1,246 @@
+"""run(cfg): one experiment from a composed config to its metrics and outputs.
+
+This is the only function that reads the config; everything below it takes plain arguments.
+"""
+
+import logging
+import math
+import random
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from peft import PeftModel, get_peft_model
+from transformers import get_scheduler
+
+from emorec.data import subsample
+from emorec.errors import EmorecError
+from emorec.loop import predict, train
+from emorec.metrics import METRICS, classification_metrics
+from emorec.outputs import plot_confusion, prediction_columns, prediction_rows, write_json, write_predictions
+from emorec.prompt import encode_answers, encode_prompts, scoring_answers
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast where the hardware computes bf16 natively (AVX-512 BF16/AMX on CPUs):
+    elsewhere it would be emulated and slower than fp32."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise EmorecError(f"trainer.precision={precision!r}; use auto, bf16 or fp32")
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def steps_per_epoch(n: int, batch_size: int, grad_accum: int, window: int = 50) -> int:
+    """Optimizer steps in one epoch of loop.train_batches (length-sorted windows of 50 batches)."""
+    span = batch_size * window
+    batches = sum(math.ceil(min(span, n - s) / batch_size) for s in range(0, n, span))
+    return batches // grad_accum
+
+
+def prepare_output_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise EmorecError(f"cannot write to output_dir={path} ({e.strerror}); choose a writable folder") from None
+
+
+def run(cfg: DictConfig) -> dict:
+    t = cfg.trainer
+    if t.predict not in ("score", "generate"):
+        raise EmorecError(f"trainer.predict={t.predict!r}; use score or generate")
+    out = Path(cfg.output_dir)
+    prepare_output_dir(out)
+    wall = time.perf_counter()
+    seed_everything(cfg.seed)
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    device = resolve_device(t.device)
+    bf16 = use_bf16(t.precision, device)
+
+    labels = list(cfg.dataset.labels)
+    splits = instantiate(cfg.dataset.load)
+    train_ex = subsample(splits["train"], cfg.dataset.max_train, cfg.seed)
+    dev_ex, test_ex = (splits[s][: cfg.dataset.max_eval] for s in ("dev", "test"))
+    log.info("%s: %d train, %d dev, %d test examples", cfg.dataset.name, len(train_ex), len(dev_ex), len(test_ex))
+
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    # A partial, so the run's config reaches the logger as a plain dict (instantiate would turn
+    # keyword arguments into DictConfig nodes and instantiate the _target_s inside them).
+    make_logger = instantiate(cfg.logger, _partial_=True)
+    logger = make_logger(run_config=OmegaConf.to_container(cfg, resolve=True), dir=str(out))
+    try:
+        metrics = _run(cfg, out, device, bf16, labels, train_ex, dev_ex, test_ex, logger)
+        metrics["wall_time_s"] = time.perf_counter() - wall
+        write_json(out / "metrics.json", metrics)
+        logger.summary({"wall_time_s": metrics["wall_time_s"]})
+    finally:
+        logger.finish()
+    return metrics
+
+
+def _run(cfg, out, device, bf16, labels, train_ex, dev_ex, test_ex, logger) -> dict:
+    t, metric = cfg.trainer, cfg.dataset.metric
+    if metric not in METRICS:
+        raise EmorecError(f"dataset.metric={metric!r}; use one of {', '.join(METRICS)}")
+
+    start = time.perf_counter()
+    # Weights stay fp32 and bf16 comes from autocast: on this CPU path, bf16-stored weights
+    # measured 2x slower per step (extra copies), and the residual stream keeps fp32 precision.
+    model, tokenizer = instantiate(cfg.model.load)
+    load_seconds = time.perf_counter() - start
+    model.requires_grad_(False)
+    if cfg.adapter.peft is not None:
+        model = get_peft_model(model, instantiate(cfg.adapter.peft))
+    model.to(device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info(
+        "model %s loaded in %.1f s; %d trainable parameters (%.3f%%)",
+        cfg.model.name,
+        load_seconds,
+        trainable,
+        100 * trainable / total,
+    )
+
+    template, system = cfg.prompt.template, cfg.prompt.system
+    answers = encode_answers(tokenizer, template, system, labels)
+    scored = scoring_answers(answers)
+    train_ids, dev_ids, test_ids = (
+        encode_prompts(tokenizer, exs, template, system, labels, t.max_length) for exs in (train_ex, dev_ex, test_ex)
+    )
+
+    def evaluate(ids, examples, desc):
+        result = predict(
+            model,
+            tokenizer,
+            ids,
+            scored,
+            labels,
+            mode=t.predict,
+            batch_size=t.eval_batch_size,
+            autocast=bf16,
+            desc=desc,
+        )
+        return result, classification_metrics(result["preds"], [ex.label for ex in examples], labels)
+
+    best = {"value": -math.inf, "epoch": None, "state": None, "val": None}
+    train_stats = None
+    if cfg.adapter.train:
+        if not train_ex:
+            raise EmorecError("no training examples; check dataset.max_train or the train split")
+        steps = t.max_steps or t.epochs * steps_per_epoch(len(train_ex), t.batch_size, t.grad_accum)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = instantiate(cfg.optimizer)(params)
+        scheduler = get_scheduler(
+            t.scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * steps), num_training_steps=steps
+        )
+
+        def on_epoch_end(epoch, step):
+            if not t.val_every_epoch or not dev_ex:
+                return
+            result, m = evaluate(dev_ids, dev_ex, f"val epoch {epoch}")
+            logger.log({f"val/{k}": m[k] for k in METRICS}, step)
+            log.info("epoch %d step %d: val %s %.4f, accuracy %.4f", epoch, step, metric, m[metric], m["accuracy"])
+            # Keep the best adapter by the metric of record (in memory: adapters are small).
+            if m[metric] > best["value"]:
+                state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                best.update(value=m[metric], epoch=epoch, state=state, val=(result, m))
+
+        train_ids_answers = [answers[ex.label] for ex in train_ex]
+        train_stats = train(
+            model,
+            train_ids,
+            train_ids_answers,
+            tokenizer.pad_token_id,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            steps=steps,
+            batch_size=t.batch_size,
+            grad_accum=t.grad_accum,
+            max_grad_norm=t.max_grad_norm,
+            autocast=bf16,
+            seed=cfg.seed,
+            log_every=t.log_every,
+            log=logger.log,
+            on_epoch_end=on_epoch_end,
+        )
+        if best["state"] is not None:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in best["state"]:
+                        p.copy_(best["state"][n])
+        log.info(
+            "trained %d steps in %.0f s: %.2f examples/s, %.0f tokens/s",
+            train_stats["steps"],
+            train_stats["seconds"],
+            train_stats["examples_per_s"],
+            train_stats["tokens_per_s"],
+        )
+
+    val_result, val_m = best["val"] or evaluate(dev_ids, dev_ex, "val")
+    test_result, test_m = evaluate(test_ids, test_ex, "test")
+    log.info(
+        "test %s %.4f, accuracy %.4f, macro F1 %.4f", metric, test_m[metric], test_m["accuracy"], test_m["macro_f1"]
+    )
+
+    if isinstance(model, PeftModel):
+        model.save_pretrained(out / "adapter")  # safetensors; PeftModel.from_pretrained reloads it
+    columns = prediction_columns(labels)
+    rows = prediction_rows("dev", dev_ex, val_result, labels) + prediction_rows("test", test_ex, test_result, labels)
+    write_predictions(out / "predictions.csv", columns, rows)
+    image = out / "confusion_matrix.png"
+    plot_confusion(image, test_m["confusion_matrix"], labels, f"{cfg.dataset.name} test, {cfg.adapter.name}")
+
+    metrics = {
+        "model": cfg.model.name,
+        "adapter": cfg.adapter.name,
+        "dataset": cfg.dataset.name,
+        "metric": metric,
+        "predict": t.predict,
+        "precision": "bf16" if bf16 else "fp32",
+        "val": val_m,
+        "test": test_m,
+        "best_epoch": best["epoch"],
+        "train": train_stats,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_share": trainable / total,
+        "model_load_s": load_seconds,
+        "val_examples_per_s": val_result["examples_per_s"],
+        "test_examples_per_s": test_result["examples_per_s"],
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    summary = {f"{split}/{k}": metrics[split][k] for split in ("val", "test") for k in (*METRICS, "invalid")}
+    summary.update({f"train/{k}": v for k, v in (train_stats or {}).items() if k != "losses"})
+    summary.update({k: metrics[k] for k in ("trainable_params", "trainable_share", "model_load_s", "peak_rss_mb")})
+    logger.summary(summary)
+    logger.log_predictions(columns, rows, labels, [ex.label for ex in test_ex], test_result["preds"], str(image))
+    return metrics

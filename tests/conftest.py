@@ -1,0 +1,97 @@
+"""Shared fixtures: a tiny Llama and tokenizer built here (no hub), and the MELD-format fixture."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CONF = str(Path(__file__).parent.parent / "conf")
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path, monkeypatch):
+    """No test sees the user's cache, W&B account or data folder unless it asks for them."""
+    monkeypatch.setenv("EMOREC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("EMOREC_REAL_DATA_DIR", os.environ.get("EMOREC_DATA_DIR", ""))
+    monkeypatch.delenv("EMOREC_DATA_DIR", raising=False)
+
+
+def build_tiny_model(path: Path, chat_template: str | None = CHATML) -> Path:
+    """A byte-level BPE tokenizer trained on the fixtures and a randomly initialised 2-layer
+    Llama, saved as a Hugging Face folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    corpus = [p.read_text() for p in sorted((FIXTURES / "meld").glob("*.csv"))]
+    corpus.append("Classify the sentiment of the sentence to neutral, joy, surprise, anger, sadness, disgust or fear:")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>"
+    )
+    tokenizer.chat_template = chat_template
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture
+def make_cfg(tiny_model, tmp_path):
+    """Compose the real config with the tiny model, the fixture data and small settings."""
+
+    def make(*overrides: str):
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            return compose(
+                "config",
+                overrides=[
+                    "model=hf",
+                    f"model.load.name_or_path={tiny_model}",
+                    f"dataset.load.data_dir={FIXTURES / 'meld'}",
+                    f"output_dir={tmp_path / 'run'}",
+                    "logger=none",
+                    "trainer.precision=fp32",
+                    "trainer.batch_size=4",
+                    "trainer.eval_batch_size=4",
+                    "trainer.epochs=2",
+                    "trainer.log_every=1",
+                    "optimizer.lr=1e-2",
+                    *overrides,
+                ],
+            )
+
+    return make

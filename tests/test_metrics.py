@@ -1,0 +1,27 @@
+"""Metrics against values computed by hand."""
+
+import pytest
+
+from emorec.metrics import classification_metrics
+
+
+def test_hand_computed():
+    # gold a a b b c c c; one prediction (-1) names no label and counts as wrong.
+    golds = [0, 1, 1, 2, 2, 0, 2]
+    preds = [0, 0, 1, 2, 1, -1, 2]
+    m = classification_metrics(preds, golds, ["a", "b", "c"])
+    # a: tp1 fp1 fn1 -> F1 1/2, recall 1/2; b: tp1 fp1 fn1 -> 1/2, 1/2; c: tp2 fp0 fn1 -> 4/5, 2/3
+    assert m["accuracy"] == pytest.approx(4 / 7)
+    assert m["f1_per_class"] == pytest.approx({"a": 0.5, "b": 0.5, "c": 0.8})
+    assert m["macro_f1"] == pytest.approx((0.5 + 0.5 + 0.8) / 3)
+    assert m["weighted_f1"] == pytest.approx((2 * 0.5 + 2 * 0.5 + 3 * 0.8) / 7)
+    assert m["ua"] == pytest.approx((0.5 + 0.5 + 2 / 3) / 3)
+    assert m["confusion_matrix"] == [[1, 0, 0], [1, 1, 0], [0, 1, 2]]
+    assert m["invalid"] == 1 and m["n"] == 7
+
+
+def test_perfect_and_absent_class():
+    m = classification_metrics([0, 1, 1], [0, 1, 1], ["x", "y", "z"])
+    assert m["accuracy"] == 1.0 and m["weighted_f1"] == pytest.approx(1.0)
+    # z has no gold and no prediction: it scores 0 and still counts in the macro mean.
+    assert m["macro_f1"] == pytest.approx(2 / 3)

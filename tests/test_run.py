@@ -1,0 +1,124 @@
+"""run(cfg) end to end on the tiny model and the MELD-format fixture."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from emorec.data import load_meld
+from emorec.loop import predict
+from emorec.prompt import encode_answers, encode_prompts, scoring_answers
+from emorec.run import run, steps_per_epoch
+from tests.wandb_records import read_run
+
+FIXTURE = Path(__file__).parent / "fixtures" / "meld"
+
+
+def read_predictions(out: Path) -> list[dict]:
+    with open(out / "predictions.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_lora_end_to_end(make_cfg, tiny_model):
+    cfg = make_cfg("adapter=lora")
+    metrics = run(cfg)
+    out = Path(cfg.output_dir)
+
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["test"]["weighted_f1"] == metrics["test"]["weighted_f1"]
+    assert saved["dataset"] == "meld" and saved["metric"] == "weighted_f1" and saved["adapter"] == "lora"
+    assert saved["val"]["n"] == 6 and saved["test"]["n"] == 8
+    assert saved["train"]["steps"] == 2 * 4 and saved["train"]["tokens_per_s"] > 0
+    assert 0 < saved["trainable_share"] < 0.5 and saved["peak_rss_mb"] > 0
+    for key in ("accuracy", "macro_f1", "weighted_f1", "ua", "f1_per_class", "confusion_matrix"):
+        assert key in saved["test"]
+    assert (out / "confusion_matrix.png").stat().st_size > 1000
+    assert (out / "config.yaml").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+    rows = read_predictions(out)
+    assert len(rows) == 6 + 8 and {r["split"] for r in rows} == {"dev", "test"}
+    test_rows = [r for r in rows if r["split"] == "test"]
+    assert sum(r["gold"] == r["prediction"] for r in test_rows) / 8 == pytest.approx(metrics["test"]["accuracy"])
+    score_cols = [c for c in rows[0] if c.startswith("score_")]
+    assert len(score_cols) == 7 and all(abs(sum(float(r[c]) for c in score_cols) - 1) < 1e-4 for r in rows)
+
+    # The saved adapter reloads with plain PEFT and predicts the same labels.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = PeftModel.from_pretrained(base, out / "adapter")
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    labels = list(cfg.dataset.labels)
+    test = load_meld(labels, data_dir=str(FIXTURE))["test"]
+    answers = scoring_answers(encode_answers(tok, cfg.prompt.template, cfg.prompt.system, labels))
+    ids = encode_prompts(tok, test, cfg.prompt.template, cfg.prompt.system, labels, 256)
+    preds = predict(model, tok, ids, answers, labels, batch_size=3)["preds"]
+    assert [labels[p] for p in preds] == [r["prediction"] for r in test_rows]
+
+
+def test_training_is_reproducible_and_learns(make_cfg, tmp_path):
+    first = run(make_cfg("trainer.epochs=3", f"output_dir={tmp_path / 'a'}"))
+    second = run(make_cfg("trainer.epochs=3", f"output_dir={tmp_path / 'b'}"))
+    assert first["train"]["losses"] == second["train"]["losses"]
+    assert first["val"] == second["val"] and first["test"] == second["test"]
+    losses = first["train"]["losses"]
+    assert len(losses) == 12 and sum(losses[-4:]) < sum(losses[:4])  # it learns the fixture
+
+
+def test_exact_losses_on_tiny_model(make_cfg):
+    """Recipe regression (torchtune style): the first losses of a seeded fp32 run on the tiny
+    model. A change to the loss, the batching or the seeding moves them."""
+    losses = run(make_cfg("trainer.max_steps=3"))["train"]["losses"]
+    assert losses == pytest.approx(EXPECTED_LOSSES, rel=1e-4)
+
+
+EXPECTED_LOSSES = [11.985931396484375, 12.02479362487793, 11.914346694946289]
+
+
+def test_zero_shot_none(make_cfg):
+    cfg = make_cfg("adapter=none")
+    metrics = run(cfg)
+    out = Path(cfg.output_dir)
+    assert metrics["train"] is None and metrics["trainable_params"] == 0
+    assert not (out / "adapter").exists()
+    assert len(read_predictions(out)) == 14
+
+
+def test_generate_mode_counts_invalid(make_cfg):
+    cfg = make_cfg("adapter=none", "trainer.predict=generate")
+    metrics = run(cfg)
+    rows = [r for r in read_predictions(Path(cfg.output_dir)) if r["split"] == "test"]
+    invalid = sum(r["prediction"] == "INVALID" for r in rows)
+    assert metrics["test"]["invalid"] == invalid
+    assert all(r["generated"] is not None for r in rows)
+    # Invalid answers count as wrong.
+    assert metrics["test"]["accuracy"] <= (8 - invalid) / 8
+
+
+def test_wandb_offline_run(make_cfg):
+    cfg = make_cfg("logger=wandb", "logger.group=g1", "trainer.epochs=1")
+    metrics = run(cfg)
+    runs = list((Path(cfg.output_dir) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    logged = read_run(runs[0])
+    assert logged["group"] == "g1"
+    assert logged["config"]["adapter"]["value"]["name"] == "lora"
+    assert logged["config"]["trainer"]["value"]["batch_size"] == 4
+    summary = logged["summary"]
+    assert summary["test/weighted_f1"] == pytest.approx(metrics["test"]["weighted_f1"])
+    assert summary["val/accuracy"] == pytest.approx(metrics["val"]["accuracy"])
+    assert summary["trainable_params"] == metrics["trainable_params"]
+    keys = {k for row in logged["history"] for k in row}
+    assert {"train/loss", "train/lr", "val/weighted_f1"} <= keys
+    assert any(k.startswith("predictions/") for k in keys) and any(k.startswith("confusion_matrix") for k in keys)
+
+
+def test_steps_per_epoch_matches_batches():
+    from emorec.loop import train_batches
+
+    for n, bs, acc in [(30, 4, 1), (1000, 16, 1), (1000, 16, 3), (801, 16, 2)]:
+        batches = train_batches(list(range(n)), bs, torch.Generator().manual_seed(0))
+        assert steps_per_epoch(n, bs, acc) == len(batches) // acc
