@@ -36,7 +36,7 @@ def load_pretrained(
     except OSError as e:
         raise EmorecError(
             f"cannot load model {name_or_path!r} ({str(e).splitlines()[0]}); "
-            "set model.load.name_or_path to a local folder or a reachable hub name"
+            "set model.name_or_path to a local folder or a reachable hub name"
         ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

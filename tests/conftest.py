@@ -80,7 +80,7 @@ def make_cfg(tiny_model, tmp_path):
                 "config",
                 overrides=[
                     "model=hf",
-                    f"model.load.name_or_path={tiny_model}",
+                    f"model.name_or_path={tiny_model}",
                     f"dataset.load.data_dir={FIXTURES / 'meld'}",
                     f"output_dir={tmp_path / 'run'}",
                     "logger=none",

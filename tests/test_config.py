@@ -29,7 +29,7 @@ def test_defaults():
 def test_every_option_composes(group, option):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(
-            "config", overrides=[f"{group}={option}", "model.load.name_or_path=x" if option == "hf" else "seed=1"]
+            "config", overrides=[f"{group}={option}", "model.name_or_path=x" if option == "hf" else "seed=1"]
         )
     node = OmegaConf.to_container(cfg[group], resolve=True)
     assert node, f"{group}={option} composed to an empty node"

@@ -21,7 +21,7 @@ def test_missing_gguf_file_in_wheel():
 
 
 def test_unloadable_folder(tmp_path):
-    with pytest.raises(EmorecError, match="set model.load.name_or_path"):
+    with pytest.raises(EmorecError, match="set model.name_or_path"):
         load_pretrained(str(tmp_path / "nothing-here"))
 
 

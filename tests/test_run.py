@@ -105,8 +105,8 @@ def test_wandb_offline_run(make_cfg):
     assert len(runs) == 1
     logged = read_run(runs[0])
     assert logged["group"] == "g1"
-    assert logged["config"]["adapter"]["value"]["name"] == "lora"
-    assert logged["config"]["trainer"]["value"]["batch_size"] == 4
+    assert logged["config"]["adapter"]["name"] == "lora" and logged["config"]["adapter"]["r"] == 8
+    assert logged["config"]["trainer"]["batch_size"] == 4
     summary = logged["summary"]
     assert summary["test/weighted_f1"] == pytest.approx(metrics["test"]["weighted_f1"])
     assert summary["val/accuracy"] == pytest.approx(metrics["val"]["accuracy"])
