@@ -1,9 +1,10 @@
 """The training loop and the two ways of predicting, as plain functions on token ids.
 
-Sequences are left-padded so that every prompt ends at the same column: the answer positions
-are then the last columns of the batch, and the model computes vocabulary logits only there
-(`logits_to_keep`) instead of at every position, which for a small model is most of the cost
-of the LM head.
+Batches are right-padded and carry no position ids, so every model (rotary or absolute
+positions) and every PEFT method (including those that prepend virtual tokens) sees each
+sequence at its natural positions. Vocabulary logits are computed only for the last few
+columns (`logits_to_keep`, counted from the end, which virtual tokens do not shift): for a
+small model the LM head over every position would be a large share of the cost.
 """
 
 import math
@@ -16,17 +17,27 @@ from tqdm import tqdm
 from emorec.errors import EmorecError
 
 
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids, attention_mask and position_ids of left-padded sequences. Positions count
-    real tokens only, so padding does not shift them."""
+def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask of right-padded sequences."""
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, positions
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def tail_logits(model, ids, mask, lengths: torch.Tensor, span: int, **kwargs):
+    """Logits at the `span` positions ending at each row's last real token: (batch, span, vocab),
+    plus the model output. Only the columns that some row needs go through the LM head."""
+    width = ids.shape[1]
+    keep = width - int(lengths.min()) + span  # from the end: covers every row's span
+    out = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, **kwargs)
+    # Column c of the kept block is position width - keep + c; row i needs lengths[i]-span .. lengths[i]-1.
+    cols = (lengths[:, None] - span + torch.arange(span)) - (width - keep)
+    rows = torch.arange(len(ids))[:, None]
+    return out.logits[rows, cols], out
 
 
 def train_batches(lengths: list[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
@@ -50,15 +61,24 @@ def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 def answer_loss(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> torch.Tensor:
     """Mean over examples of the answer's negative log-likelihood (summed over its tokens):
     the loss sees the answer only, and it is the same quantity that scoring ranks."""
-    ids, mask, positions = left_pad([p + a for p, a in zip(prompts, answers)], pad_id)
+    seqs = [p + a for p, a in zip(prompts, answers)]
+    ids, mask = right_pad(seqs, pad_id)
     k = max(map(len, answers))
-    # Logits at the k positions that predict the last k tokens (the final position predicts
-    # past the end and is dropped).
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=k + 1).logits[:, :-1]
-    targets = ids[:, -k:]
+    lengths = torch.tensor([len(s) for s in seqs])
+    # The k positions before each row's end predict its last k tokens; only the last len(answer)
+    # of them are answer tokens.
+    logits, _ = tail_logits(model, ids, mask, lengths - 1, k)
+    targets = ids[torch.arange(len(seqs))[:, None], lengths[:, None] - k + torch.arange(k)]
     is_answer = torch.arange(k) >= (k - torch.tensor([len(a) for a in answers]))[:, None]
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
     return -(logp * is_answer).sum(-1).mean()
+
+
+def base_of(model):
+    """The transformer under a PEFT wrapper. LoRA-style adapters live inside its modules;
+    prompt-learning adapters act only through the wrapper's forward (prefix in the cache,
+    virtual tokens in the input), so a continuation on their cache must bypass it."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 @torch.no_grad()
@@ -68,9 +88,10 @@ def score_labels(model, prompts: list[list[int]], answers: list[list[int]], pad_
     The prompt runs once; its key/value cache is then repeated once per label and only the
     answers' remaining tokens run on top of it, so scoring k labels costs little more than one
     forward pass."""
-    ids, mask, positions = left_pad(prompts, pad_id)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+    ids, mask = right_pad(prompts, pad_id)
+    lengths = torch.tensor([len(p) for p in prompts])
+    last, out = tail_logits(model, ids, mask, lengths, 1, use_cache=True)
+    first = torch.log_softmax(last[:, 0].float(), dim=-1)
     scores = first[:, [a[0] for a in answers]]
     rest = max(map(len, answers)) - 1
     if rest == 0:
@@ -79,17 +100,20 @@ def score_labels(model, prompts: list[list[int]], answers: list[list[int]], pad_
     multi = [j for j, a in enumerate(answers) if len(a) > 1]
     b, k = len(prompts), len(multi)
     cache = out.past_key_values
+    extra = cache.get_seq_length() - ids.shape[1]  # virtual tokens a prompt-learning adapter added
     cache.batch_repeat_interleave(k)  # row i*k + j: prompt i followed by answer multi[j]
     cont = torch.full((k, rest + 1), pad_id, dtype=torch.long)
     for j, m in enumerate(multi):
         cont[j, : len(answers[m])] = torch.tensor(answers[m])
     cont_in, cont_target = cont[:, :-1].repeat(b, 1), cont[:, 1:].repeat(b, 1)
     cont_mask = (torch.arange(rest) < torch.tensor([len(answers[m]) - 1 for m in multi])[:, None]).repeat(b, 1)
-    start = mask.sum(-1).repeat_interleave(k)[:, None]
-    logits = model(
+    # The continuation sits after the padded prompt in the cache: the mask hides the padding and
+    # the position ids carry on from each prompt's last real token.
+    attention = torch.cat([torch.ones(b * k, extra, dtype=torch.long), mask.repeat_interleave(k, 0), cont_mask.long()], 1)
+    logits = base_of(model)(
         input_ids=cont_in,
-        attention_mask=torch.cat([mask.repeat_interleave(k, 0), cont_mask.long()], dim=1),
-        position_ids=start + torch.arange(rest),
+        attention_mask=attention,
+        position_ids=(extra + lengths).repeat_interleave(k)[:, None] + torch.arange(rest),
         past_key_values=cache,
     ).logits
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, cont_target[..., None]).squeeze(-1)
@@ -104,11 +128,12 @@ def parse_label(text: str, labels: list[str]) -> int:
 
 
 @torch.no_grad()
-def generate_labels(
-    model, tokenizer, prompts: list[list[int]], labels: list[str], max_new_tokens: int
-) -> tuple[list[int], list[str]]:
-    """Greedy generation parsed into labels, as the paper evaluated."""
-    ids, mask, _ = left_pad(prompts, tokenizer.pad_token_id)
+def generate_labels(model, tokenizer, prompts: list[list[int]], labels: list[str], max_new_tokens: int) -> tuple[list[int], list[str]]:
+    """Greedy generation parsed into labels, as the paper evaluated. Left-padded, as
+    `generate` expects."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -116,7 +141,7 @@ def generate_labels(
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
     )
-    texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return [parse_label(t, labels) for t in texts], texts
 
 

@@ -70,3 +70,11 @@ def test_cli_cfg_job_prints_composed_config():
     cfg = OmegaConf.create(out.stdout)
     assert cfg.adapter.name == "none" and cfg.adapter.train is False
     assert cfg.dataset.labels[0] == "neutral"
+
+
+def test_cli_user_error_is_one_line(tmp_path):
+    out = _cli(f"dataset.load.data_dir={tmp_path}", "logger=none", f"hydra.run.dir={tmp_path / 'run'}")
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("emorec: error: dataset.load.data_dir=") and "lacks train_sent_emo.csv" in last
+    assert "Traceback" not in out.stderr
