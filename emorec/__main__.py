@@ -1,23 +1,56 @@
-"""`python -m emorec [overrides]`: a thin Hydra wrapper around emorec.run.run."""
+"""`python -m emorec [overrides]`: a thin Hydra wrapper around emorec.run.run.
 
+It adds what only the launcher knows: in a multirun, every job is a W&B run named after its
+overrides in a group named after the sweep, and a failing job records its error in
+`status.json` and lets the other jobs run.
+"""
+
+import logging
+import time
+import traceback
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict
 
 from emorec.errors import EmorecError
+from emorec.outputs import write_json
 from emorec.run import run
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
+log = logging.getLogger("emorec")
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
 def main(cfg: DictConfig) -> float:
     """Returns the validation metric of record, which Hydra's sweepers optimise."""
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    if multirun and "group" in cfg.logger:
+        sweep = Path(hc.sweep.dir)
+        with open_dict(cfg):
+            cfg.logger.group = cfg.logger.group or f"{cfg.sweep_name or 'multirun'}-{sweep.parent.name}_{sweep.name}"
+            cfg.logger.name = cfg.logger.name or hc.job.override_dirname or f"job{hc.job.num}"
+    out = Path(cfg.output_dir)
+    start = time.time()
     try:
         metrics = run(cfg)
-    except EmorecError as e:
-        raise SystemExit(f"emorec: error: {e}") from None
+    except Exception as e:
+        message = str(e) if isinstance(e, EmorecError) else f"{type(e).__name__}: {e}"
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(
+            out / "status.json",
+            {"status": "failed", "error": message, "traceback": traceback.format_exc(), "seconds": time.time() - start},
+        )
+        if multirun:  # the other jobs go on; the report lists this one
+            log.error("job %s failed: %s", hc.job.num, message)
+            return float("nan")
+        if isinstance(e, EmorecError):
+            raise SystemExit(f"emorec: error: {e}") from None
+        raise
+    write_json(out / "status.json", {"status": "ok", "seconds": time.time() - start})
     return metrics["val"][cfg.dataset.metric]
 
 

@@ -109,7 +109,9 @@ def score_labels(model, prompts: list[list[int]], answers: list[list[int]], pad_
     cont_mask = (torch.arange(rest) < torch.tensor([len(answers[m]) - 1 for m in multi])[:, None]).repeat(b, 1)
     # The continuation sits after the padded prompt in the cache: the mask hides the padding and
     # the position ids carry on from each prompt's last real token.
-    attention = torch.cat([torch.ones(b * k, extra, dtype=torch.long), mask.repeat_interleave(k, 0), cont_mask.long()], 1)
+    attention = torch.cat(
+        [torch.ones(b * k, extra, dtype=torch.long), mask.repeat_interleave(k, 0), cont_mask.long()], 1
+    )
     logits = base_of(model)(
         input_ids=cont_in,
         attention_mask=attention,
@@ -128,7 +130,9 @@ def parse_label(text: str, labels: list[str]) -> int:
 
 
 @torch.no_grad()
-def generate_labels(model, tokenizer, prompts: list[list[int]], labels: list[str], max_new_tokens: int) -> tuple[list[int], list[str]]:
+def generate_labels(
+    model, tokenizer, prompts: list[list[int]], labels: list[str], max_new_tokens: int
+) -> tuple[list[int], list[str]]:
     """Greedy generation parsed into labels, as the paper evaluated. Left-padded, as
     `generate` expects."""
     width = max(map(len, prompts))

@@ -116,7 +116,8 @@ def _run(cfg, out, device, bf16, labels, train_ex, dev_ex, test_ex, logger) -> d
     # measured 2x slower per step (extra copies), and the residual stream keeps fp32 precision.
     model, tokenizer = instantiate(cfg.model.load)
     load_seconds = time.perf_counter() - start
-    model.requires_grad_(False)
+    # Training without an adapter trains the whole model (adapter=full); otherwise the base is frozen.
+    model.requires_grad_(bool(cfg.adapter.train and cfg.adapter.peft is None))
     if cfg.adapter.peft is not None:
         model = get_peft_model(model, instantiate(cfg.adapter.peft))
     model.to(device)
@@ -213,6 +214,9 @@ def _run(cfg, out, device, bf16, labels, train_ex, dev_ex, test_ex, logger) -> d
 
     if isinstance(model, PeftModel):
         model.save_pretrained(out / "adapter")  # safetensors; PeftModel.from_pretrained reloads it
+    elif cfg.adapter.train:
+        model.save_pretrained(out / "model")  # full fine-tuning: the whole model, as safetensors
+        tokenizer.save_pretrained(out / "model")
     columns = prediction_columns(labels)
     rows = prediction_rows("dev", dev_ex, val_result, labels) + prediction_rows("test", test_ex, test_result, labels)
     write_predictions(out / "predictions.csv", columns, rows)

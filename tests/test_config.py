@@ -28,9 +28,7 @@ def test_defaults():
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes(group, option):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            "config", overrides=[f"{group}={option}", "model.name_or_path=x" if option == "hf" else "seed=1"]
-        )
+        cfg = compose("config", overrides=[f"{group}={option}", "model.name_or_path=x" if option == "hf" else "seed=1"])
     node = OmegaConf.to_container(cfg[group], resolve=True)
     assert node, f"{group}={option} composed to an empty node"
 

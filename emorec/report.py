@@ -1,0 +1,189 @@
+"""`python -m emorec.report <multirun dir>`: one table of a sweep's jobs, best marked.
+
+Reads each job folder (`.hydra/overrides.yaml`, `status.json`, `metrics.json`) and writes
+`report.md`, `report.csv` and, when one swept value is numeric, `report.png` (the metric of
+record against it) into the multirun folder. Failed jobs are listed with their error.
+"""
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+
+def read_jobs(sweep_dir: Path) -> list[dict]:
+    jobs = []
+    for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml"), key=lambda p: _num(p.parent.parent.name)):
+        job_dir = overrides_file.parent.parent
+        overrides = dict(o.split("=", 1) for o in OmegaConf.load(overrides_file) if "=" in o)
+        status = _json(job_dir / "status.json") or {"status": "unknown"}
+        metrics = _json(job_dir / "metrics.json")
+        if metrics and status["status"] == "unknown":
+            status = {"status": "ok"}
+        jobs.append({"job": job_dir.name, "overrides": overrides, "status": status, "metrics": metrics})
+    return jobs
+
+
+def _num(name: str) -> float:
+    return int(name) if name.isdigit() else math.inf
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def table(jobs: list[dict]) -> tuple[list[str], list[list], str | None]:
+    """Columns, rows and the name of the metric of record."""
+    keys = sorted({k for j in jobs for k in j["overrides"]})
+    swept = [k for k in keys if len({j["overrides"].get(k) for j in jobs}) > 1] or keys
+    metric = next((j["metrics"]["metric"] for j in jobs if j["metrics"]), None)
+    columns = [
+        "job",
+        *swept,
+        "status",
+        "trainable_params",
+        f"val_{metric}",
+        f"test_{metric}",
+        "test_accuracy",
+        "train_s",
+        "wall_s",
+        "best",
+        "error",
+    ]
+    ok = [j for j in jobs if j["metrics"] and j["status"]["status"] == "ok"]
+    best = max(ok, key=lambda j: j["metrics"]["val"][metric])["job"] if ok else None
+    rows = []
+    for j in jobs:
+        m = j["metrics"] or {}
+        rows.append(
+            [
+                j["job"],
+                *(j["overrides"].get(k, "") for k in swept),
+                j["status"]["status"],
+                m.get("trainable_params"),
+                _get(m, "val", metric),
+                _get(m, "test", metric),
+                _get(m, "test", "accuracy"),
+                _round((m.get("train") or {}).get("seconds")),
+                _round(m.get("wall_time_s")),
+                "*" if j["job"] == best else "",
+                j["status"].get("error", ""),
+            ]
+        )
+    return columns, rows, metric
+
+
+def _get(m: dict, split: str, key: str):
+    return round(m[split][key], 4) if m and split in m else None
+
+
+def _round(x):
+    return None if x is None else round(x, 1)
+
+
+def write_markdown(path: Path, columns: list[str], rows: list[list]) -> None:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(path: Path, columns: list[str], rows: list[list], metric: str) -> bool:
+    """The metric of record against the first numeric swept value; False when there is none."""
+    swept = columns[1 : columns.index("status")]
+    for key in swept:
+        i = columns.index(key)
+        points = [
+            (float(r[i]), r[columns.index(f"val_{metric}")], r[columns.index(f"test_{metric}")])
+            for r in rows
+            if _is_number(r[i]) and r[columns.index(f"val_{metric}")] is not None
+        ]
+        if len(points) < 2 or len(points) != len([r for r in rows if r[columns.index("status")] == "ok"]):
+            continue
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        points.sort()
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label="val")
+        ax.plot([p[0] for p in points], [p[2] for p in points], "s--", label="test")
+        if all(p[0] > 0 for p in points):
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return True
+    return False
+
+
+def _is_number(v) -> bool:
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def report(sweep_dir: Path) -> dict:
+    jobs = read_jobs(sweep_dir)
+    if not jobs:
+        raise SystemExit(f"emorec.report: error: no job folders (*/.hydra/overrides.yaml) under {sweep_dir}")
+    columns, rows, metric = table(jobs)
+    write_markdown(sweep_dir / "report.md", columns, rows)
+    with open(sweep_dir / "report.csv", "w", newline="") as f:
+        csv.writer(f).writerows([columns, *rows])
+    plotted = metric is not None and plot(sweep_dir / "report.png", columns, rows, metric)
+    logged = log_to_wandb(sweep_dir, jobs, columns, rows, plotted)
+    return {"columns": columns, "rows": rows, "metric": metric, "plot": plotted, "wandb": logged}
+
+
+def log_to_wandb(sweep_dir: Path, jobs: list[dict], columns: list[str], rows: list[list], plotted: bool) -> bool:
+    """When the jobs logged to W&B, a `report` run in their group gets the table and plot."""
+    configs = [sweep_dir / j["job"] / "config.yaml" for j in jobs if (sweep_dir / j["job"] / "config.yaml").is_file()]
+    if not configs:
+        return False
+    logger_cfg = OmegaConf.load(configs[0]).logger
+    if logger_cfg.get("_target_") != "emorec.loggers.WandbLogger":
+        return False
+    import wandb
+
+    from emorec.loggers import WandbLogger
+
+    logger = WandbLogger(
+        run_config={"sweep_dir": str(sweep_dir)},
+        dir=str(sweep_dir),
+        project=logger_cfg.project,
+        entity=logger_cfg.entity,
+        mode=logger_cfg.mode,
+        group=logger_cfg.group,
+        name="report",
+        tags=["report"],
+    )
+    data = {"report": wandb.Table(columns=columns, data=[[None if v == "" else v for v in r] for r in rows])}
+    if plotted:
+        data["report_plot"] = wandb.Image(str(sweep_dir / "report.png"))
+    logger.run.log(data)
+    logger.finish()
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m emorec.report", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path, help="a multirun folder, e.g. multirun/2026-11-24/10-00-00")
+    result = report(parser.parse_args().sweep_dir)
+    print((parser.parse_args().sweep_dir / "report.md").read_text(), end="")
+    failed = [r for r in result["rows"] if r[result["columns"].index("status")] != "ok"]
+    if failed:
+        print(f"{len(failed)} job(s) failed: " + "; ".join(f"job {r[0]}: {r[-1]}" for r in failed))
+
+
+if __name__ == "__main__":
+    main()
