@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel, get_peft_model
 from transformers import get_scheduler
@@ -25,6 +26,17 @@ from emorec.outputs import plot_confusion, prediction_columns, prediction_rows, 
 from emorec.prompt import encode_answers, encode_prompts, scoring_answers
 
 log = logging.getLogger(__name__)
+
+
+def instantiate(node, **kwargs):
+    """hydra.utils.instantiate, but a user-facing error raised by the target reaches the user
+    as itself rather than wrapped in Hydra's InstantiationException."""
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, EmorecError):
+            raise e.__cause__ from None
+        raise
 
 
 def seed_everything(seed: int) -> None:

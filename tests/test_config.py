@@ -53,11 +53,13 @@ def test_cli_help_lists_groups_and_options():
     out = _cli("--help")
     assert out.returncode == 0, out.stderr
     for line in [
-        "adapter: lora, none",
+        "adapter: dora, full, ia3, lora, none, prompt_tuning, ptuning, ptuning_v2",
         "dataset: meld",
+        "launcher: joblib, submitit_local, submitit_slurm",
         "logger: none, wandb",
         "model: hf, smollm2_135m",
         "optimizer: adamw",
+        "sweep: lora_rank, optuna, paper, prefix_length",
     ]:
         assert line in out.stdout
 
@@ -76,3 +78,16 @@ def test_cli_user_error_is_one_line(tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("emorec: error: dataset.load.data_dir=") and "lacks train_sent_emo.csv" in last
     assert "Traceback" not in out.stderr
+
+
+PRESETS = [(g, p.stem) for g in ("sweep", "launcher") for p in sorted((CONF / g).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("group,option", PRESETS, ids=[f"+{g}={o}" for g, o in PRESETS])
+def test_presets_compose(group, option):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"+{group}={option}"], return_hydra_config=True)
+    if group == "sweep":
+        assert cfg.sweep_name == option and cfg.hydra.mode == "MULTIRUN" and cfg.hydra.sweeper.params
+    else:
+        assert option.split("_")[0] in cfg.hydra.launcher._target_.lower()
