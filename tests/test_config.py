@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 CONF = Path(__file__).parent.parent / "conf"
@@ -88,6 +89,6 @@ def test_presets_compose(group, option):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"+{group}={option}"], return_hydra_config=True)
     if group == "sweep":
-        assert cfg.sweep_name == option and cfg.hydra.mode == "MULTIRUN" and cfg.hydra.sweeper.params
+        assert cfg.sweep_name == option and cfg.hydra.mode == RunMode.MULTIRUN and cfg.hydra.sweeper.params
     else:
         assert option.split("_")[0] in cfg.hydra.launcher._target_.lower()
