@@ -6,6 +6,7 @@ overrides in a group named after the sweep, and a failing job records its error 
 """
 
 import logging
+import re
 import time
 import traceback
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from emorec.errors import EmorecError
 from emorec.outputs import write_json
@@ -21,6 +22,21 @@ from emorec.run import run
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("emorec")
+
+
+def swept_keys(sweep_dir: Path) -> set[str]:
+    """The keys a multirun varies, from the multirun.yaml Hydra writes before any job starts (so
+    it holds for every launcher): the sweeper's params and comma- or function-valued overrides."""
+    path = sweep_dir / "multirun.yaml"
+    if not path.is_file():
+        return set()
+    hydra_cfg = OmegaConf.load(path).hydra
+    keys = set(hydra_cfg.sweeper.get("params") or {})
+    for override in hydra_cfg.overrides.task:
+        key, _, value = override.partition("=")
+        if not value.startswith(("[", "{")) and ("," in value or re.match(r"\w+\(", value)):
+            keys.add(key.lstrip("+~"))
+    return keys
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
@@ -32,7 +48,9 @@ def main(cfg: DictConfig) -> float:
         sweep = Path(hc.sweep.dir)
         with open_dict(cfg):
             cfg.logger.group = cfg.logger.group or f"{cfg.sweep_name or 'multirun'}-{sweep.parent.name}_{sweep.name}"
-            cfg.logger.name = cfg.logger.name or hc.job.override_dirname or f"job{hc.job.num}"
+            keys = swept_keys(sweep)
+            swept = [o for o in hc.overrides.task if o.partition("=")[0].lstrip("+~") in keys]
+            cfg.logger.name = cfg.logger.name or ",".join(swept) or f"job{hc.job.num}"
     out = Path(cfg.output_dir)
     start = time.time()
     try:

@@ -46,6 +46,7 @@ def test_two_value_multirun_groups_wandb_runs_and_reports(emorec):
     runs = [read_run(next((job / "wandb").glob("offline-run-*"))) for job in jobs]
     assert runs[0]["group"] == runs[1]["group"] and runs[0]["group"].startswith("ranks-")
     assert [r["config"]["adapter"]["r"] for r in runs] == [2, 4]
+    assert [r["name"] for r in runs] == ["adapter.r=2", "adapter.r=4"]
     for job, logged in zip(jobs, runs):
         metrics = json.loads((job / "metrics.json").read_text())
         assert logged["summary"]["val/weighted_f1"] == pytest.approx(metrics["val"]["weighted_f1"])

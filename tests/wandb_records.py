@@ -45,11 +45,12 @@ def records(path: Path):
 
 def read_run(run_dir: Path) -> dict:
     """config, summary, history rows and the run's group from an offline run folder."""
-    out = {"config": {}, "summary": {}, "history": [], "group": None}
+    out = {"config": {}, "summary": {}, "history": [], "group": None, "name": None}
     for record in records(next(run_dir.glob("*.wandb"))):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             out["group"] = record.run.run_group
+            out["name"] = record.run.display_name
             out["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update})
         elif kind == "config":
             out["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
