@@ -7,7 +7,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-FIXTURES = Path(__file__).parent / "fixtures"
+from tests.meld_fixture import MELD_DIR
+
 CONF = str(Path(__file__).parent.parent / "conf")
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -32,7 +33,7 @@ def build_tiny_model(path: Path, chat_template: str | None = CHATML) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    corpus = [p.read_text() for p in sorted((FIXTURES / "meld").glob("*.csv"))]
+    corpus = [p.read_text() for p in sorted(MELD_DIR.glob("*.csv"))]
     corpus.append("Classify the sentiment of the sentence to neutral, joy, surprise, anger, sadness, disgust or fear:")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -81,7 +82,7 @@ def make_cfg(tiny_model, tmp_path):
                 overrides=[
                     "model=hf",
                     f"model.name_or_path={tiny_model}",
-                    f"dataset.load.data_dir={FIXTURES / 'meld'}",
+                    f"dataset.load.data_dir={MELD_DIR}",
                     f"output_dir={tmp_path / 'run'}",
                     "logger=none",
                     "trainer.precision=fp32",

@@ -10,12 +10,11 @@ from hydra.utils import instantiate
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from emorec.data import load_meld
-from emorec.loop import answer_loss, predict, score_labels
-from emorec.prompt import encode_answers, encode_prompts, scoring_answers
+from emorec.loop import answer_loss, score_labels
 from emorec.run import run
+from tests.meld_fixture import MELD_DIR, predict_test_split
 
-FIXTURE = Path(__file__).parent / "fixtures" / "meld"
+FIXTURE = MELD_DIR
 ADAPTERS = ["lora", "dora", "ia3", "ptuning_v2", "prompt_tuning", "ptuning", "full"]
 PEFT_ADAPTERS = [a for a in ADAPTERS if a != "full"]
 # (adapter, extra override): prompt-learning adapters get short prompts on the tiny model, and
@@ -71,12 +70,8 @@ def test_adapter_trains_saves_and_reloads(adapter, extra, make_cfg, tiny_model):
     else:
         assert (out / "adapter" / "adapter_model.safetensors").is_file()
         model = PeftModel.from_pretrained(base, out / "adapter")
-    tok = AutoTokenizer.from_pretrained(tiny_model)
     labels = list(cfg.dataset.labels)
-    test = load_meld(labels, data_dir=str(FIXTURE))["test"]
-    answers = scoring_answers(encode_answers(tok, cfg.prompt.template, cfg.prompt.system, labels))
-    ids = encode_prompts(tok, test, cfg.prompt.template, cfg.prompt.system, labels, 256)
-    reloaded = predict(model, tok, ids, answers, labels, batch_size=3)
+    reloaded = predict_test_split(model, AutoTokenizer.from_pretrained(tiny_model), cfg)
     with open(out / "predictions.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
     assert [labels[p] for p in reloaded["preds"]] == [r["prediction"] for r in rows]

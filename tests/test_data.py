@@ -12,8 +12,9 @@ import pytest
 from emorec.data import MELD_FILES, load_meld, normalise_text, subsample
 from emorec.download import sha256_of
 from emorec.errors import EmorecError
+from tests.meld_fixture import MELD_DIR
 
-FIXTURE = Path(__file__).parent / "fixtures" / "meld"
+FIXTURE = MELD_DIR
 LABELS = ["neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear"]
 
 

@@ -9,13 +9,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from emorec.data import load_meld
-from emorec.loop import predict
-from emorec.prompt import encode_answers, encode_prompts, scoring_answers
 from emorec.run import run, steps_per_epoch
+from tests.meld_fixture import MELD_DIR, predict_test_split
 from tests.wandb_records import read_run
 
-FIXTURE = Path(__file__).parent / "fixtures" / "meld"
+FIXTURE = MELD_DIR
 
 
 def read_predictions(out: Path) -> list[dict]:
@@ -50,12 +48,8 @@ def test_lora_end_to_end(make_cfg, tiny_model):
     # The saved adapter reloads with plain PEFT and predicts the same labels.
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     model = PeftModel.from_pretrained(base, out / "adapter")
-    tok = AutoTokenizer.from_pretrained(tiny_model)
     labels = list(cfg.dataset.labels)
-    test = load_meld(labels, data_dir=str(FIXTURE))["test"]
-    answers = scoring_answers(encode_answers(tok, cfg.prompt.template, cfg.prompt.system, labels))
-    ids = encode_prompts(tok, test, cfg.prompt.template, cfg.prompt.system, labels, 256)
-    preds = predict(model, tok, ids, answers, labels, batch_size=3)["preds"]
+    preds = predict_test_split(model, AutoTokenizer.from_pretrained(tiny_model), cfg)["preds"]
     assert [labels[p] for p in preds] == [r["prediction"] for r in test_rows]
 
 

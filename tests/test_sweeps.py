@@ -5,14 +5,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from emorec.report import report
+from tests.meld_fixture import MELD_DIR
 from tests.wandb_records import read_run
 
-FIXTURE = Path(__file__).parent / "fixtures" / "meld"
+FIXTURE = MELD_DIR
 
 
 @pytest.fixture
