@@ -6,6 +6,7 @@ write wandb-summary.json, so the tests read the records themselves to check what
 
 import json
 import struct
+import time
 from pathlib import Path
 
 BLOCK = 32768
@@ -43,8 +44,19 @@ def records(path: Path):
         yield record
 
 
-def read_run(run_dir: Path) -> dict:
-    """config, summary, history rows and the run's group from an offline run folder."""
+def read_run(run_dir: Path, timeout: float = 30.0) -> dict:
+    """config, summary, history rows, group and name from an offline run folder. W&B's core
+    process writes the file asynchronously and may still be flushing after run.finish()
+    returns, so this rereads (for at most `timeout` seconds) until the run and summary are in."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = _read_run(run_dir)
+        if (out["group"] is not None and out["summary"]) or time.monotonic() > deadline:
+            return out
+        time.sleep(0.5)
+
+
+def _read_run(run_dir: Path) -> dict:
     out = {"config": {}, "summary": {}, "history": [], "group": None, "name": None}
     for record in records(next(run_dir.glob("*.wandb"))):
         kind = record.WhichOneof("record_type")
