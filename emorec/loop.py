@@ -40,11 +40,15 @@ def tail_logits(model, ids, mask, lengths: torch.Tensor, span: int, **kwargs):
     return out.logits[rows, cols], out
 
 
+# Batches per length-sorted window of train_batches (run.steps_per_epoch counts with it too).
+SORT_WINDOW = 50
+
+
 def train_batches(lengths: list[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
     """Shuffled batches of similar length: sorting within windows of 50 batches cuts padding
     to a few percent while the data order stays random."""
     order = torch.randperm(len(lengths), generator=generator).tolist()
-    window = batch_size * 50
+    window = batch_size * SORT_WINDOW
     batches = []
     for start in range(0, len(order), window):
         chunk = sorted(order[start : start + window], key=lambda i: lengths[i])

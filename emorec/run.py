@@ -20,7 +20,7 @@ from transformers import get_scheduler
 
 from emorec.data import subsample
 from emorec.errors import EmorecError
-from emorec.loop import predict, train
+from emorec.loop import SORT_WINDOW, predict, train
 from emorec.metrics import METRICS, classification_metrics
 from emorec.outputs import plot_confusion, prediction_columns, prediction_rows, write_json, write_predictions
 from emorec.prompt import encode_answers, encode_prompts, scoring_answers
@@ -67,9 +67,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def steps_per_epoch(n: int, batch_size: int, grad_accum: int, window: int = 50) -> int:
-    """Optimizer steps in one epoch of loop.train_batches (length-sorted windows of 50 batches)."""
-    span = batch_size * window
+def steps_per_epoch(n: int, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps in one epoch of loop.train_batches (length-sorted windows of batches)."""
+    span = batch_size * SORT_WINDOW
     batches = sum(math.ceil(min(span, n - s) / batch_size) for s in range(0, n, span))
     return batches // grad_accum
 

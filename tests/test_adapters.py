@@ -12,9 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from emorec.loop import answer_loss, score_labels
 from emorec.run import run
-from tests.meld_fixture import MELD_DIR, predict_test_split
+from tests.meld_fixture import predict_test_split
 
-FIXTURE = MELD_DIR
 ADAPTERS = ["lora", "dora", "ia3", "ptuning_v2", "prompt_tuning", "ptuning", "full"]
 PEFT_ADAPTERS = [a for a in ADAPTERS if a != "full"]
 # (adapter, extra override): prompt-learning adapters get short prompts on the tiny model, and

@@ -14,7 +14,6 @@ from emorec.download import sha256_of
 from emorec.errors import EmorecError
 from tests.meld_fixture import MELD_DIR
 
-FIXTURE = MELD_DIR
 LABELS = ["neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear"]
 
 
@@ -33,7 +32,7 @@ def test_normalise_text(raw, clean):
 
 
 def test_load_meld_fixture():
-    splits = load_meld(LABELS, data_dir=str(FIXTURE))
+    splits = load_meld(LABELS, data_dir=str(MELD_DIR))
     assert [len(splits[s]) for s in ("train", "dev", "test")] == [16, 6, 8]
     first = splits["train"][0]
     assert first.text == "I can't believe you did that for me!"
@@ -42,7 +41,7 @@ def test_load_meld_fixture():
 
 
 def test_sentiment_column():
-    splits = load_meld(["neutral", "positive", "negative"], data_dir=str(FIXTURE), column="Sentiment")
+    splits = load_meld(["neutral", "positive", "negative"], data_dir=str(MELD_DIR), column="Sentiment")
     assert splits["test"][1].label == 1  # "I love this song so much!" is positive
 
 
@@ -55,7 +54,7 @@ def test_subsample_is_seeded_and_ordered():
 
 
 def test_env_dir_is_used(tmp_path, monkeypatch):
-    shutil.copytree(FIXTURE, tmp_path / "meld")
+    shutil.copytree(MELD_DIR, tmp_path / "meld")
     monkeypatch.setenv("EMOREC_DATA_DIR", str(tmp_path))
     assert len(load_meld(LABELS)["train"]) == 16
 
@@ -69,7 +68,7 @@ def test_missing_everywhere_lists_the_three_ways():
 
 
 def test_data_dir_missing_file(tmp_path):
-    shutil.copy(FIXTURE / "train_sent_emo.csv", tmp_path)
+    shutil.copy(MELD_DIR / "train_sent_emo.csv", tmp_path)
     with pytest.raises(EmorecError, match="lacks dev_sent_emo.csv, test_sent_emo.csv"):
         load_meld(LABELS, data_dir=str(tmp_path))
 
@@ -78,7 +77,7 @@ def test_data_dir_missing_file(tmp_path):
 def http_server(tmp_path):
     """A local HTTP server on 127.0.0.1 serving a copy of the fixture."""
     root = tmp_path / "served"
-    shutil.copytree(FIXTURE, root)
+    shutil.copytree(MELD_DIR, root)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     handler.log_message = lambda *a: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -109,7 +108,7 @@ def test_download_checksum_mismatch_leaves_nothing(http_server):
 
 
 def _bad_copy(tmp_path, old: str, new: str) -> Path:
-    shutil.copytree(FIXTURE, tmp_path / "bad")
+    shutil.copytree(MELD_DIR, tmp_path / "bad")
     path = tmp_path / "bad" / "dev_sent_emo.csv"
     path.write_text(path.read_text().replace(old, new, 1))
     return tmp_path / "bad"
@@ -134,7 +133,7 @@ def test_empty_utterance_and_missing_column(tmp_path):
 
 
 def test_undecodable_bytes(tmp_path):
-    shutil.copytree(FIXTURE, tmp_path / "bad")
+    shutil.copytree(MELD_DIR, tmp_path / "bad")
     path = tmp_path / "bad" / "test_sent_emo.csv"
     path.write_bytes(path.read_bytes().replace(b"pizza", b"pi\xffa"))
     with pytest.raises(EmorecError, match=r"test_sent_emo.csv: line 2 is not valid UTF-8"):

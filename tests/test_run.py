@@ -10,10 +10,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from emorec.run import run, steps_per_epoch
-from tests.meld_fixture import MELD_DIR, predict_test_split
+from tests.meld_fixture import predict_test_split
 from tests.wandb_records import read_run
-
-FIXTURE = MELD_DIR
 
 
 def read_predictions(out: Path) -> list[dict]:

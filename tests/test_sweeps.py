@@ -12,8 +12,6 @@ from emorec.report import report
 from tests.meld_fixture import MELD_DIR
 from tests.wandb_records import read_run
 
-FIXTURE = MELD_DIR
-
 
 @pytest.fixture
 def emorec(tiny_model, tmp_path):
@@ -22,7 +20,7 @@ def emorec(tiny_model, tmp_path):
         args += [
             "model=hf",
             f"model.name_or_path={tiny_model}",
-            f"dataset.load.data_dir={FIXTURE}",
+            f"dataset.load.data_dir={MELD_DIR}",
             "trainer.precision=fp32",
             "trainer.batch_size=4",
             "trainer.eval_batch_size=8",
@@ -76,7 +74,7 @@ def test_failing_job_keeps_the_others(emorec):
     assert result["rows"][0][result["columns"].index("best")] == "*"
 
 
-def test_single_run_user_error_fails_the_command(tiny_model, tmp_path):
+def test_single_run_user_error_fails_the_command(tmp_path):
     args = [
         sys.executable,
         "-m",
