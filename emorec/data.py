@@ -1,23 +1,31 @@
-"""Dataset loaders: each reads a dataset's original distribution files into splits of Examples.
+"""What every dataset loader shares: examples and splits, finding and downloading files,
+reading them strictly, bad-row handling, and turning dialogues into examples with context.
 
-A loader returns {"train": [...], "dev": [...], "test": [...]} with labels as indices into the
-label list the dataset config gives (that list is also the label wording of the prompt).
+The loaders themselves, one per dataset, are in emorec.datasets.
 """
 
 import csv
 import io
+import json
 import logging
 import os
 import random
 import re
+import shutil
 import urllib.error
-from dataclasses import dataclass
+import zipfile
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from emorec.download import cache_dir, fetch
+from emorec.download import cache_dir, fetch, sha256_of
 from emorec.errors import EmorecError
 
 log = logging.getLogger(__name__)
+
+
+Turn = tuple[str | None, str]  # (speaker or None, utterance)
 
 
 @dataclass(frozen=True)
@@ -27,6 +35,24 @@ class Example:
     label: int
     speaker: str | None = None
     dialogue_id: str | None = None
+    # Every earlier turn of the same dialogue, oldest first; dataset.context_window picks how
+    # many of the most recent ones reach the prompt.
+    context: tuple[Turn, ...] = ()
+
+
+@dataclass
+class Splits:
+    """A loader's result: the label wording (index i = label i) and the three splits."""
+
+    labels: list[str]
+    train: list[Example]
+    dev: list[Example]
+    test: list[Example]
+    skipped: int = 0  # bad rows skipped under on_bad_row=skip
+    left_out: dict[str, int] = field(default_factory=dict)  # utterances outside the task, by reason
+
+    def __getitem__(self, split: str) -> list[Example]:
+        return getattr(self, split)
 
 
 # Typographic punctuation -> ASCII, so that the same sentence tokenises the same way whichever
@@ -67,15 +93,18 @@ def locate(
     data_dir: str | None = None,
     url: str | None = None,
     sha256: dict | None = None,
+    archive: str | None = None,
+    source: str | None = None,
 ) -> Path:
     """The folder holding a dataset's files: data_dir, else $EMOREC_DATA_DIR/<name>, else the
-    cache, filled from url when files are missing there."""
+    cache, filled when files are missing there from url (one file per name) or from archive (a
+    zip, possibly of zips, holding the files), each checked against sha256."""
     if data_dir is not None:
         folder = Path(data_dir).expanduser()
         missing = [f for f in files if not (folder / f).is_file()]
         if missing:
             raise EmorecError(
-                f"dataset.load.data_dir={folder} lacks {', '.join(missing)}; "
+                f"dataset.data_dir={folder} lacks {', '.join(missing)}; "
                 f"point it at the folder that holds {', '.join(files)}"
             )
         return folder
@@ -84,20 +113,57 @@ def locate(
         if all((folder / f).is_file() for f in files):
             return folder
     folder = cache_dir() / "datasets" / name
-    reason = "no download URL is configured"
-    if url:
+    if all((folder / f).is_file() for f in files):
+        return folder
+    reason = source or "no download URL is configured"
+    if url or archive:
         try:
+            if archive:
+                _fetch_archive(archive, folder, [f for f in files if not (folder / f).is_file()], sha256 or {})
             for f in files:
                 if not (folder / f).is_file():
                     fetch(f"{url.rstrip('/')}/{f}", folder / f, (sha256 or {}).get(f))
             return folder
-        except (urllib.error.URLError, OSError, EmorecError) as e:
-            reason = f"download from {url} failed: {e}"
+        except (urllib.error.URLError, OSError, EmorecError, zipfile.BadZipFile) as e:
+            reason = f"download from {archive or url} failed: {e}"
     raise EmorecError(
-        f"{name} data not found ({reason}); either set dataset.load.data_dir=/path/to/{name}, "
-        f"or set EMOREC_DATA_DIR to a folder with a {name}/ subfolder holding {', '.join(files)}, "
-        f"or allow the download into {folder}"
+        f"{name} data not found ({reason}); either set dataset.data_dir=/path/to/{name}, "
+        f"or set EMOREC_DATA_DIR to a folder with a {name}/ subfolder holding {', '.join(files)}"
+        + (", or allow the download" if url or archive else "")
     )
+
+
+def _fetch_archive(url: str, folder: Path, files: list[str], sha256: dict) -> None:
+    """Download a zip and copy out the members whose paths end with the wanted file paths,
+    looking inside nested zips too (DailyDialog ships a zip of per-split zips). Members are
+    written to our own paths, never to the paths the archive names."""
+    archive = fetch(url, folder / ("_" + url.rstrip("/").rsplit("/", 1)[-1]))
+    try:
+        found = _extract(zipfile.ZipFile(archive), folder, set(files))
+    finally:
+        archive.unlink(missing_ok=True)
+    missing = sorted(set(files) - found)
+    if missing:
+        raise EmorecError(f"{url} holds no {', '.join(missing)}")
+    for f in files:
+        if f in sha256 and (got := sha256_of(folder / f)) != sha256[f]:
+            (folder / f).unlink()
+            raise EmorecError(f"checksum mismatch for {f} from {url}: expected sha256 {sha256[f]}, got {got}")
+
+
+def _extract(zf: zipfile.ZipFile, folder: Path, wanted: set[str]) -> set[str]:
+    found = set()
+    for member in zf.namelist():
+        target = next((f for f in wanted if member == f or member.endswith("/" + f)), None)
+        if target is not None:
+            (folder / target).parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(member) as src, open(folder / target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            found.add(target)
+        elif member.endswith(".zip"):
+            with zf.open(member) as inner:
+                found |= _extract(zipfile.ZipFile(io.BytesIO(inner.read())), folder, wanted - found)
+    return found
 
 
 def read_text(path: Path) -> str:
@@ -116,69 +182,120 @@ def read_csv(path: Path, required: list[str]) -> list[tuple[int, dict]]:
     reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
     missing = [c for c in required if c not in (reader.fieldnames or [])]
     if missing:
-        raise EmorecError(f"{path}: missing column(s) {', '.join(missing)}; found {reader.fieldnames}")
+        raise EmorecError(
+            f"{path}: missing column(s) {', '.join(missing)}; found {reader.fieldnames}; "
+            "fix the header or the dataset.load column options"
+        )
     return [(reader.line_num, row) for row in reader]
 
 
-class BadRows:
-    """Collects bad rows: raise on the first (on_bad_row=error) or count and skip (skip)."""
+def read_json(path: Path):
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise EmorecError(f"{path}: line {e.lineno} is not valid JSON ({e.msg}); fix or re-download the file") from None
 
-    def __init__(self, on_bad_row: str):
+
+class BadRows:
+    """Bad rows raise on the first (on_bad_row=error) or are counted and skipped (skip).
+    Utterances that the task leaves out by definition are counted separately (left_out)."""
+
+    def __init__(self, name: str, on_bad_row: str):
         if on_bad_row not in ("error", "skip"):
-            raise EmorecError(f"dataset.load.on_bad_row={on_bad_row!r}; use error or skip")
-        self.on_bad_row = on_bad_row
+            raise EmorecError(f"dataset.on_bad_row={on_bad_row!r}; use error or skip")
+        self.name, self.on_bad_row = name, on_bad_row
         self.skipped: list[str] = []
+        self.left_out: Counter = Counter()
 
     def __call__(self, where: str, problem: str) -> None:
         if self.on_bad_row == "error":
-            raise EmorecError(f"{where}: {problem}; fix the row or set dataset.load.on_bad_row=skip")
+            raise EmorecError(f"{where}: {problem}; fix the row or set dataset.on_bad_row=skip")
         self.skipped.append(f"{where}: {problem}")
 
-
-MELD_FILES = {"train": "train_sent_emo.csv", "dev": "dev_sent_emo.csv", "test": "test_sent_emo.csv"}
-
-
-def load_meld(
-    labels: list[str],
-    data_dir: str | None = None,
-    url: str | None = None,
-    sha256: dict | None = None,
-    column: str = "Emotion",
-    on_bad_row: str = "error",
-) -> dict[str, list[Example]]:
-    """MELD's {train,dev,test}_sent_emo.csv, one example per utterance. `column` picks the
-    task: Emotion (7 classes) or Sentiment (3)."""
-    folder = locate("meld", list(MELD_FILES.values()), data_dir, url, sha256)
-    index = {name.lower(): i for i, name in enumerate(labels)}
-    bad = BadRows(on_bad_row)
-    splits = {}
-    for split, filename in MELD_FILES.items():
-        path = folder / filename
-        examples = []
-        for line, row in read_csv(path, ["Utterance", "Speaker", column, "Dialogue_ID", "Utterance_ID"]):
-            text = normalise_text(row["Utterance"] or "")
-            label = (row[column] or "").strip().lower()
-            if not text:
-                bad(f"{path}:{line}", "empty utterance")
-            elif label not in index:
-                bad(f"{path}:{line}", f"label {label!r} is not one of {labels}")
-            else:
-                examples.append(
-                    Example(
-                        id=f"dia{row['Dialogue_ID']}_utt{row['Utterance_ID']}",
-                        text=text,
-                        label=index[label],
-                        speaker=row["Speaker"],
-                        dialogue_id=row["Dialogue_ID"],
-                    )
-                )
-        splits[split] = examples
-    if bad.skipped:
-        log.warning("meld: skipped %d bad row(s); first: %s", len(bad.skipped), bad.skipped[0])
-    return splits
+    def splits(self, labels: list[str], train, dev, test) -> Splits:
+        """The loader's result, after logging what was skipped and left out: nothing goes silently."""
+        if self.skipped:
+            log.warning("%s: skipped %d bad row(s); first: %s", self.name, len(self.skipped), self.skipped[0])
+        for reason, n in self.left_out.items():
+            log.info("%s: left out %d utterance(s): %s", self.name, n, reason)
+        return Splits(list(labels), train, dev, test, len(self.skipped), dict(self.left_out))
 
 
-def subsample(examples: list[Example], n: int | None, seed: int) -> list[Example]:
+class LabelIndex:
+    """Raw label values as the files write them -> index into the prompt's label list.
+    raw_labels[i] is the file's value for labels[i] (default: the label itself); matching
+    ignores case and surrounding space."""
+
+    def __init__(self, labels: list[str], raw_labels: list | None = None):
+        raw = [str(r) for r in (raw_labels if raw_labels is not None else labels)]
+        if len(raw) != len(labels):
+            raise EmorecError(
+                f"dataset.load.raw_labels has {len(raw)} values for {len(labels)} labels; give one per label"
+            )
+        self.raw = raw
+        self.index = {r.strip().lower(): i for i, r in enumerate(raw)}
+
+    def get(self, value) -> int | None:
+        return self.index.get(str(value).strip().lower())
+
+
+@dataclass(frozen=True)
+class Row:
+    """One utterance as read from a file, before validation."""
+
+    where: str  # file:line (or file: dialogue d, utterance u) for messages
+    id: str
+    speaker: str | None
+    text: str | None
+    label: object  # the raw label value; None for an utterance that is context only
+
+
+def dialogue_examples(
+    dialogue_id: str | None,
+    rows: list[Row],
+    index: LabelIndex,
+    bad: BadRows,
+    leave_out: dict | None = None,
+) -> list[Example]:
+    """Examples of one dialogue's utterances (in order), each carrying the turns before it.
+
+    leave_out maps raw labels outside the task to the reason (EmotionLines' "non-neutral"):
+    those utterances stay in the context of later ones but are not examples. A row with an
+    empty utterance or a label outside the label set is a bad row.
+    """
+    examples, context = [], []
+    for row in rows:
+        text = normalise_text(row.text or "")
+        if not text:
+            bad(row.where, "empty utterance")
+            continue
+        raw = "" if row.label is None else str(row.label).strip()
+        if row.label is None or raw.lower() in (leave_out or {}):
+            bad.left_out[(leave_out or {}).get(raw.lower(), "no label (context only)")] += 1
+        elif (label := index.get(raw)) is None:
+            bad(row.where, f"label {raw!r} is not one of {index.raw}")
+        else:
+            examples.append(Example(row.id, text, label, row.speaker, dialogue_id, tuple(context)))
+        if dialogue_id is not None:  # without a dialogue, rows are unrelated sentences
+            context.append((row.speaker, text))
+    return examples
+
+
+def grouped(rows: list, key) -> dict:
+    """Rows grouped by key(row), groups in order of first appearance, rows in file order."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(key(row), []).append(row)
+    return groups
+
+
+def in_holdout(key: str, fraction: float) -> bool:
+    """A stable pseudo-random choice of a fraction of keys (dialogues) for a held-out split:
+    the same key always lands on the same side, whatever else is in the file."""
+    return zlib.crc32(key.encode()) % 10_000 < fraction * 10_000
+
+
+def subsample(examples: list, n: int | None, seed: int) -> list:
     """A seeded random subset of n examples, in their original order (all when n is None)."""
     if n is None or n >= len(examples):
         return examples

@@ -1,5 +1,7 @@
 """Classification metrics with torchmetrics: accuracy, macro and weighted F1, unweighted
-accuracy (UA, the mean per-class recall), per-class F1 and the confusion matrix.
+accuracy (UA, the mean per-class recall), per-class F1 and the confusion matrix; and, for a
+label set with a neutral class, micro F1 over the other classes (DailyDialog's convention:
+neutral predictions and golds count neither as hits nor as misses of an emotion).
 
 A prediction of -1 (a generation that names no label) counts as wrong: it becomes an extra
 "invalid" class that no gold label has, and the averages run over the real classes only.
@@ -13,10 +15,11 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-METRICS = ("accuracy", "macro_f1", "weighted_f1", "ua")
+METRICS = ("accuracy", "macro_f1", "weighted_f1", "ua", "micro_f1_no_neutral")
 
 
-def classification_metrics(preds: list[int], golds: list[int], labels: list[str]) -> dict:
+def classification_metrics(preds: list[int], golds: list[int], labels: list[str], neutral: int | None = None) -> dict:
+    """All metrics; micro_f1_no_neutral only when `neutral` (the neutral label's index) is given."""
     k = len(labels)
     p = torch.tensor(preds, dtype=torch.long)
     g = torch.tensor(golds, dtype=torch.long)
@@ -26,7 +29,7 @@ def classification_metrics(preds: list[int], golds: list[int], labels: list[str]
     recall = MulticlassRecall(num_classes=n, average="none")(p, g)[:k]
     support = torch.bincount(g, minlength=n)[:k].float()
     confusion = MulticlassConfusionMatrix(num_classes=n)(p, g)
-    return {
+    metrics = {
         "accuracy": MulticlassAccuracy(num_classes=n, average="micro")(p, g).item(),
         # Averages over every class of the label set, as scikit-learn does.
         "macro_f1": f1.mean().item(),
@@ -37,3 +40,10 @@ def classification_metrics(preds: list[int], golds: list[int], labels: list[str]
         "invalid": int((p == k).sum()),
         "n": len(golds),
     }
+    if neutral is not None:
+        emotions = [c for c in range(k) if c != neutral]
+        hits = confusion.diagonal()[emotions].sum()
+        # Predicted emotions (an invalid prediction is none) plus gold emotions: 2TP / (P + G).
+        predicted, gold = confusion[:, emotions].sum(), confusion[emotions, :].sum()
+        metrics["micro_f1_no_neutral"] = (2 * hits / (predicted + gold)).item() if predicted + gold else 0.0
+    return metrics

@@ -20,9 +20,29 @@ def _messages(user: str, system: str | None) -> list[dict]:
     return head + [{"role": "user", "content": user}]
 
 
-def render_prompt(tokenizer, template: str, system: str | None, labels: list[str], text: str) -> str:
+def render_context(turns, context_template: str) -> str:
+    """Earlier turns as "Speaker: utterance" lines (just the utterance where the speaker is
+    unknown), in context_template's {context} field; "" without turns."""
+    if not turns:
+        return ""
+    lines = "\n".join(f"{speaker}: {text}" if speaker else text for speaker, text in turns)
     try:
-        user = template.format(labels=join_labels(labels), text=text)
+        return context_template.format(context=lines)
+    except (KeyError, IndexError) as e:
+        raise EmorecError(f"prompt.context has an unknown field {e}; use only {{context}}") from None
+
+
+def render_prompt(
+    tokenizer,
+    template: str,
+    system: str | None,
+    labels: list[str],
+    text: str,
+    context: str = "",
+) -> str:
+    """The prompt of one utterance; `context` (rendered earlier turns) goes before the instruction."""
+    try:
+        user = context + template.format(labels=join_labels(labels), text=text)
     except (KeyError, IndexError) as e:
         raise EmorecError(f"prompt.template has an unknown field {e}; use only {{labels}} and {{text}}") from None
     if tokenizer.chat_template is None:
@@ -37,20 +57,40 @@ def encode_prompts(
     system: str | None,
     labels: list[str],
     max_length: int,
+    context_window: int = 0,
+    context_template: str = "{context}\n\n",
 ) -> list[list[int]]:
-    """Token ids of each example's prompt, at most max_length long: an utterance that does not
-    fit loses words from its end, the instruction and template stay whole."""
+    """Token ids of each example's prompt, at most max_length long.
+
+    With context_window=k, the k previous turns of the dialogue come first. A prompt that does
+    not fit loses its oldest turns first, so the utterance to classify stays whole; only when
+    no context is left does the utterance itself lose words from its end. The instruction and
+    the template always stay whole.
+    """
+    if context_window < 0:
+        raise EmorecError(f"dataset.context_window={context_window}; use 0 (no context) or more")
     special = tokenizer.chat_template is None  # the chat template writes its own special tokens
-    texts = [render_prompt(tokenizer, template, system, labels, ex.text) for ex in examples]
-    ids = tokenizer(texts, add_special_tokens=special)["input_ids"]
+
+    def encode(text: str, turns) -> list[int]:
+        prompt = render_prompt(tokenizer, template, system, labels, text, render_context(turns, context_template))
+        return tokenizer(prompt, add_special_tokens=special)["input_ids"]
+
+    contexts = [ex.context[-context_window:] if context_window else () for ex in examples]
+    prompts = [
+        render_prompt(tokenizer, template, system, labels, ex.text, render_context(turns, context_template))
+        for ex, turns in zip(examples, contexts)
+    ]
+    ids = tokenizer(prompts, add_special_tokens=special)["input_ids"]  # one batched call for all
     for i, ex in enumerate(examples):
-        words = ex.text.split()
+        turns, words = contexts[i], ex.text.split()
+        while len(ids[i]) > max_length and turns:
+            turns = turns[1:]
+            ids[i] = encode(ex.text, turns)
         while len(ids[i]) > max_length:
             if len(words) <= 1:
                 raise EmorecError(f"the prompt alone is longer than trainer.max_length={max_length}; raise it")
             words = words[: max(1, len(words) - max(1, (len(ids[i]) - max_length) // 2))]
-            text = render_prompt(tokenizer, template, system, labels, " ".join(words))
-            ids[i] = tokenizer(text, add_special_tokens=special)["input_ids"]
+            ids[i] = encode(" ".join(words), ())
     return ids
 
 

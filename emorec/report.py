@@ -36,17 +36,22 @@ def _json(path: Path) -> dict | None:
 
 
 def table(jobs: list[dict]) -> tuple[list[str], list[list], str | None]:
-    """Columns, rows and the name of the metric of record."""
+    """Columns, rows and the name of the metric of record (None when the jobs span datasets
+    with different ones: then a `metric` column names each row's, and the best job is marked
+    per dataset)."""
     keys = sorted({k for j in jobs for k in j["overrides"]})
     swept = [k for k in keys if len({j["overrides"].get(k) for j in jobs}) > 1] or keys
-    metric = next((j["metrics"]["metric"] for j in jobs if j["metrics"]), None)
+    used = {j["metrics"]["metric"] for j in jobs if j["metrics"]}
+    metric = used.pop() if len(used) == 1 else None
+    record = metric or "record"
     columns = [
         "job",
         *swept,
         "status",
+        *([] if metric else ["metric"]),
         "trainable_params",
-        f"val_{metric}",
-        f"test_{metric}",
+        f"val_{record}",
+        f"test_{record}",
         "test_accuracy",
         "train_s",
         "wall_s",
@@ -54,22 +59,27 @@ def table(jobs: list[dict]) -> tuple[list[str], list[list], str | None]:
         "error",
     ]
     ok = [j for j in jobs if j["metrics"] and j["status"]["status"] == "ok"]
-    best = max(ok, key=lambda j: j["metrics"]["val"][metric])["job"] if ok else None
+    best = set()
+    for dataset in {j["metrics"]["dataset"] for j in ok}:
+        group = [j for j in ok if j["metrics"]["dataset"] == dataset]
+        best.add(max(group, key=lambda j: j["metrics"]["val"][j["metrics"]["metric"]])["job"])
     rows = []
     for j in jobs:
         m = j["metrics"] or {}
+        own = m.get("metric")
         rows.append(
             [
                 j["job"],
                 *(j["overrides"].get(k, "") for k in swept),
                 j["status"]["status"],
+                *([] if metric else [own]),
                 m.get("trainable_params"),
-                _get(m, "val", metric),
-                _get(m, "test", metric),
+                _get(m, "val", own),
+                _get(m, "test", own),
                 _get(m, "test", "accuracy"),
                 _round((m.get("train") or {}).get("seconds")),
                 _round(m.get("wall_time_s")),
-                "*" if j["job"] == best else "",
+                "*" if j["job"] in best else "",
                 j["status"].get("error", ""),
             ]
         )

@@ -97,11 +97,17 @@ def run(cfg: DictConfig) -> dict:
     device = resolve_device(t.device)
     bf16 = use_bf16(t.precision, device)
 
-    labels = list(cfg.dataset.labels)
-    splits = instantiate(cfg.dataset.load)
-    train_ex = subsample(splits["train"], cfg.dataset.max_train, cfg.seed)
-    dev_ex, test_ex = (splits[s][: cfg.dataset.max_eval] for s in ("dev", "test"))
-    log.info("%s: %d train, %d dev, %d test examples", cfg.dataset.name, len(train_ex), len(dev_ex), len(test_ex))
+    d = cfg.dataset
+    check_metric(d.metric, d.neutral_label, d.labels)
+    data = instantiate(d.load)
+    labels = data.labels  # the config's, or inferred from the data (dataset=csv, labels=null)
+    check_metric(d.metric, d.neutral_label, labels)
+    neutral = labels.index(d.neutral_label) if d.neutral_label else None
+    train_ex = subsample(data.train, d.max_train, cfg.seed)
+    dev_ex, test_ex = data.dev[: d.max_dev], data.test[: d.max_eval]
+    log.info("%s: %d train, %d dev, %d test examples", d.name, len(train_ex), len(dev_ex), len(test_ex))
+    data_stats = {"labels": labels, "context_window": d.context_window, "skipped_rows": data.skipped}
+    data_stats["left_out"] = data.left_out
 
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
     # A partial, so the run's config reaches the logger as a plain dict (instantiate would turn
@@ -109,7 +115,9 @@ def run(cfg: DictConfig) -> dict:
     make_logger = instantiate(cfg.logger, _partial_=True)
     logger = make_logger(run_config=OmegaConf.to_container(cfg, resolve=True), dir=str(out))
     try:
-        metrics = _run(cfg, out, device, bf16, labels, train_ex, dev_ex, test_ex, logger)
+        metrics = _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, logger)
+        metrics["data"] = data_stats
+        logger.summary({"data/skipped_rows": data.skipped, "data/left_out": sum(data.left_out.values())})
         metrics["wall_time_s"] = time.perf_counter() - wall
         write_json(out / "metrics.json", metrics)
         logger.summary({"wall_time_s": metrics["wall_time_s"]})
@@ -118,10 +126,17 @@ def run(cfg: DictConfig) -> dict:
     return metrics
 
 
-def _run(cfg, out, device, bf16, labels, train_ex, dev_ex, test_ex, logger) -> dict:
-    t, metric = cfg.trainer, cfg.dataset.metric
+def check_metric(metric: str, neutral_label: str | None, labels: list[str] | None) -> None:
     if metric not in METRICS:
         raise EmorecError(f"dataset.metric={metric!r}; use one of {', '.join(METRICS)}")
+    if metric == "micro_f1_no_neutral" and not neutral_label:
+        raise EmorecError("dataset.metric=micro_f1_no_neutral needs dataset.neutral_label, the label to leave out")
+    if neutral_label and labels is not None and neutral_label not in labels:
+        raise EmorecError(f"dataset.neutral_label={neutral_label!r} is not one of dataset.labels {list(labels)}")
+
+
+def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, logger) -> dict:
+    t, metric = cfg.trainer, cfg.dataset.metric
 
     start = time.perf_counter()
     # Weights stay fp32 and bf16 comes from autocast: on this CPU path, bf16-stored weights
@@ -147,7 +162,10 @@ def _run(cfg, out, device, bf16, labels, train_ex, dev_ex, test_ex, logger) -> d
     answers = encode_answers(tokenizer, template, system, labels)
     scored = scoring_answers(answers)
     train_ids, dev_ids, test_ids = (
-        encode_prompts(tokenizer, exs, template, system, labels, t.max_length) for exs in (train_ex, dev_ex, test_ex)
+        encode_prompts(
+            tokenizer, exs, template, system, labels, t.max_length, cfg.dataset.context_window, cfg.prompt.context
+        )
+        for exs in (train_ex, dev_ex, test_ex)
     )
 
     def evaluate(ids, examples, desc):
@@ -162,7 +180,7 @@ def _run(cfg, out, device, bf16, labels, train_ex, dev_ex, test_ex, logger) -> d
             autocast=bf16,
             desc=desc,
         )
-        return result, classification_metrics(result["preds"], [ex.label for ex in examples], labels)
+        return result, classification_metrics(result["preds"], [ex.label for ex in examples], labels, neutral)
 
     best = {"value": -math.inf, "epoch": None, "state": None, "val": None}
     train_stats = None
@@ -180,7 +198,7 @@ def _run(cfg, out, device, bf16, labels, train_ex, dev_ex, test_ex, logger) -> d
             if not t.val_every_epoch or not dev_ex:
                 return
             result, m = evaluate(dev_ids, dev_ex, f"val epoch {epoch}")
-            logger.log({f"val/{k}": m[k] for k in METRICS}, step)
+            logger.log({f"val/{k}": m[k] for k in METRICS if k in m}, step)
             log.info("epoch %d step %d: val %s %.4f, accuracy %.4f", epoch, step, metric, m[metric], m["accuracy"])
             # Keep the best adapter by the metric of record (in memory: adapters are small).
             if m[metric] > best["value"]:
@@ -254,7 +272,7 @@ def _run(cfg, out, device, bf16, labels, train_ex, dev_ex, test_ex, logger) -> d
         "test_examples_per_s": test_result["examples_per_s"],
         "peak_rss_mb": peak_rss_mb(),
     }
-    summary = {f"{split}/{k}": metrics[split][k] for split in ("val", "test") for k in (*METRICS, "invalid")}
+    summary = {f"{s}/{k}": metrics[s][k] for s in ("val", "test") for k in (*METRICS, "invalid") if k in metrics[s]}
     summary.update({f"train/{k}": v for k, v in (train_stats or {}).items() if k != "losses"})
     summary.update({k: metrics[k] for k in ("trainable_params", "trainable_share", "model_load_s", "peak_rss_mb")})
     logger.summary(summary)

@@ -67,7 +67,7 @@ MELD_DIR = write(Path(tempfile.mkdtemp(prefix="emorec-meld-fixture-")) / "meld")
 def predict_test_split(model, tokenizer, cfg) -> dict:
     """Predictions of a reloaded model on the fixture's test split, built the way run() builds
     them: the check that a saved adapter predicts what the run wrote."""
-    from emorec.data import load_meld
+    from emorec.datasets import load_meld
     from emorec.loop import predict
     from emorec.prompt import encode_answers, encode_prompts, scoring_answers
 

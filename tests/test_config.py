@@ -55,7 +55,8 @@ def test_cli_help_lists_groups_and_options():
     assert out.returncode == 0, out.stderr
     for line in [
         "adapter: dora, full, ia3, lora, none, prompt_tuning, ptuning, ptuning_v2",
-        "dataset: meld",
+        "dataset: chsims, csv, dailydialog, emorynlp, friends, iemocap, jsonl, m3ed, mastodon, meld, meld_sentiment, "
+        "mosi2, mosi3, sst2, sst5",
         "launcher: joblib, submitit_local, submitit_slurm",
         "logger: none, wandb",
         "model: hf, smollm2_135m",
@@ -74,10 +75,10 @@ def test_cli_cfg_job_prints_composed_config():
 
 
 def test_cli_user_error_is_one_line(tmp_path):
-    out = _cli(f"dataset.load.data_dir={tmp_path}", "logger=none", f"hydra.run.dir={tmp_path / 'run'}")
+    out = _cli(f"dataset.data_dir={tmp_path}", "logger=none", f"hydra.run.dir={tmp_path / 'run'}")
     assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("emorec: error: dataset.load.data_dir=") and "lacks train_sent_emo.csv" in last
+    assert last.startswith("emorec: error: dataset.data_dir=") and "lacks train_sent_emo.csv" in last
     assert "Traceback" not in out.stderr
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from emorec.data import MELD_FILES, load_meld, normalise_text, subsample
+from emorec.data import normalise_text, subsample
+from emorec.datasets import MELD_FILES, load_meld
 from emorec.download import sha256_of
 from emorec.errors import EmorecError
 from tests.meld_fixture import MELD_DIR
@@ -63,7 +64,7 @@ def test_missing_everywhere_lists_the_three_ways():
     with pytest.raises(EmorecError) as e:
         load_meld(LABELS, url=None)
     msg = str(e.value)
-    assert "dataset.load.data_dir" in msg and "EMOREC_DATA_DIR" in msg and "download" in msg
+    assert "dataset.data_dir" in msg and "EMOREC_DATA_DIR" in msg and "download" in msg
     assert "\n" not in msg
 
 

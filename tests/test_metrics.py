@@ -25,3 +25,15 @@ def test_perfect_and_absent_class():
     assert m["accuracy"] == 1.0 and m["weighted_f1"] == pytest.approx(1.0)
     # z has no gold and no prediction: it scores 0 and still counts in the macro mean.
     assert m["macro_f1"] == pytest.approx(2 / 3)
+
+
+def test_micro_f1_without_neutral():
+    # neutral = 0. Emotion hits: (1,1) and (2,2) = 2; predicted emotions 1,1,2 = 3 (the invalid
+    # prediction names none); gold emotions 1,1,2,2 = 4. Micro F1 = 2*2 / (3 + 4).
+    golds = [0, 1, 1, 2, 0, 2]
+    preds = [1, 1, 0, 2, 0, -1]
+    m = classification_metrics(preds, golds, ["neutral", "x", "y"], neutral=0)
+    assert m["micro_f1_no_neutral"] == pytest.approx(4 / 7)
+    assert "micro_f1_no_neutral" not in classification_metrics(preds, golds, ["neutral", "x", "y"])
+    # All neutral, predicted neutral: no emotion anywhere, nothing to score.
+    assert classification_metrics([0, 0], [0, 0], ["neutral", "x"], neutral=0)["micro_f1_no_neutral"] == 0.0

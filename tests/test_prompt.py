@@ -63,3 +63,48 @@ def test_truncation_keeps_template_whole(tokenizer):
     assert tokenizer.decode(ids[0]).endswith("word<|im_end|>\n<|im_start|>assistant\n")
     with pytest.raises(EmorecError, match="trainer.max_length"):
         encode_prompts(tokenizer, [long], TEMPLATE, None, LABELS, 10)
+
+
+CONTEXT = "Conversation so far:\n{context}\n\n"
+TURNS = (("Ann", "first thing said"), (None, "second thing said"), ("Cal", "third thing said"))
+
+
+def _with_context(text="what now?", context=TURNS):
+    return Example(id="z", text=text, label=0, speaker="Bob", dialogue_id="d", context=context)
+
+
+def test_context_window_zero_is_the_paper_prompt(tokenizer):
+    ex = _with_context()
+    plain = encode_prompts(tokenizer, [Example(id="z", text="what now?", label=0)], TEMPLATE, None, LABELS, 256)
+    assert encode_prompts(tokenizer, [ex], TEMPLATE, None, LABELS, 256, 0, CONTEXT) == plain
+
+
+def test_context_window_puts_the_last_k_turns_first(tokenizer):
+    ids = encode_prompts(tokenizer, [_with_context()], TEMPLATE, None, LABELS, 256, 2, CONTEXT)
+    assert tokenizer.decode(ids[0]) == (
+        "<|im_start|>user\nConversation so far:\nsecond thing said\nCal: third thing said\n\n"
+        "Classify the sentiment of the sentence to neutral, joy, surprise, anger, sadness, disgust or fear: "
+        "what now?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    # A window wider than the dialogue so far takes all of it; the first utterance has none.
+    wide = tokenizer.decode(encode_prompts(tokenizer, [_with_context()], TEMPLATE, None, LABELS, 256, 9, CONTEXT)[0])
+    assert "Ann: first thing said\nsecond thing said\nCal: third thing said\n\n" in wide
+    first = encode_prompts(tokenizer, [_with_context(context=())], TEMPLATE, None, LABELS, 256, 3, CONTEXT)
+    assert "Conversation" not in tokenizer.decode(first[0])
+    with pytest.raises(EmorecError, match="context_window=-1"):
+        encode_prompts(tokenizer, [_with_context()], TEMPLATE, None, LABELS, 256, -1, CONTEXT)
+
+
+def test_context_truncation_drops_oldest_turns_and_keeps_the_utterance_whole(tokenizer):
+    ex = _with_context(text="the utterance to classify stays whole")
+    full = encode_prompts(tokenizer, [ex], TEMPLATE, None, LABELS, 10_000, 3, CONTEXT)[0]
+    two = encode_prompts(tokenizer, [_with_context(ex.text, TURNS[1:])], TEMPLATE, None, LABELS, 10_000, 3, CONTEXT)
+    # One token short of the full prompt: the oldest turn goes, the rest is exactly the 2-turn prompt.
+    cut = encode_prompts(tokenizer, [ex], TEMPLATE, None, LABELS, len(full) - 1, 3, CONTEXT)[0]
+    assert cut == two[0]
+    # Shorter than any context allows: no context, and the utterance itself still whole.
+    bare = encode_prompts(tokenizer, [ex], TEMPLATE, None, LABELS, 10_000, 0, CONTEXT)[0]
+    assert encode_prompts(tokenizer, [ex], TEMPLATE, None, LABELS, len(bare), 3, CONTEXT)[0] == bare
+    # Only below that does the utterance lose words.
+    shorter = encode_prompts(tokenizer, [ex], TEMPLATE, None, LABELS, len(bare) - 2, 3, CONTEXT)[0]
+    assert len(shorter) <= len(bare) - 2 and "stays whole" not in tokenizer.decode(shorter)

@@ -34,7 +34,7 @@ def test_default_model_lora_on_real_meld(tmp_path):
         cfg = compose(
             "config",
             overrides=[
-                f"dataset.load.data_dir={Path(os.environ['EMOREC_REAL_DATA_DIR']) / 'meld'}",
+                f"dataset.data_dir={Path(os.environ['EMOREC_REAL_DATA_DIR']) / 'meld'}",
                 f"output_dir={tmp_path}",
                 "logger=wandb",
                 "dataset.max_train=64",

@@ -3,24 +3,26 @@ failure isolation, Optuna and the launchers."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from emorec.report import report
+from tests.dataset_fixtures import write_dailydialog
 from tests.meld_fixture import MELD_DIR
 from tests.wandb_records import read_run
 
 
 @pytest.fixture
 def emorec(tiny_model, tmp_path):
-    def call(*overrides, multirun=True):
+    def call(*overrides, multirun=True, env=None):
         args = [sys.executable, "-m", "emorec", *(["-m"] if multirun else [])]
         args += [
             "model=hf",
             f"model.name_or_path={tiny_model}",
-            f"dataset.load.data_dir={MELD_DIR}",
+            *([] if any(o.startswith("dataset=") for o in overrides) else [f"dataset.data_dir={MELD_DIR}"]),
             "trainer.precision=fp32",
             "trainer.batch_size=4",
             "trainer.eval_batch_size=8",
@@ -29,7 +31,7 @@ def emorec(tiny_model, tmp_path):
             f"hydra.sweep.dir={tmp_path / 'sweep'}",
             *overrides,
         ]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
         done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
         return tmp_path / "sweep"
@@ -74,12 +76,27 @@ def test_failing_job_keeps_the_others(emorec):
     assert result["rows"][0][result["columns"].index("best")] == "*"
 
 
+def test_sweep_across_datasets_reports_each_metric_of_record(emorec, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(MELD_DIR, root / "meld")
+    write_dailydialog(root / "dailydialog")
+    sweep = emorec("dataset=meld,dailydialog", "adapter=none", "logger=none", env={"EMOREC_DATA_DIR": str(root)})
+    result = report(sweep)
+    columns, rows = result["columns"], result["rows"]
+    assert result["metric"] is None and "metric" in columns and "test_record" in columns
+    assert [r[columns.index("metric")] for r in rows] == ["weighted_f1", "micro_f1_no_neutral"]
+    for row in rows:
+        saved = json.loads((sweep / row[0] / "metrics.json").read_text())
+        assert row[columns.index("test_record")] == round(saved["test"][saved["metric"]], 4)
+        assert row[columns.index("best")] == "*"  # the only job of its dataset
+
+
 def test_single_run_user_error_fails_the_command(tmp_path):
     args = [
         sys.executable,
         "-m",
         "emorec",
-        f"dataset.load.data_dir={tmp_path}",
+        f"dataset.data_dir={tmp_path}",
         "logger=none",
         f"hydra.run.dir={tmp_path / 'r'}",
     ]

@@ -1,0 +1,634 @@
+"""One loader per dataset, each reading the dataset's own distribution format.
+
+Every loader takes the prompt's label wording (`labels`), where to find the files (`data_dir`,
+else $EMOREC_DATA_DIR/<name>, else a download where an official URL exists) and
+`on_bad_row`, and returns emorec.data.Splits: train, dev and test Examples whose label is an
+index into `labels`, each carrying the earlier turns of its dialogue as context.
+"""
+
+import json
+import re
+from pathlib import Path
+
+from emorec.data import (
+    BadRows,
+    LabelIndex,
+    Row,
+    Splits,
+    dialogue_examples,
+    grouped,
+    in_holdout,
+    locate,
+    read_csv,
+    read_json,
+    read_text,
+)
+from emorec.errors import EmorecError
+
+SPLITS = ("train", "dev", "test")
+
+
+def _int_or_text(value: str):
+    """Sort key for ids that are usually integers ("10" after "9")."""
+    return (0, int(value), "") if str(value).strip().isdigit() else (1, 0, str(value))
+
+
+# --- Friends TV dialogues: MELD, EmoryNLP, EmotionLines ---------------------------------------
+
+MELD_FILES = {"train": "train_sent_emo.csv", "dev": "dev_sent_emo.csv", "test": "test_sent_emo.csv"}
+
+
+def load_meld(
+    labels: list[str],
+    data_dir: str | None = None,
+    url: str | None = None,
+    sha256: dict | None = None,
+    column: str = "Emotion",
+    raw_labels: list | None = None,
+    on_bad_row: str = "error",
+) -> Splits:
+    """MELD's {train,dev,test}_sent_emo.csv, one example per utterance. `column` picks the
+    task: Emotion (7 classes) or Sentiment (3)."""
+    folder = locate("meld", list(MELD_FILES.values()), data_dir, url, sha256)
+    index, bad = LabelIndex(labels, raw_labels), BadRows("meld", on_bad_row)
+    out = {}
+    for split, filename in MELD_FILES.items():
+        path = folder / filename
+        rows = read_csv(path, ["Utterance", "Speaker", column, "Dialogue_ID", "Utterance_ID"])
+        dialogues = grouped(rows, lambda r: r[1]["Dialogue_ID"])
+        out[split] = [
+            ex
+            for dia, items in dialogues.items()
+            for ex in dialogue_examples(
+                dia,
+                [
+                    Row(f"{path}:{line}", f"dia{dia}_utt{r['Utterance_ID']}", r["Speaker"], r["Utterance"], r[column])
+                    for line, r in sorted(items, key=lambda item: _int_or_text(item[1]["Utterance_ID"]))
+                ],
+                index,
+                bad,
+            )
+        ]
+    return bad.splits(labels, **out)
+
+
+EMORYNLP_FILES = {s: f"emorynlp_{s}_final.csv" for s in SPLITS}
+
+
+def _speakers(value: str) -> str | None:
+    """EmoryNLP writes speakers as a Python list literal, "['Rachel Green']"; read it as text."""
+    names = [a or b for a, b in re.findall(r"'([^']*)'|\"([^\"]*)\"", value or "")]
+    return " and ".join(names) or (value or "").strip() or None
+
+
+def load_emorynlp(
+    labels: list[str],
+    data_dir: str | None = None,
+    url: str | None = None,
+    sha256: dict | None = None,
+    raw_labels: list | None = None,
+    on_bad_row: str = "error",
+) -> Splits:
+    """EmoryNLP's emorynlp_{train,dev,test}_final.csv; a dialogue is a scene of an episode."""
+    folder = locate("emorynlp", list(EMORYNLP_FILES.values()), data_dir, url, sha256)
+    index, bad = LabelIndex(labels, raw_labels), BadRows("emorynlp", on_bad_row)
+    out = {}
+    for split, filename in EMORYNLP_FILES.items():
+        path = folder / filename
+        rows = read_csv(path, ["Utterance", "Speaker", "Emotion", "Scene_ID", "Utterance_ID", "Season", "Episode"])
+        scenes = grouped(rows, lambda r: f"s{r[1]['Season']}_e{r[1]['Episode']}_c{r[1]['Scene_ID']}")
+        out[split] = [
+            ex
+            for scene, items in scenes.items()
+            for ex in dialogue_examples(
+                scene,
+                [
+                    Row(
+                        f"{path}:{line}",
+                        f"{scene}_u{r['Utterance_ID']}",
+                        _speakers(r["Speaker"]),
+                        r["Utterance"],
+                        r["Emotion"],
+                    )
+                    for line, r in sorted(items, key=lambda item: _int_or_text(item[1]["Utterance_ID"]))
+                ],
+                index,
+                bad,
+            )
+        ]
+    return bad.splits(labels, **out)
+
+
+def _json_dialogues(path: Path, fields: list[str], bad: BadRows) -> list[list[tuple[str, dict]]]:
+    """A JSON list of dialogues, each a list of utterance objects; returns (where, object)
+    pairs, with objects lacking a field reported as bad rows."""
+    data = read_json(path)
+    if not isinstance(data, list) or not all(isinstance(d, list) for d in data):
+        raise EmorecError(f"{path}: expected a JSON list of dialogues, each a list of utterances")
+    dialogues = []
+    for d, dialogue in enumerate(data):
+        items = []
+        for u, obj in enumerate(dialogue):
+            where = f"{path}: dialogue {d} utterance {u}"
+            missing = [f for f in fields if not isinstance(obj, dict) or f not in obj]
+            if missing:
+                bad(where, f"missing field(s) {', '.join(missing)}")
+            else:
+                items.append((where, obj))
+        dialogues.append(items)
+    return dialogues
+
+
+FRIENDS_FILES = {s: f"friends_{s}.json" for s in SPLITS}
+
+
+def load_friends(
+    labels: list[str],
+    data_dir: str | None = None,
+    url: str | None = None,
+    sha256: dict | None = None,
+    raw_labels: list | None = None,
+    leave_out: dict | None = None,
+    on_bad_row: str = "error",
+) -> Splits:
+    """EmotionLines Friends: friends_{train,dev,test}.json. Utterances whose gold label is in
+    leave_out (by default `non-neutral`: annotators had no majority) are not examples of the
+    7-class task, as in the literature, but stay in the context of later utterances."""
+    folder = locate("friends", list(FRIENDS_FILES.values()), data_dir, url, sha256)
+    index, bad = LabelIndex(labels, raw_labels), BadRows("friends", on_bad_row)
+    leave_out = {k.lower(): v for k, v in (leave_out or {}).items()}
+    out = {}
+    for split, filename in FRIENDS_FILES.items():
+        dialogues = _json_dialogues(folder / filename, ["speaker", "utterance", "emotion"], bad)
+        out[split] = [
+            ex
+            for d, items in enumerate(dialogues)
+            for ex in dialogue_examples(
+                f"{split}{d}",
+                [
+                    Row(w, f"{split}{d}_u{u}", o["speaker"], o["utterance"], o["emotion"])
+                    for u, (w, o) in enumerate(items)
+                ],
+                index,
+                bad,
+                leave_out,
+            )
+        ]
+    return bad.splits(labels, **out)
+
+
+# --- Mastodon threads ---------------------------------------------------------------------------
+
+MASTODON_FILES = {s: f"{s}.json" for s in SPLITS}
+
+
+def load_mastodon(
+    labels: list[str],
+    raw_labels: list,
+    data_dir: str | None = None,
+    url: str | None = None,
+    sha256: dict | None = None,
+    on_bad_row: str = "error",
+) -> Splits:
+    """Mastodon dialogue sentiment, {train,dev,test}.json: dialogues of {utterance, sentiment,
+    act}; sentiment is + - or * (raw_labels maps them to the label words). No speakers."""
+    folder = locate("mastodon", list(MASTODON_FILES.values()), data_dir, url, sha256)
+    index, bad = LabelIndex(labels, raw_labels), BadRows("mastodon", on_bad_row)
+    out = {}
+    for split, filename in MASTODON_FILES.items():
+        dialogues = _json_dialogues(folder / filename, ["utterance", "sentiment"], bad)
+        out[split] = [
+            ex
+            for d, items in enumerate(dialogues)
+            for ex in dialogue_examples(
+                f"{split}{d}",
+                [Row(w, f"{split}{d}_u{u}", None, o["utterance"], o["sentiment"]) for u, (w, o) in enumerate(items)],
+                index,
+                bad,
+            )
+        ]
+    return bad.splits(labels, **out)
+
+
+# --- Stanford Sentiment Treebank ---------------------------------------------------------------
+
+
+def load_sst(
+    labels: list[str],
+    granularity: str,
+    data_dir: str | None = None,
+    url: str | None = None,
+    sha256: dict | None = None,
+    raw_labels: list | None = None,
+    on_bad_row: str = "error",
+) -> Splits:
+    """SST sentences, stsa.{fine,binary}.{train,dev,test}: one `LABEL sentence` per line, the
+    label an integer (fine: 0 very negative .. 4 very positive; binary: 0 negative, 1 positive)."""
+    if granularity not in ("fine", "binary"):
+        raise EmorecError(f"dataset.load.granularity={granularity!r}; use fine (SST-5) or binary (SST-2)")
+    files = {s: f"stsa.{granularity}.{s}" for s in SPLITS}
+    folder = locate("sst", list(files.values()), data_dir, url, sha256)
+    index = LabelIndex(labels, raw_labels if raw_labels is not None else list(range(len(labels))))
+    bad = BadRows(f"sst-{granularity}", on_bad_row)
+    out = {}
+    for split, filename in files.items():
+        path = folder / filename
+        rows = []
+        for line, text in enumerate(read_text(path).splitlines(), 1):
+            if not text.strip():
+                continue  # a trailing blank line is not a row
+            raw, _, sentence = text.partition(" ")
+            rows.append(Row(f"{path}:{line}", f"{split}{line}", None, sentence, raw))
+        out[split] = dialogue_examples(None, rows, index, bad)
+    return bad.splits(labels, **out)
+
+
+# --- Multimodal sentiment transcripts in the MMSA layout: CMU-MOSI, CH-SIMS ----------------------
+
+
+def polarity(score: float, classes: int, zero: str, neutral_band: float) -> str | None:
+    """A real-valued sentiment score as a class word.
+
+    3 classes: |score| <= neutral_band is neutral, else the sign. 2 classes: the sign, with a
+    score of exactly 0 counted as `zero` (positive or negative), or left out (`drop`).
+    """
+    if classes == 3:
+        return "neutral" if abs(score) <= neutral_band else ("positive" if score > 0 else "negative")
+    if score == 0:
+        return None if zero == "drop" else zero
+    return "positive" if score > 0 else "negative"
+
+
+def _load_scored_csv(
+    name: str,
+    labels: list[str],
+    columns: dict,
+    video_clip,
+    classes: int,
+    zero: str,
+    neutral_band: float,
+    raw_labels: list | None,
+    data_dir,
+    url,
+    sha256,
+    on_bad_row: str,
+    source: str | None = None,
+) -> Splits:
+    """The MMSA label.csv layout both MOSI and CH-SIMS use: one row per clip with its text, a
+    real-valued score and its split in `mode`. A dialogue is a video, its clips in order."""
+    if classes not in (2, 3) or zero not in ("positive", "negative", "drop"):
+        raise EmorecError(
+            f"dataset.load.classes={classes}, zero={zero!r}; use classes 2 or 3 and zero positive, negative or drop"
+        )
+    folder = locate(name, ["label.csv"], data_dir, url, sha256, source=source)
+    path = folder / "label.csv"
+    index, bad = LabelIndex(labels, raw_labels), BadRows(name, on_bad_row)
+    modes = {"train": "train", "dev": "dev", "valid": "dev", "val": "dev", "validation": "dev", "test": "test"}
+    by_split = {s: [] for s in SPLITS}
+    for line, r in read_csv(path, list(columns.values())):
+        where = f"{path}:{line}"
+        split = modes.get((r[columns["mode"]] or "").strip().lower())
+        try:
+            score = float(r[columns["score"]])
+        except (TypeError, ValueError):
+            bad(where, f"score {r[columns['score']]!r} is not a number")
+            continue
+        if split is None:
+            bad(where, f"mode {r[columns['mode']]!r} is not train, valid/dev or test")
+            continue
+        video, clip = video_clip(r)
+        label = polarity(score, classes, zero, neutral_band)
+        if label is None:
+            bad.left_out["score exactly 0 (zero=drop)"] += 1
+            continue
+        by_split[split].append((video, clip, Row(where, f"{video}_{clip}", None, r[columns["text"]], label)))
+    out = {}
+    for split, items in by_split.items():
+        videos = grouped(items, lambda item: item[0])
+        out[split] = [
+            ex
+            for video, clips in videos.items()
+            for ex in dialogue_examples(
+                video, [row for _, _, row in sorted(clips, key=lambda c: _int_or_text(c[1]))], index, bad
+            )
+        ]
+    return bad.splits(labels, **out)
+
+
+def load_mosi(
+    labels: list[str],
+    classes: int,
+    zero: str = "positive",
+    neutral_band: float = 0.0,
+    raw_labels: list | None = None,
+    data_dir: str | None = None,
+    url: str | None = None,
+    sha256: dict | None = None,
+    on_bad_row: str = "error",
+) -> Splits:
+    """CMU-MOSI transcripts, label.csv (`id,text,label,mode`, label in [-3, 3]); the id is
+    `<video>_<clip>`. See conf/dataset/mosi2.yaml and mosi3.yaml for the class thresholds."""
+
+    def video_clip(r):
+        video, _, clip = r["id"].rpartition("_")
+        return video or r["id"], clip
+
+    columns = {"text": "text", "score": "label", "mode": "mode", "id": "id"}
+    return _load_scored_csv(
+        "mosi", labels, columns, video_clip, classes, zero, neutral_band, raw_labels, data_dir, url, sha256, on_bad_row
+    )
+
+
+def load_chsims(
+    labels: list[str],
+    classes: int = 2,
+    score_column: str = "label",
+    zero: str = "negative",
+    neutral_band: float = 0.0,
+    raw_labels: list | None = None,
+    data_dir: str | None = None,
+    on_bad_row: str = "error",
+) -> Splits:
+    """CH-SIMS, official label.csv (`video_id,clip_id,text,label,label_T,label_A,label_V,
+    annotation,mode`, scores in [-1, 1]). score_column picks the multimodal `label` (default)
+    or the text-only `label_T`. No public download: the owners hand it out (see the error)."""
+    columns = {
+        "text": "text",
+        "score": score_column,
+        "mode": "mode",
+        "video_id": "video_id",
+        "clip_id": "clip_id",
+    }
+    source = "CH-SIMS is shared by its authors via github.com/thuiar/MMSA, not by a public URL"
+    return _load_scored_csv(
+        "chsims",
+        labels,
+        columns,
+        lambda r: (r["video_id"], r["clip_id"]),
+        classes,
+        zero,
+        neutral_band,
+        raw_labels,
+        data_dir,
+        None,
+        None,
+        on_bad_row,
+        source,
+    )
+
+
+# --- DailyDialog --------------------------------------------------------------------------------
+
+DAILYDIALOG_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
+
+
+def load_dailydialog(
+    labels: list[str],
+    data_dir: str | None = None,
+    archive: str | None = None,
+    sha256: dict | None = None,
+    raw_labels: list | None = None,
+    on_bad_row: str = "error",
+) -> Splits:
+    """DailyDialog's split files, {train,validation,test}/dialogues_{split}.txt (a dialogue per
+    line, utterances ended by __eou__) and dialogues_emotion_{split}.txt (one label 0-6 per
+    utterance). The dialogues are dyadic and alternate, so the speakers are written A and B.
+    A dialogue whose utterance and label counts differ is a bad row (train has one)."""
+    files = [f"{d}/dialogues{kind}_{d}.txt" for d in DAILYDIALOG_SPLITS.values() for kind in ("", "_emotion")]
+    folder = locate("dailydialog", files, data_dir, archive=archive, sha256=sha256)
+    index = LabelIndex(labels, raw_labels if raw_labels is not None else list(range(len(labels))))
+    bad = BadRows("dailydialog", on_bad_row)
+    out = {}
+    for split, d in DAILYDIALOG_SPLITS.items():
+        text_path, label_path = folder / f"{d}/dialogues_{d}.txt", folder / f"{d}/dialogues_emotion_{d}.txt"
+        texts, golds = read_text(text_path).splitlines(), read_text(label_path).splitlines()
+        if len(texts) != len(golds):
+            raise EmorecError(
+                f"{text_path} has {len(texts)} dialogues but {label_path} has {len(golds)}; use the release's own pair"
+            )
+        examples = []
+        for n, (line, gold) in enumerate(zip(texts, golds), 1):
+            utterances = line.split("__eou__")
+            if utterances and not utterances[-1].strip():
+                utterances.pop()  # the line ends with __eou__
+            emotions = gold.split()
+            if len(utterances) != len(emotions):
+                bad(f"{text_path}:{n}", f"{len(utterances)} utterances but {len(emotions)} labels in {label_path.name}")
+                continue
+            rows = [
+                Row(f"{text_path}:{n} utterance {u}", f"{split}{n}_u{u}", "AB"[u % 2], text, emotion)
+                for u, (text, emotion) in enumerate(zip(utterances, emotions))
+            ]
+            examples += dialogue_examples(f"{split}{n}", rows, index, bad)
+        out[split] = examples
+    return bad.splits(labels, **out)
+
+
+# --- M3ED (Chinese TV dialogues) ----------------------------------------------------------------
+
+M3ED_SPLITS = {"train": "train", "dev": "val", "test": "test"}
+
+
+def load_m3ed(
+    labels: list[str],
+    raw_labels: list | None = None,
+    data_dir: str | None = None,
+    on_bad_row: str = "error",
+) -> Splits:
+    """M3ED's official annotation.json ({movie: {dialogue: {SpeakerInfo, Dialog: {utterance id:
+    {Speaker, Text, EmoAnnotation: {final_main_emo}}}}}}) with the official movie-level split
+    in splitInfo/movie_list_{train,val,test}.txt. No public download (access on request)."""
+    files = ["annotation.json"] + [f"splitInfo/movie_list_{s}.txt" for s in M3ED_SPLITS.values()]
+    source = "M3ED is released on request by its authors (github.com/aim3-ruc/RUCM3ED), not by a public URL"
+    folder = locate("m3ed", files, data_dir, source=source)
+    index, bad = LabelIndex(labels, raw_labels), BadRows("m3ed", on_bad_row)
+    movie_split = {}
+    for split, name in M3ED_SPLITS.items():
+        for movie in read_text(folder / f"splitInfo/movie_list_{name}.txt").split():
+            movie_split[movie] = split
+    path = folder / "annotation.json"
+    annotation = read_json(path)
+    if not isinstance(annotation, dict):
+        raise EmorecError(f"{path}: expected a JSON object of movies; is this M3ED's annotation.json?")
+    out = {s: [] for s in SPLITS}
+    for movie, dialogues in annotation.items():
+        split = movie_split.get(movie)
+        if split is None:
+            bad(f"{path}: movie {movie}", "is in no splitInfo/movie_list_*.txt")
+            continue
+        for dialogue, content in dialogues.items():
+            speakers = content.get("SpeakerInfo", {})
+            rows = []
+            for uid, u in sorted(content.get("Dialog", {}).items(), key=lambda kv: _int_or_text(kv[0].split("_")[-1])):
+                where = f"{path}: {movie}/{dialogue}/{uid}"
+                label = (u.get("EmoAnnotation") or {}).get("final_main_emo")
+                if label is None or "Text" not in u:
+                    bad(where, "missing Text or EmoAnnotation.final_main_emo")
+                    continue
+                speaker = (speakers.get(u.get("Speaker")) or {}).get("Name") or u.get("Speaker")
+                rows.append(Row(where, uid, speaker, u["Text"], label))
+            out[split] += dialogue_examples(f"{movie}/{dialogue}", rows, index, bad)
+    return bad.splits(labels, **out)
+
+
+# --- IEMOCAP (a local copy of the official release) ---------------------------------------------
+
+_TRANSCRIPT = re.compile(r"^(\S+) \[(\d+(?:\.\d+)?)-(\d+(?:\.\d+)?)\]:\s*(.*)$")
+_EVALUATION = re.compile(r"^\[[\d.]+ - [\d.]+\]\t(\S+)\t(\S+)\t")
+
+
+def load_iemocap(
+    labels: list[str],
+    raw_labels: list,
+    data_dir: str | None = None,
+    test_sessions: list[int] = (5,),
+    dev_fraction: float = 0.1,
+    on_bad_row: str = "error",
+) -> Splits:
+    """IEMOCAP from the official release's own layout (IEMOCAP_full_release/Session{1..5}/
+    dialog/transcriptions/*.txt and dialog/EmoEvaluation/*.txt), in the 6-class setting of the
+    conversation literature (happy, sad, neutral, angry, excited, frustrated). Utterances with
+    any other category (xxx, sur, fea, dis, oth) are context only. Test: session 5; dev: a
+    fixed `dev_fraction` of the other sessions' dialogues, chosen by a hash of their names."""
+    files = [f"Session{s}/dialog/transcriptions" for s in range(1, 6)]
+    if data_dir is None:
+        raise EmorecError(
+            "IEMOCAP is licensed per user (sail.usc.edu/iemocap) and never downloaded; "
+            "set dataset.data_dir to your IEMOCAP_full_release folder"
+        )
+    folder = Path(data_dir).expanduser()
+    missing = [f for f in files if not (folder / f).is_dir()]
+    if missing:
+        raise EmorecError(f"dataset.data_dir={folder} lacks {missing[0]}; point it at IEMOCAP_full_release")
+    index, bad = LabelIndex(labels, raw_labels), BadRows("iemocap", on_bad_row)
+    out = {s: [] for s in SPLITS}
+    for session in range(1, 6):
+        for transcript in sorted((folder / f"Session{session}/dialog/transcriptions").glob("*.txt")):
+            dialogue = transcript.stem
+            evaluation = transcript.parent.parent / "EmoEvaluation" / transcript.name
+            if not evaluation.is_file():
+                bad(str(transcript), f"no {evaluation.name} in EmoEvaluation/")
+                continue
+            emotions = {}
+            for line in read_text(evaluation).splitlines():
+                if m := _EVALUATION.match(line):
+                    emotions[m.group(1)] = m.group(2)
+            turns = []
+            for n, line in enumerate(read_text(transcript).splitlines(), 1):
+                if m := _TRANSCRIPT.match(line.strip()):
+                    turn, start, _, text = m.groups()
+                    speaker = turn.rsplit("_", 1)[-1][:1]  # Ses01F_impro01_F000 -> F
+                    turns.append((float(start), Row(f"{transcript}:{n}", turn, speaker, text, emotions.get(turn))))
+            rows = [row for _, row in sorted(turns, key=lambda t: t[0])]  # the file is not in time order
+            # Categories outside the 6 classes are not errors: those utterances are context only.
+            outside = {
+                str(r.label).lower(): f"category outside the {len(labels)} classes"
+                for r in rows
+                if r.label is not None and index.get(r.label) is None
+            }
+            split = "test" if session in test_sessions else ("dev" if in_holdout(dialogue, dev_fraction) else "train")
+            out[split] += dialogue_examples(dialogue, rows, index, bad, outside)
+    return bad.splits(labels, **out)
+
+
+# --- A user's own data: CSV or JSON lines -------------------------------------------------------
+
+
+def _read_jsonl(path: Path, required: list[str]) -> list[tuple[int, dict]]:
+    rows = []
+    for n, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EmorecError(f"{path}:{n}: not valid JSON ({e.msg}); one JSON object per line") from None
+        if not isinstance(obj, dict):
+            raise EmorecError(f"{path}:{n}: expected a JSON object per line")
+        rows.append((n, {k: None if v is None else str(v) for k, v in obj.items()}))
+    missing = [c for c in required if rows and c not in rows[0][1]]
+    if missing:
+        raise EmorecError(
+            f"{path}: missing field(s) {', '.join(missing)}; fix the data or the dataset.load column options"
+        )
+    return rows
+
+
+def load_table(
+    format: str,
+    labels: list[str] | None = None,
+    path: str | None = None,
+    train: str | None = None,
+    dev: str | None = None,
+    test: str | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    dialogue_column: str | None = None,
+    speaker_column: str | None = None,
+    split_column: str | None = None,
+    order_column: str | None = None,
+    dev_fraction: float = 0.1,
+    on_bad_row: str = "error",
+) -> Splits:
+    """A user's own data as CSV or JSON lines (format csv or jsonl): either one file (`path`)
+    with a split column (train, dev/valid/validation, test), or one file per split. Rows of a
+    dialogue (dialogue_column) keep file order, or order_column's order. Without labels, the
+    label set is the sorted set of train labels. Without a dev split, a fixed dev_fraction of
+    the train dialogues (or utterances) is held out."""
+    if format not in ("csv", "jsonl"):
+        raise EmorecError(f"dataset.load.format={format!r}; use csv or jsonl")
+    if (path is None) == (train is None):
+        raise EmorecError("give either dataset.load.path (one file with a split column) or dataset.load.train/dev/test")
+    if path is not None and split_column is None:
+        raise EmorecError("dataset.load.path needs dataset.load.split_column naming each row's split")
+    read = read_csv if format == "csv" else _read_jsonl
+    required = [
+        c for c in (text_column, label_column, dialogue_column, speaker_column, split_column, order_column) if c
+    ]
+    names = {"train": "train", "dev": "dev", "valid": "dev", "validation": "dev", "val": "dev", "test": "test"}
+    bad = BadRows(f"{format} data", on_bad_row)
+    rows = {s: [] for s in SPLITS}
+    sources = {"all": path} if path is not None else {"train": train, "dev": dev, "test": test}
+    for source, file in sources.items():
+        if file is None:
+            continue
+        file = Path(file).expanduser()
+        if not file.is_file():
+            raise EmorecError(
+                f"dataset.load.{'path' if source == 'all' else source}={file} does not exist; fix the path"
+            )
+        for line, r in read(file, required):
+            split = source if source != "all" else names.get((r[split_column] or "").strip().lower())
+            if split is None:
+                bad(f"{file}:{line}", f"split {r[split_column]!r} is not train, dev or test")
+                continue
+            rows[split].append((f"{file}:{line}", r))
+    if not rows["train"] or not rows["test"]:
+        raise EmorecError(
+            f"the {format} data has no {'train' if not rows['train'] else 'test'} rows; give train and test"
+        )
+    if labels is None:
+        labels = sorted({(r[label_column] or "").strip() for _, r in rows["train"]} - {""})
+        if len(labels) < 2:
+            raise EmorecError(f"inferred labels {labels} from train; a classification task needs at least two")
+    index = LabelIndex(labels)
+
+    def dialogue_of(item):
+        where, r = item
+        return r[dialogue_column] if dialogue_column else where  # no dialogues: each row alone
+
+    if not rows["dev"]:
+        keys = [dialogue_of(item) for item in rows["train"]]
+        rows["dev"] = [item for item, k in zip(rows["train"], keys) if in_holdout(k, dev_fraction)]
+        rows["train"] = [item for item, k in zip(rows["train"], keys) if not in_holdout(k, dev_fraction)]
+    out = {}
+    for split, items in rows.items():
+        examples = []
+        for dialogue, group in grouped(items, dialogue_of).items():
+            if order_column:
+                group = sorted(group, key=lambda item: _int_or_text(item[1][order_column]))
+            speaker = (lambda r: r[speaker_column]) if speaker_column else (lambda r: None)
+            turns = [Row(w, Path(w).name, speaker(r), r[text_column], r[label_column] or None) for w, r in group]
+            examples += dialogue_examples(dialogue if dialogue_column else None, turns, index, bad)
+        out[split] = examples
+    return bad.splits(labels, **out)

@@ -1,0 +1,458 @@
+"""Every dataset option: its loader on a fixture in the official format, its download, its bad
+data, and (with EMOREC_DATA_DIR) the real files against the counts of the datasets README."""
+
+import csv
+import functools
+import http.server
+import io
+import json
+import os
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from emorec.data import in_holdout
+from emorec.download import sha256_of
+from emorec.errors import EmorecError
+from emorec.run import instantiate
+from tests.dataset_fixtures import IEMOCAP_DIALOGUES, WRITERS
+
+CONF = str(Path(__file__).parent.parent / "conf")
+FOLDER = {
+    "sst2": "sst",
+    "sst5": "sst",
+    "mosi2": "mosi",
+    "mosi3": "mosi",
+    "meld_sentiment": "meld",
+}  # option -> fixture writer
+
+
+def load(option: str, data_dir: Path | None, *overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=[f"dataset={option}", *overrides])
+    if data_dir is not None:
+        cfg.dataset.data_dir = str(data_dir)
+    return instantiate(cfg.dataset.load), cfg
+
+
+@pytest.fixture
+def fixture_dir(tmp_path):
+    def make(option: str) -> Path:
+        name = FOLDER.get(option, option)
+        return WRITERS[name](tmp_path / name)
+
+    return make
+
+
+def sizes(data) -> list[int]:
+    return [len(data.train), len(data.dev), len(data.test)]
+
+
+def words(data, split: str) -> list[str]:
+    return [data.labels[ex.label] for ex in data[split]]
+
+
+# --- each loader on its fixture -----------------------------------------------------------------
+
+
+def test_emorynlp(fixture_dir):
+    data, _ = load("emorynlp", fixture_dir("emorynlp"))
+    assert sizes(data) == [4, 2, 2]
+    assert words(data, "train") == ["neutral", "joyful", "mad", "scared"]
+    second, third, fourth = data.train[1:4]
+    assert second.speaker == "Bob Ray" and second.context == (("Ann Lee", "Morning, everyone."),)
+    assert third.context == ()  # a new scene is a new dialogue
+    assert fourth.speaker == "Ann Lee and Bob Ray"
+
+
+def test_friends_leaves_out_non_neutral_but_keeps_it_as_context(fixture_dir):
+    data, cfg = load("friends", fixture_dir("friends"))
+    assert sizes(data) == [4, 2, 2]
+    assert sum(data.left_out.values()) == 2 and "non-neutral" in next(iter(data.left_out))
+    first, out = data.train[0], data.train[1]
+    assert first.text == "I'm home!"  # the release's \x92 apostrophe, normalised
+    assert out.text == "Out." and out.context == (("Ann", "I'm home!"), ("Bob", "Where were you?"))
+    assert cfg.dataset.metric == "macro_f1"
+
+
+def test_mastodon(fixture_dir):
+    data, _ = load("mastodon", fixture_dir("mastodon"))
+    assert sizes(data) == [3, 2, 3]
+    assert words(data, "train") == ["positive", "negative", "neutral"]
+    assert data.test[1].context == ((None, "servers are down"),) and data.test[2].context == ()
+
+
+@pytest.mark.parametrize(
+    "option,expected,first", [("sst5", [5, 2, 3], "very positive"), ("sst2", [3, 2, 2], "positive")]
+)
+def test_sst(fixture_dir, option, expected, first):
+    data, _ = load(option, fixture_dir(option))
+    assert sizes(data) == expected and words(data, "train")[0] == first
+    assert data.train[0].text == "a wonderful , moving film ."
+    assert all(ex.context == () for ex in data.train)  # sentences, not dialogues
+
+
+def test_mosi_thresholds(fixture_dir):
+    folder = fixture_dir("mosi2")
+    two, _ = load("mosi2", folder)
+    assert sizes(two) == [4, 2, 3]
+    # Clips of a video in clip order (10 after 2), the score 0 clip positive (MMSA's Has0).
+    assert [ex.id for ex in two.train[:3]] == ["vidA_1", "vidA_2", "vidA_10"]
+    assert words(two, "train") == ["positive", "negative", "positive", "negative"]
+    non_zero, _ = load("mosi2", folder, "dataset.load.zero=drop")
+    assert sizes(non_zero) == [3, 2, 2] and sum(non_zero.left_out.values()) == 2
+    three, _ = load("mosi3", folder)
+    assert words(three, "train") == ["positive", "negative", "neutral", "negative"]
+    banded, _ = load("mosi3", folder, "dataset.load.neutral_band=0.5")
+    assert words(banded, "train")[3] == "neutral"  # -0.4 is within MMSA's rounding band
+
+
+def test_dailydialog(fixture_dir):
+    data, cfg = load("dailydialog", fixture_dir("dailydialog"))
+    assert sizes(data) == [5, 2, 3]
+    assert words(data, "train") == ["neutral", "happiness", "happiness", "neutral", "anger"]
+    third = data.train[2]
+    assert third.speaker == "A" and [s for s, _ in third.context] == ["A", "B"]
+    assert cfg.dataset.metric == "micro_f1_no_neutral"
+
+
+def test_chsims(fixture_dir):
+    data, _ = load("chsims", fixture_dir("chsims"))
+    assert sizes(data) == [3, 2, 2]
+    assert [ex.text for ex in data.train[:2]] == ["我不太高兴。", "今天天气真好。"]  # clip order
+    assert words(data, "train") == ["negative", "positive", "negative"]  # 0.0 -> negative (MMSA)
+    assert data.train[1].context == ((None, "我不太高兴。"),)
+    text_only, _ = load("chsims", fixture_dir("chsims"), "dataset.load.score_column=label_T")
+    assert words(text_only, "train")[2] == "positive"  # label_T is 0.2
+
+
+def test_m3ed(fixture_dir):
+    data, cfg = load("m3ed", fixture_dir("m3ed"))
+    assert sizes(data) == [3, 1, 2]
+    first, second = data.train[:2]
+    assert (first.text, first.speaker, data.labels[first.label]) == ("我来了。", "小红", "neutral")
+    assert second.context == (("小红", "我来了。"),) and data.labels[second.label] == "happy"
+    assert cfg.dataset.metric == "weighted_f1"
+
+
+def test_iemocap(fixture_dir):
+    data, _ = load("iemocap", fixture_dir("iemocap"))
+    dev = [n for s, n in IEMOCAP_DIALOGUES.items() if s < 5 and in_holdout(n, 0.1)]
+    assert sizes(data) == [6 * (4 - len(dev)), 6 * len(dev), 6]
+    test = data.test
+    assert [ex.text for ex in test[:2]] == ["Excuse me, is this the line?", "Yes. Take a number."]  # time order
+    assert [data.labels[ex.label] for ex in test] == ["neutral", "frustrated", "angry", "excited", "happy", "sad"]
+    assert test[1].speaker == "M" and test[1].context == (("F", "Excuse me, is this the line?"),)
+    assert sum(data.left_out.values()) == 5  # one "sur" turn per dialogue: context only
+
+
+# --- a user's own data --------------------------------------------------------------------------
+
+
+def _rows():
+    return [
+        {"text": "hello there", "label": "calm", "dialogue": "d1", "speaker": "ann", "split": "train", "turn": 2},
+        {"text": "go away", "label": "upset", "dialogue": "d1", "speaker": "bob", "split": "train", "turn": 1},
+        {"text": "lovely day", "label": "calm", "dialogue": "d2", "speaker": "ann", "split": "train", "turn": 1},
+        {"text": "stop it", "label": "upset", "dialogue": "d3", "speaker": "bob", "split": "dev", "turn": 1},
+        {"text": "all fine", "label": "calm", "dialogue": "d4", "speaker": "cal", "split": "test", "turn": 1},
+        {"text": "ugh, no", "label": "", "dialogue": "d4", "speaker": "ann", "split": "test", "turn": 2},
+        {"text": "why?", "label": "upset", "dialogue": "d4", "speaker": "cal", "split": "test", "turn": 3},
+    ]
+
+
+def _write(tmp_path, fmt: str, rows: list[dict]) -> Path:
+    path = tmp_path / f"data.{fmt}"
+    if fmt == "csv":
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        path.write_text("".join(json.dumps({**r, "label": r["label"] or None}) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_own_data_one_file_with_splits(tmp_path, fmt):
+    path = _write(tmp_path, fmt, _rows())
+    args = [f"dataset.load.path={path}", "dataset.load.split_column=split", "dataset.load.dialogue_column=dialogue"]
+    args += ["dataset.load.speaker_column=speaker", "dataset.load.order_column=turn"]
+    data, _ = load(fmt, None, *args)
+    assert data.labels == ["calm", "upset"]  # inferred from train, sorted
+    assert sizes(data) == [3, 1, 2]
+    assert [ex.text for ex in data.train[:2]] == ["go away", "hello there"]  # order_column
+    assert data.train[1].context == (("bob", "go away"),)
+    # An unlabelled row is context only, and counted.
+    assert data.test[1].context == (("cal", "all fine"), ("ann", "ugh, no")) and sum(data.left_out.values()) == 1
+
+
+def test_own_data_files_per_split_fixed_labels_and_dev_holdout(tmp_path):
+    rows = [{"text": f"utterance {i}", "label": ["b", "a"][i % 2]} for i in range(40)]
+    (tmp_path / "train").mkdir()
+    train, test = _write(tmp_path / "train", "csv", rows), _write(tmp_path, "csv", rows[:4])
+    data, _ = load("csv", None, f"dataset.load.train={train}", f"dataset.load.test={test}", "dataset.labels=[b,a]")
+    assert data.labels == ["b", "a"] and data.train[0].label == 0
+    held = [r["text"] for r in rows if in_holdout(f"{train}:{rows.index(r) + 2}", 0.1)]
+    assert [ex.text for ex in data.dev] == held and len(data.train) + len(data.dev) == 40
+    assert all(ex.context == () for ex in data.train)  # no dialogue column: no context
+
+
+def test_own_data_errors(tmp_path):
+    path = _write(tmp_path, "csv", _rows())
+    with pytest.raises(EmorecError, match="needs dataset.load.split_column"):
+        load("csv", None, f"dataset.load.path={path}")
+    with pytest.raises(EmorecError, match="missing column.*feeling"):
+        load(
+            "csv",
+            None,
+            f"dataset.load.path={path}",
+            "dataset.load.split_column=split",
+            "dataset.load.label_column=feeling",
+        )
+    rows = _rows()
+    rows[0]["split"] = "holdout"
+    bad = _write(tmp_path, "csv", rows)
+    with pytest.raises(EmorecError, match=r"data.csv:2: split 'holdout' is not train, dev or test"):
+        load("csv", None, f"dataset.load.path={bad}", "dataset.load.split_column=split")
+    with pytest.raises(EmorecError, match="does not exist"):
+        load("jsonl", None, f"dataset.load.train={tmp_path / 'nope.jsonl'}", f"dataset.load.test={path}")
+
+
+# --- bad data -----------------------------------------------------------------------------------
+
+
+def test_missing_file_names_it(fixture_dir):
+    folder = fixture_dir("mastodon")
+    (folder / "dev.json").unlink()
+    with pytest.raises(EmorecError, match=r"dataset.data_dir=.* lacks dev.json"):
+        load("mastodon", folder)
+
+
+def test_missing_column(fixture_dir):
+    folder = fixture_dir("emorynlp")
+    path = folder / "emorynlp_dev_final.csv"
+    path.write_text(path.read_text().replace("Emotion", "Feeling", 1))
+    with pytest.raises(EmorecError, match=r"emorynlp_dev_final.csv: missing column\(s\) Emotion"):
+        load("emorynlp", folder)
+
+
+def test_label_outside_set_and_skip(fixture_dir):
+    folder = fixture_dir("mastodon")
+    path = folder / "train.json"
+    path.write_text(path.read_text().replace('"sentiment": "-"', '"sentiment": "?"'))
+    with pytest.raises(EmorecError, match=r"train.json: dialogue 0 utterance 1: label '\?' is not one of"):
+        load("mastodon", folder)
+    data, _ = load("mastodon", folder, "dataset.on_bad_row=skip")
+    assert len(data.train) == 2 and data.skipped == 1
+
+
+def test_empty_utterance(fixture_dir):
+    folder = fixture_dir("friends")
+    path = folder / "friends_dev.json"
+    path.write_text(path.read_text().replace('"I quit."', '"  "'))
+    with pytest.raises(
+        EmorecError, match=r"friends_dev.json: dialogue 0 utterance 1: empty utterance; .*on_bad_row=skip"
+    ):
+        load("friends", folder)
+
+
+def test_dialogue_with_more_utterances_than_labels(fixture_dir):
+    folder = fixture_dir("dailydialog")
+    path = folder / "train/dialogues_train.txt"
+    path.write_text(path.read_text().replace("That makes me so angry . __eou__", "So angry . __eou__ Really . __eou__"))
+    with pytest.raises(EmorecError, match=r"dialogues_train.txt:2: 3 utterances but 2 labels"):
+        load("dailydialog", folder)
+    data, _ = load("dailydialog", folder, "dataset.on_bad_row=skip")
+    assert len(data.train) == 3 and data.skipped == 1  # the whole dialogue, counted
+
+
+def test_undecodable_bytes(fixture_dir):
+    folder = fixture_dir("sst5")
+    path = folder / "stsa.fine.test"
+    path.write_bytes(path.read_bytes().replace(b"unwatchable", b"unwatch\xffable"))
+    with pytest.raises(EmorecError, match=r"stsa.fine.test: line 2 is not valid UTF-8"):
+        load("sst5", folder)
+
+
+def test_broken_json_and_missing_field(fixture_dir):
+    folder = fixture_dir("friends")
+    path = folder / "friends_test.json"
+    path.write_text(path.read_text()[:-10])
+    with pytest.raises(EmorecError, match=r"friends_test.json: line \d+ is not valid JSON"):
+        load("friends", folder)
+    folder = fixture_dir("mastodon")
+    path = folder / "dev.json"
+    path.write_text(path.read_text().replace('"sentiment": "*"', '"mood": "*"'))
+    with pytest.raises(EmorecError, match=r"dev.json: dialogue 0 utterance 1: missing field\(s\) sentiment"):
+        load("mastodon", folder)
+
+
+def test_score_not_a_number(fixture_dir):
+    folder = fixture_dir("mosi2")
+    path = folder / "label.csv"
+    path.write_text(path.read_text().replace("-1.8", "n/a"))
+    with pytest.raises(EmorecError, match=r"label.csv:3: score 'n/a' is not a number"):
+        load("mosi2", folder)
+
+
+def test_m3ed_movie_outside_the_split(fixture_dir):
+    folder = fixture_dir("m3ed")
+    (folder / "splitInfo/movie_list_val.txt").write_text("")
+    with pytest.raises(EmorecError, match=r"annotation.json: movie showB: is in no splitInfo"):
+        load("m3ed", folder)
+
+
+@pytest.mark.parametrize(
+    "option,needle",
+    [("chsims", "github.com/thuiar/MMSA"), ("m3ed", "RUCM3ED"), ("iemocap", "IEMOCAP_full_release")],
+)
+def test_undownloadable_datasets_say_where_data_comes_from(option, needle):
+    with pytest.raises(EmorecError) as e:
+        load(option, None)
+    assert needle in str(e.value) and "dataset.data_dir" in str(e.value) and "\n" not in str(e.value)
+
+
+# --- downloads from a local HTTP server ---------------------------------------------------------
+
+
+@pytest.fixture
+def serve(tmp_path):
+    servers = []
+
+    def start(root: Path) -> str:
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+        handler.log_message = lambda *a: None
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("option", ["emorynlp", "friends", "mastodon", "sst2", "sst5", "mosi3"])
+def test_download_each_dataset_with_checksums(fixture_dir, serve, option):
+    folder = fixture_dir(option)
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=[f"dataset={option}", f"dataset.load.url={serve(folder)}"])
+    names = list(cfg.dataset.load.sha256)  # the files the real URL serves
+    cfg.dataset.load.sha256 = {name: sha256_of(folder / name) for name in names}
+    data = instantiate(cfg.dataset.load)
+    assert len(data.train) > 0
+    cached = Path(os.environ["EMOREC_CACHE_DIR"]) / "datasets" / FOLDER.get(option, option)
+    assert sorted(p.name for p in cached.iterdir()) == sorted(names)
+    cfg.dataset.load.sha256 = {name: "0" * 64 for name in names}  # the cache is not re-checked
+    assert sizes(instantiate(cfg.dataset.load)) == sizes(data)
+
+
+def _nested_zip(folder: Path) -> bytes:
+    """DailyDialog's release layout: ijcnlp_dailydialog.zip holding train.zip, validation.zip, test.zip."""
+    outer = io.BytesIO()
+    with zipfile.ZipFile(outer, "w") as zout:
+        for split in ("train", "validation", "test"):
+            inner = io.BytesIO()
+            with zipfile.ZipFile(inner, "w") as zin:
+                for f in sorted((folder / split).iterdir()):
+                    zin.write(f, f"{split}/{f.name}")
+            zout.writestr(f"ijcnlp_dailydialog/{split}.zip", inner.getvalue())
+        zout.writestr("ijcnlp_dailydialog/readme.txt", "an invented release")
+    return outer.getvalue()
+
+
+def test_dailydialog_download_from_nested_zip(fixture_dir, serve, tmp_path):
+    folder = fixture_dir("dailydialog")
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "ijcnlp_dailydialog.zip").write_bytes(_nested_zip(folder))
+    url = serve(served) + "/ijcnlp_dailydialog.zip"
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=["dataset=dailydialog", f"dataset.load.archive={url}"])
+    names = list(cfg.dataset.load.sha256)
+    cfg.dataset.load.sha256 = {n: "0" * 64 for n in names}
+    with pytest.raises(EmorecError, match="checksum mismatch for train/dialogues_train.txt"):
+        instantiate(cfg.dataset.load)
+    cache = Path(os.environ["EMOREC_CACHE_DIR"]) / "datasets" / "dailydialog"
+    assert not (cache / "train/dialogues_train.txt").exists()  # nothing that failed its check stays
+    cfg.dataset.load.sha256 = {n: sha256_of(folder / n) for n in names}
+    assert sizes(instantiate(cfg.dataset.load)) == [5, 2, 3]
+    assert sorted(str(p.relative_to(cache)) for p in cache.rglob("*.txt")) == sorted(names)
+
+
+# --- the real files (EMOREC_DATA_DIR), against the datasets README --------------------------------
+
+REAL = {
+    "meld": [9989, 1109, 2610],
+    "meld_sentiment": [9989, 1109, 2610],
+    "emorynlp": [7551, 954, 984],
+    "mastodon": [967, 108, 1142],
+    "sst2": [6920, 872, 1821],
+    "sst5": [8544, 1101, 2210],
+    "mosi2": [1281, 229, 685],
+    "mosi3": [1281, 229, 685],
+}
+real_data = pytest.mark.skipif(not os.environ.get("EMOREC_DATA_DIR"), reason="real data needs EMOREC_DATA_DIR")
+
+
+def _real(option: str, *overrides: str):
+    folder = Path(os.environ["EMOREC_REAL_DATA_DIR"]) / FOLDER.get(option, option)
+    return load(option, folder, *overrides)
+
+
+@real_data
+@pytest.mark.parametrize("option", list(REAL))
+def test_real_files_match_readme(option):
+    data, cfg = _real(option)
+    assert sizes(data) == REAL[option] and data.skipped == 0
+    for split in ("train", "dev", "test"):
+        assert set(words(data, split)) == set(cfg.dataset.labels), split
+
+
+@real_data
+def test_real_friends_counts_include_the_left_out_utterances():
+    data, cfg = _real("friends")
+    assert sum(sizes(data)) + sum(data.left_out.values()) == 10561 + 1178 + 2764
+    for split in ("train", "dev", "test"):
+        assert set(words(data, split)) == set(cfg.dataset.labels)
+
+
+@real_data
+def test_real_dailydialog_has_one_mismatched_dialogue():
+    with pytest.raises(EmorecError, match=r"dialogues_train.txt:\d+: 12 utterances but 11 labels"):
+        _real("dailydialog")
+    data, cfg = _real("dailydialog", "dataset.on_bad_row=skip")
+    assert data.skipped == 1
+    assert sizes(data) == [87170 - 11, 8069, 7740]  # the README counts that dialogue's 11 labels
+    for split in ("train", "dev", "test"):
+        assert set(words(data, split)) == set(cfg.dataset.labels)
+
+
+# --- the data reaches a run: metric of record, context, inferred labels --------------------------
+
+
+def test_run_on_dailydialog_with_context_records_micro_f1(make_cfg, fixture_dir):
+    from emorec.run import run
+
+    cfg = make_cfg("dataset=dailydialog", f"dataset.data_dir={fixture_dir('dailydialog')}", "dataset.context_window=2")
+    metrics = run(cfg)
+    saved = json.loads((Path(cfg.output_dir) / "metrics.json").read_text())
+    assert saved["metric"] == "micro_f1_no_neutral" and 0 <= saved["test"]["micro_f1_no_neutral"] <= 1
+    assert saved["data"]["context_window"] == 2 and saved["data"]["labels"][0] == "neutral"
+    assert metrics["test"]["n"] == 3
+
+
+def test_run_on_own_csv_with_inferred_labels(make_cfg, tmp_path):
+    from emorec.run import run
+
+    path = _write(tmp_path, "csv", _rows())
+    metrics = run(
+        make_cfg("dataset=csv", f"dataset.load.path={path}", "dataset.load.split_column=split", "trainer.epochs=1")
+    )
+    assert metrics["data"]["labels"] == ["calm", "upset"] and metrics["test"]["n"] == 2
+    assert metrics["data"]["left_out"] == {"no label (context only)": 1}
+    assert "micro_f1_no_neutral" not in metrics["test"]
