@@ -33,7 +33,20 @@ def _int_or_text(value: str):
     return (0, int(value), "") if str(value).strip().isdigit() else (1, 0, str(value))
 
 
-# --- Friends TV dialogues: MELD, EmoryNLP, EmotionLines ---------------------------------------
+# --- Friends TV dialogues (MELD, EmoryNLP, EmotionLines) and Mastodon threads -------------------
+
+
+def _csv_examples(path: Path, columns: list[str], dialogue_of, row_of, index: LabelIndex, bad: BadRows) -> list:
+    """Examples of a CSV file with an utterance per row (MELD, EmoryNLP): rows grouped into
+    dialogues by dialogue_of(row) and ordered by Utterance_ID; row_of(where, dialogue, row)
+    makes each a Row."""
+    examples = []
+    for dialogue, items in grouped(read_csv(path, columns), lambda item: dialogue_of(item[1])).items():
+        items = sorted(items, key=lambda item: _int_or_text(item[1]["Utterance_ID"]))
+        rows = [row_of(f"{path}:{line}", dialogue, r) for line, r in items]
+        examples += dialogue_examples(dialogue, rows, index, bad)
+    return examples
+
 
 MELD_FILES = {"train": "train_sent_emo.csv", "dev": "dev_sent_emo.csv", "test": "test_sent_emo.csv"}
 
@@ -51,24 +64,15 @@ def load_meld(
     task: Emotion (7 classes) or Sentiment (3)."""
     folder = locate("meld", list(MELD_FILES.values()), data_dir, url, sha256)
     index, bad = LabelIndex(labels, raw_labels), BadRows("meld", on_bad_row)
-    out = {}
-    for split, filename in MELD_FILES.items():
-        path = folder / filename
-        rows = read_csv(path, ["Utterance", "Speaker", column, "Dialogue_ID", "Utterance_ID"])
-        dialogues = grouped(rows, lambda r: r[1]["Dialogue_ID"])
-        out[split] = [
-            ex
-            for dia, items in dialogues.items()
-            for ex in dialogue_examples(
-                dia,
-                [
-                    Row(f"{path}:{line}", f"dia{dia}_utt{r['Utterance_ID']}", r["Speaker"], r["Utterance"], r[column])
-                    for line, r in sorted(items, key=lambda item: _int_or_text(item[1]["Utterance_ID"]))
-                ],
-                index,
-                bad,
-            )
-        ]
+    columns = ["Utterance", "Speaker", column, "Dialogue_ID", "Utterance_ID"]
+
+    def row_of(where, dia, r):
+        return Row(where, f"dia{dia}_utt{r['Utterance_ID']}", r["Speaker"], r["Utterance"], r[column])
+
+    out = {
+        split: _csv_examples(folder / name, columns, lambda r: r["Dialogue_ID"], row_of, index, bad)
+        for split, name in MELD_FILES.items()
+    }
     return bad.splits(labels, **out)
 
 
@@ -92,51 +96,49 @@ def load_emorynlp(
     """EmoryNLP's emorynlp_{train,dev,test}_final.csv; a dialogue is a scene of an episode."""
     folder = locate("emorynlp", list(EMORYNLP_FILES.values()), data_dir, url, sha256)
     index, bad = LabelIndex(labels, raw_labels), BadRows("emorynlp", on_bad_row)
-    out = {}
-    for split, filename in EMORYNLP_FILES.items():
-        path = folder / filename
-        rows = read_csv(path, ["Utterance", "Speaker", "Emotion", "Scene_ID", "Utterance_ID", "Season", "Episode"])
-        scenes = grouped(rows, lambda r: f"s{r[1]['Season']}_e{r[1]['Episode']}_c{r[1]['Scene_ID']}")
-        out[split] = [
-            ex
-            for scene, items in scenes.items()
-            for ex in dialogue_examples(
-                scene,
-                [
-                    Row(
-                        f"{path}:{line}",
-                        f"{scene}_u{r['Utterance_ID']}",
-                        _speakers(r["Speaker"]),
-                        r["Utterance"],
-                        r["Emotion"],
-                    )
-                    for line, r in sorted(items, key=lambda item: _int_or_text(item[1]["Utterance_ID"]))
-                ],
-                index,
-                bad,
-            )
-        ]
+    columns = ["Utterance", "Speaker", "Emotion", "Scene_ID", "Utterance_ID", "Season", "Episode"]
+
+    def scene_of(r):
+        return f"s{r['Season']}_e{r['Episode']}_c{r['Scene_ID']}"
+
+    def row_of(where, scene, r):
+        return Row(where, f"{scene}_u{r['Utterance_ID']}", _speakers(r["Speaker"]), r["Utterance"], r["Emotion"])
+
+    out = {
+        split: _csv_examples(folder / name, columns, scene_of, row_of, index, bad)
+        for split, name in EMORYNLP_FILES.items()
+    }
     return bad.splits(labels, **out)
 
 
-def _json_dialogues(path: Path, fields: list[str], bad: BadRows) -> list[list[tuple[str, dict]]]:
-    """A JSON list of dialogues, each a list of utterance objects; returns (where, object)
-    pairs, with objects lacking a field reported as bad rows."""
+def _json_examples(
+    path: Path,
+    split: str,
+    text: str,
+    label: str,
+    speaker: str | None,
+    index: LabelIndex,
+    bad: BadRows,
+    leave_out: dict | None = None,
+) -> list:
+    """Examples of a JSON list of dialogues, each a list of utterance objects (EmotionLines,
+    Mastodon) with the given text, label and speaker fields; an object lacking one is a bad row."""
     data = read_json(path)
     if not isinstance(data, list) or not all(isinstance(d, list) for d in data):
         raise EmorecError(f"{path}: expected a JSON list of dialogues, each a list of utterances")
-    dialogues = []
+    fields = [f for f in (speaker, text, label) if f]
+    examples = []
     for d, dialogue in enumerate(data):
-        items = []
+        rows = []
         for u, obj in enumerate(dialogue):
             where = f"{path}: dialogue {d} utterance {u}"
             missing = [f for f in fields if not isinstance(obj, dict) or f not in obj]
             if missing:
                 bad(where, f"missing field(s) {', '.join(missing)}")
-            else:
-                items.append((where, obj))
-        dialogues.append(items)
-    return dialogues
+                continue
+            rows.append(Row(where, f"{split}{d}_u{u}", obj[speaker] if speaker else None, obj[text], obj[label]))
+        examples += dialogue_examples(f"{split}{d}", rows, index, bad, leave_out)
+    return examples
 
 
 FRIENDS_FILES = {s: f"friends_{s}.json" for s in SPLITS}
@@ -157,27 +159,12 @@ def load_friends(
     folder = locate("friends", list(FRIENDS_FILES.values()), data_dir, url, sha256)
     index, bad = LabelIndex(labels, raw_labels), BadRows("friends", on_bad_row)
     leave_out = {k.lower(): v for k, v in (leave_out or {}).items()}
-    out = {}
-    for split, filename in FRIENDS_FILES.items():
-        dialogues = _json_dialogues(folder / filename, ["speaker", "utterance", "emotion"], bad)
-        out[split] = [
-            ex
-            for d, items in enumerate(dialogues)
-            for ex in dialogue_examples(
-                f"{split}{d}",
-                [
-                    Row(w, f"{split}{d}_u{u}", o["speaker"], o["utterance"], o["emotion"])
-                    for u, (w, o) in enumerate(items)
-                ],
-                index,
-                bad,
-                leave_out,
-            )
-        ]
+    out = {
+        split: _json_examples(folder / name, split, "utterance", "emotion", "speaker", index, bad, leave_out)
+        for split, name in FRIENDS_FILES.items()
+    }
     return bad.splits(labels, **out)
 
-
-# --- Mastodon threads ---------------------------------------------------------------------------
 
 MASTODON_FILES = {s: f"{s}.json" for s in SPLITS}
 
@@ -194,19 +181,10 @@ def load_mastodon(
     act}; sentiment is + - or * (raw_labels maps them to the label words). No speakers."""
     folder = locate("mastodon", list(MASTODON_FILES.values()), data_dir, url, sha256)
     index, bad = LabelIndex(labels, raw_labels), BadRows("mastodon", on_bad_row)
-    out = {}
-    for split, filename in MASTODON_FILES.items():
-        dialogues = _json_dialogues(folder / filename, ["utterance", "sentiment"], bad)
-        out[split] = [
-            ex
-            for d, items in enumerate(dialogues)
-            for ex in dialogue_examples(
-                f"{split}{d}",
-                [Row(w, f"{split}{d}_u{u}", None, o["utterance"], o["sentiment"]) for u, (w, o) in enumerate(items)],
-                index,
-                bad,
-            )
-        ]
+    out = {
+        split: _json_examples(folder / name, split, "utterance", "sentiment", None, index, bad)
+        for split, name in MASTODON_FILES.items()
+    }
     return bad.splits(labels, **out)
 
 

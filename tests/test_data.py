@@ -145,6 +145,6 @@ def test_undecodable_bytes(tmp_path):
 def test_real_meld_matches_readme():
     splits = load_meld(LABELS, data_dir=str(Path(os.environ["EMOREC_REAL_DATA_DIR"]) / "meld"))
     assert [len(splits[s]) for s in ("train", "dev", "test")] == [9989, 1109, 2610]
-    for examples in splits.values():
+    for examples in (splits.train, splits.dev, splits.test):
         assert {ex.label for ex in examples} == set(range(7))
         assert not any("\u2019" in ex.text or "\x92" in ex.text for ex in examples)
