@@ -5,6 +5,10 @@ positions) and every PEFT method (including those that prepend virtual tokens) s
 sequence at its natural positions. Vocabulary logits are computed only for the last few
 columns (`logits_to_keep`, counted from the end, which virtual tokens do not shift): for a
 small model the LM head over every position would be a large share of the cost.
+
+The prompts of a batch share a long first part (chat template, instruction, label list: about
+30 of MELD's 47 prompt tokens). It runs once per batch, and its key/value cache is repeated for
+every row, in training (where gradients flow back through the repeated cache) as in scoring.
 """
 
 import math
@@ -62,16 +66,53 @@ def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[j : j + batch_size] for j in range(0, len(order), batch_size)]
 
 
-def answer_loss(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> torch.Tensor:
+def common_prefix(prompts: list[list[int]]) -> int:
+    """Length of the token prefix every prompt shares, leaving each at least its last token
+    (whose logits predict the answer)."""
+    first, limit = prompts[0], min(map(len, prompts)) - 1
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
+def can_share_prefix(model) -> bool:
+    """Prompt-learning adapters put virtual tokens or their own prefix cache before the input,
+    so a cache of real tokens cannot go first there."""
+    config = getattr(model, "active_peft_config", None)
+    return config is None or not config.is_prompt_learning
+
+
+def prefix_length(model, prompts: list[list[int]], share: bool) -> int:
+    return common_prefix(prompts) if share and can_share_prefix(model) else 0
+
+
+def shared_prefix(model, prompts: list[list[int]], share: bool) -> tuple[int, dict]:
+    """(length of the shared prefix, forward kwargs carrying its cache repeated per row); (0, {})
+    when not sharing. The prefix runs once at batch size 1: gradients through the repeated
+    cache sum over the rows, exactly as if each row had computed it."""
+    n = prefix_length(model, prompts, share)
+    if n == 0:
+        return 0, {}
+    cache = model(input_ids=torch.tensor([prompts[0][:n]]), use_cache=True).past_key_values
+    cache.batch_repeat_interleave(len(prompts))
+    return n, {"past_key_values": cache}
+
+
+def answer_loss(
+    model, prompts: list[list[int]], answers: list[list[int]], pad_id: int, share_prefix: bool = True
+) -> torch.Tensor:
     """Mean over examples of the answer's negative log-likelihood (summed over its tokens):
     the loss sees the answer only, and it is the same quantity that scoring ranks."""
-    seqs = [p + a for p, a in zip(prompts, answers)]
+    n, cached = shared_prefix(model, prompts, share_prefix)
+    seqs = [p[n:] + a for p, a in zip(prompts, answers)]
     ids, mask = right_pad(seqs, pad_id)
     k = max(map(len, answers))
     lengths = torch.tensor([len(s) for s in seqs])
+    full_mask = torch.cat([torch.ones(len(seqs), n, dtype=mask.dtype), mask], 1)
     # The k positions before each row's end predict its last k tokens; only the last len(answer)
     # of them are answer tokens.
-    logits, _ = tail_logits(model, ids, mask, lengths - 1, k)
+    logits, _ = tail_logits(model, ids, full_mask, lengths - 1, k, **cached)
     targets = ids[torch.arange(len(seqs))[:, None], lengths[:, None] - k + torch.arange(k)]
     is_answer = torch.arange(k) >= (k - torch.tensor([len(a) for a in answers]))[:, None]
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
@@ -86,15 +127,19 @@ def base_of(model):
 
 
 @torch.no_grad()
-def score_labels(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> torch.Tensor:
+def score_labels(
+    model, prompts: list[list[int]], answers: list[list[int]], pad_id: int, share_prefix: bool = True
+) -> torch.Tensor:
     """(batch, labels) log-likelihood of each label's answer after each prompt.
 
-    The prompt runs once; its key/value cache is then repeated once per label and only the
-    answers' remaining tokens run on top of it, so scoring k labels costs little more than one
-    forward pass."""
-    ids, mask = right_pad(prompts, pad_id)
-    lengths = torch.tensor([len(p) for p in prompts])
-    last, out = tail_logits(model, ids, mask, lengths, 1, use_cache=True)
+    The prompt runs once (its shared prefix once for the batch); its key/value cache is then
+    repeated once per label and only the answers' remaining tokens run on top of it, so scoring
+    k labels costs little more than one forward pass."""
+    n, cached = shared_prefix(model, prompts, share_prefix)
+    ids, mask = right_pad([p[n:] for p in prompts], pad_id)
+    lengths = torch.tensor([len(p) - n for p in prompts])
+    full_mask = torch.cat([torch.ones(len(prompts), n, dtype=mask.dtype), mask], 1)
+    last, out = tail_logits(model, ids, full_mask, lengths, 1, use_cache=True, **cached)
     first = torch.log_softmax(last[:, 0].float(), dim=-1)
     scores = first[:, [a[0] for a in answers]]
     rest = max(map(len, answers)) - 1
@@ -104,7 +149,9 @@ def score_labels(model, prompts: list[list[int]], answers: list[list[int]], pad_
     multi = [j for j, a in enumerate(answers) if len(a) > 1]
     b, k = len(prompts), len(multi)
     cache = out.past_key_values
-    extra = cache.get_seq_length() - ids.shape[1]  # virtual tokens a prompt-learning adapter added
+    # Cached positions before the padded rows: the shared prefix, or the virtual tokens a
+    # prompt-learning adapter added.
+    extra = cache.get_seq_length() - ids.shape[1]
     cache.batch_repeat_interleave(k)  # row i*k + j: prompt i followed by answer multi[j]
     cont = torch.full((k, rest + 1), pad_id, dtype=torch.long)
     for j, m in enumerate(multi):
@@ -163,6 +210,7 @@ def predict(
     mode: str = "score",
     batch_size: int = 32,
     autocast: bool = False,
+    share_prefix: bool = True,
     desc: str = "eval",
 ) -> dict:
     """Predictions for every prompt: label index (-1 when a generation names no label), the
@@ -176,7 +224,7 @@ def predict(
         chunk = [prompts[i] for i in batch]
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
             if mode == "score":
-                probs = torch.softmax(score_labels(model, chunk, answers, tokenizer.pad_token_id), -1)
+                probs = torch.softmax(score_labels(model, chunk, answers, tokenizer.pad_token_id, share_prefix), -1)
                 out, more = probs.argmax(-1).tolist(), probs.tolist()
             else:
                 out, more = generate_labels(model, tokenizer, chunk, labels, max(map(len, answers)) + 8)
@@ -199,6 +247,7 @@ def train(
     grad_accum: int,
     max_grad_norm: float | None,
     autocast: bool,
+    share_prefix: bool,
     seed: int,
     log_every: int,
     log,
@@ -210,7 +259,7 @@ def train(
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     lengths = [len(p) + len(a) for p, a in zip(prompts, answers)]
-    step, tokens, examples, epoch, running, paused, losses = 0, 0, 0, 0, [], 0.0, []
+    step, tokens, computed, examples, epoch, running, paused, losses = 0, 0, 0, 0, 0, [], 0.0, []
     start = time.perf_counter()
     bar = tqdm(total=steps, desc="train")
     while step < steps:
@@ -221,10 +270,16 @@ def train(
         for i in range(0, usable, grad_accum):
             for batch in batches[i : i + grad_accum]:
                 with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=autocast):
-                    loss = answer_loss(model, [prompts[j] for j in batch], [answers[j] for j in batch], pad_id)
+                    loss = answer_loss(
+                        model, [prompts[j] for j in batch], [answers[j] for j in batch], pad_id, share_prefix
+                    )
                 (loss / grad_accum).backward()
                 running.append(loss.detach())
-                tokens += sum(lengths[j] for j in batch)
+                batch_tokens = sum(lengths[j] for j in batch)
+                tokens += batch_tokens
+                # Tokens the model actually ran (for FLOPs): the shared prefix once, not per row.
+                n = prefix_length(model, [prompts[j] for j in batch], share_prefix)
+                computed += batch_tokens - (len(batch) - 1) * n
                 examples += len(batch)
             losses.append(sum(x.item() for x in running[-grad_accum:]) / grad_accum)
             if not math.isfinite(losses[-1]):
@@ -259,7 +314,8 @@ def train(
         "epochs": epoch,
         "seconds": seconds,
         "examples": examples,
-        "tokens": tokens,
+        "tokens": tokens,  # prompt and answer tokens of the examples trained on
+        "computed_tokens": computed,  # tokens the model ran (the shared prefix once per batch)
         "examples_per_s": examples / seconds,
         "tokens_per_s": tokens / seconds,
         "losses": losses,  # one per optimizer step

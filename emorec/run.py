@@ -178,6 +178,7 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
             mode=t.predict,
             batch_size=t.eval_batch_size,
             autocast=bf16,
+            share_prefix=t.share_prefix,
             desc=desc,
         )
         return result, classification_metrics(result["preds"], [ex.label for ex in examples], labels, neutral)
@@ -218,6 +219,7 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
             grad_accum=t.grad_accum,
             max_grad_norm=t.max_grad_norm,
             autocast=bf16,
+            share_prefix=t.share_prefix,
             seed=cfg.seed,
             log_every=t.log_every,
             log=logger.log,

@@ -55,3 +55,34 @@ def test_train_batches_cover_every_example_once():
     assert sorted(i for b in batches for i in b) == list(range(103))
     again = train_batches(lengths, 8, torch.Generator().manual_seed(0))
     assert batches == again
+
+
+SHARED = [[5, 9, 30, 41, 7, 8], [5, 9, 30, 12, 13], [5, 9, 30, 41, 3, 4, 6, 10, 11]]
+
+
+def test_shared_prefix_is_found_and_exact(model):
+    from emorec.loop import common_prefix
+
+    assert common_prefix(SHARED) == 3 and common_prefix([[1, 2, 3], [1, 2, 3]]) == 2  # keeps a last token
+    assert common_prefix(PROMPTS) == 0
+    answers = [ANSWERS[0], ANSWERS[1], ANSWERS[2]]
+    shared = answer_loss(model, SHARED, answers, pad_id=2)
+    assert shared.item() == pytest.approx(
+        answer_loss(model, SHARED, answers, pad_id=2, share_prefix=False).item(), abs=TOL
+    )
+    expected = -sum(seq_logprob(model, p, a) for p, a in zip(SHARED, answers)) / len(SHARED)
+    assert shared.item() == pytest.approx(expected, abs=TOL)
+    scores = score_labels(model, SHARED, ANSWERS, pad_id=2)
+    for i, p in enumerate(SHARED):
+        for j, a in enumerate(ANSWERS):
+            assert scores[i, j].item() == pytest.approx(seq_logprob(model, p, a), abs=TOL)
+
+
+def test_shared_prefix_gradients_equal_the_unshared_ones(model):
+    model.train()
+    grads = []
+    for share in (True, False):
+        model.zero_grad()
+        answer_loss(model, SHARED, ANSWERS[:3], pad_id=2, share_prefix=share).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
