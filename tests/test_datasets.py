@@ -265,8 +265,8 @@ def test_dialogue_with_more_utterances_than_labels(fixture_dir):
     path = folder / "train/dialogues_train.txt"
     path.write_text(path.read_text().replace("That makes me so angry . __eou__", "So angry . __eou__ Really . __eou__"))
     with pytest.raises(EmorecError, match=r"dialogues_train.txt:2: 3 utterances but 2 labels"):
-        load("dailydialog", folder)
-    data, _ = load("dailydialog", folder, "dataset.on_bad_row=skip")
+        load("dailydialog", folder, "dataset.on_bad_row=error")
+    data, _ = load("dailydialog", folder)  # the config skips by default: the release has one such dialogue
     assert len(data.train) == 3 and data.skipped == 1  # the whole dialogue, counted
 
 
@@ -423,9 +423,9 @@ def test_real_friends_counts_include_the_left_out_utterances():
 
 @real_data
 def test_real_dailydialog_has_one_mismatched_dialogue():
-    with pytest.raises(EmorecError, match=r"dialogues_train.txt:\d+: 12 utterances but 11 labels"):
-        _real("dailydialog")
-    data, cfg = _real("dailydialog", "dataset.on_bad_row=skip")
+    with pytest.raises(EmorecError, match=r"dialogues_train.txt:7852: 12 utterances but 11 labels"):
+        _real("dailydialog", "dataset.on_bad_row=error")
+    data, cfg = _real("dailydialog")
     assert data.skipped == 1
     assert sizes(data) == [87170 - 11, 8069, 7740]  # the README counts that dialogue's 11 labels
     for split in ("train", "dev", "test"):
