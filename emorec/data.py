@@ -263,6 +263,7 @@ def dialogue_examples(
     those utterances stay in the context of later ones but are not examples. A row with an
     empty utterance or a label outside the label set is a bad row.
     """
+    leave_out = leave_out or {}
     examples, context = [], []
     for row in rows:
         text = normalise_text(row.text or "")
@@ -270,8 +271,8 @@ def dialogue_examples(
             bad(row.where, "empty utterance")
             continue
         raw = "" if row.label is None else str(row.label).strip()
-        if row.label is None or raw.lower() in (leave_out or {}):
-            bad.left_out[(leave_out or {}).get(raw.lower(), "no label (context only)")] += 1
+        if row.label is None or raw.lower() in leave_out:
+            bad.left_out[leave_out.get(raw.lower(), "no label (context only)")] += 1
         elif (label := index.get(raw)) is None:
             bad(row.where, f"label {raw!r} is not one of {index.raw}")
         else:

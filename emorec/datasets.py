@@ -26,6 +26,8 @@ from emorec.data import (
 from emorec.errors import EmorecError
 
 SPLITS = ("train", "dev", "test")
+# How split columns name the splits (MMSA writes "valid", others "validation" or "val").
+SPLIT_NAMES = {"train": "train", "dev": "dev", "valid": "dev", "val": "dev", "validation": "dev", "test": "test"}
 
 
 def _int_or_text(value: str):
@@ -261,11 +263,10 @@ def _load_scored_csv(
     folder = locate(name, ["label.csv"], data_dir, url, sha256, source=source)
     path = folder / "label.csv"
     index, bad = LabelIndex(labels, raw_labels), BadRows(name, on_bad_row)
-    modes = {"train": "train", "dev": "dev", "valid": "dev", "val": "dev", "validation": "dev", "test": "test"}
     by_split = {s: [] for s in SPLITS}
     for line, r in read_csv(path, list(columns.values())):
         where = f"{path}:{line}"
-        split = modes.get((r[columns["mode"]] or "").strip().lower())
+        split = SPLIT_NAMES.get((r[columns["mode"]] or "").strip().lower())
         try:
             score = float(r[columns["score"]])
         except (TypeError, ValueError):
@@ -563,7 +564,6 @@ def load_table(
     required = [
         c for c in (text_column, label_column, dialogue_column, speaker_column, split_column, order_column) if c
     ]
-    names = {"train": "train", "dev": "dev", "valid": "dev", "validation": "dev", "val": "dev", "test": "test"}
     bad = BadRows(f"{format} data", on_bad_row)
     rows = {s: [] for s in SPLITS}
     sources = {"all": path} if path is not None else {"train": train, "dev": dev, "test": test}
@@ -576,7 +576,7 @@ def load_table(
                 f"dataset.load.{'path' if source == 'all' else source}={file} does not exist; fix the path"
             )
         for line, r in read(file, required):
-            split = source if source != "all" else names.get((r[split_column] or "").strip().lower())
+            split = source if source != "all" else SPLIT_NAMES.get((r[split_column] or "").strip().lower())
             if split is None:
                 bad(f"{file}:{line}", f"split {r[split_column]!r} is not train, dev or test")
                 continue

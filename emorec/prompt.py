@@ -71,15 +71,14 @@ def encode_prompts(
         raise EmorecError(f"dataset.context_window={context_window}; use 0 (no context) or more")
     special = tokenizer.chat_template is None  # the chat template writes its own special tokens
 
+    def render(text: str, turns) -> str:
+        return render_prompt(tokenizer, template, system, labels, text, render_context(turns, context_template))
+
     def encode(text: str, turns) -> list[int]:
-        prompt = render_prompt(tokenizer, template, system, labels, text, render_context(turns, context_template))
-        return tokenizer(prompt, add_special_tokens=special)["input_ids"]
+        return tokenizer(render(text, turns), add_special_tokens=special)["input_ids"]
 
     contexts = [ex.context[-context_window:] if context_window else () for ex in examples]
-    prompts = [
-        render_prompt(tokenizer, template, system, labels, ex.text, render_context(turns, context_template))
-        for ex, turns in zip(examples, contexts)
-    ]
+    prompts = [render(ex.text, turns) for ex, turns in zip(examples, contexts)]
     ids = tokenizer(prompts, add_special_tokens=special)["input_ids"]  # one batched call for all
     for i, ex in enumerate(examples):
         turns, words = contexts[i], ex.text.split()
