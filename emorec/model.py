@@ -21,9 +21,11 @@ def load_pretrained(
     dtype: torch.dtype = torch.float32,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
 ):
     """A hub name or a local folder. Weights load from safetensors only: a pickled .bin file can
-    run code on load. trust_remote_code stays off unless the model config opts in."""
+    run code on load. trust_remote_code stays off unless the model config opts in.
+    attn_implementation: eager, sdpa, ... (None: the transformers default)."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -32,7 +34,15 @@ def load_pretrained(
             dtype=dtype,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
         )
+    except ValueError as e:
+        if "attn_implementation" not in str(e) and "attention" not in str(e):
+            raise
+        raise EmorecError(
+            f"model.attn_implementation={attn_implementation!r} is not available for {name_or_path!r}; "
+            "use eager or sdpa, or null for the default"
+        ) from None
     except OSError as e:
         raise EmorecError(
             f"cannot load model {name_or_path!r} ({str(e).splitlines()[0]}); "
@@ -43,7 +53,13 @@ def load_pretrained(
     return model, tokenizer
 
 
-def load_gguf_from_package(package: str, gguf_file: str, install: str, dtype: torch.dtype = torch.float32):
+def load_gguf_from_package(
+    package: str,
+    gguf_file: str,
+    install: str,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+):
     """A GGUF file shipped inside an installed Python package. Dequantising a GGUF takes
     seconds, so the first load converts it into a plain safetensors folder in the cache and
     every later load reads that folder."""
@@ -56,7 +72,7 @@ def load_gguf_from_package(package: str, gguf_file: str, install: str, dtype: to
     target = cache_dir() / "models" / f"{source.stem}-{source.stat().st_size}"
     if not (target / "model.safetensors").is_file():
         convert_gguf(source, target)
-    return load_pretrained(str(target), dtype=dtype)
+    return load_pretrained(str(target), dtype=dtype, attn_implementation=attn_implementation)
 
 
 def convert_gguf(source: Path, target: Path) -> None:

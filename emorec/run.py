@@ -16,11 +16,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import get_scheduler
 
 from emorec.data import subsample
 from emorec.errors import EmorecError
-from emorec.loop import SORT_WINDOW, base_of, predict, train
+from emorec.loop import SORT_WINDOW, base_of, first_tokens_differ, predict, train
 from emorec.metrics import METRICS, classification_metrics
 from emorec.outputs import plot_confusion, prediction_columns, prediction_rows, write_json, write_predictions
 from emorec.prompt import encode_answers, encode_prompts, scoring_answers
@@ -88,6 +89,8 @@ def run(cfg: DictConfig) -> dict:
     t = cfg.trainer
     if t.predict not in ("score", "generate"):
         raise EmorecError(f"trainer.predict={t.predict!r}; use score or generate")
+    if t.scoring not in ("auto", "answer", "first_token"):
+        raise EmorecError(f"trainer.scoring={t.scoring!r}; use auto, answer or first_token")
     out = Path(cfg.output_dir)
     prepare_output_dir(out)
     wall = time.perf_counter()
@@ -139,14 +142,26 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
     t, metric = cfg.trainer, cfg.dataset.metric
 
     start = time.perf_counter()
-    # Weights stay fp32 and bf16 comes from autocast: on this CPU path, bf16-stored weights
-    # measured 2x slower per step (extra copies), and the residual stream keeps fp32 precision.
-    model, tokenizer = instantiate(cfg.model.load)
-    load_seconds = time.perf_counter() - start
     # Training without an adapter trains the whole model (adapter=full); otherwise the base is frozen.
-    model.requires_grad_(bool(cfg.adapter.train and cfg.adapter.peft is None))
+    full = bool(cfg.adapter.train and cfg.adapter.peft is None)
+    # A frozen base is stored in bf16: autocast would otherwise cast every weight at every
+    # forward (15 % of a training step here), and it halves the memory. Weights that train stay
+    # fp32 (PEFT keeps adapter weights fp32; full fine-tuning keeps the model fp32), so
+    # optimizer updates are not rounded away.
+    dtype = torch.bfloat16 if bf16 and t.bf16_base and not full else torch.float32
+    model, tokenizer = instantiate(cfg.model.load, dtype=dtype)
+    load_seconds = time.perf_counter() - start
+    model.requires_grad_(full)
     if cfg.adapter.peft is not None:
         model = get_peft_model(model, instantiate(cfg.adapter.peft))
+        if bf16:
+            # PEFT casts each adapter's input to the adapter's fp32 weights, and autocast casts
+            # it back: two copies per adapter call (8 % of a step here). Every forward of this
+            # run is under autocast, so the input can stay bf16 (as with PEFT's
+            # helpers.disable_input_dtype_casting).
+            for module in model.modules():
+                if isinstance(module, BaseTunerLayer):
+                    module.cast_input_dtype_enabled = False
     model.to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -161,6 +176,12 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
     template, system = cfg.prompt.template, cfg.prompt.system
     answers = encode_answers(tokenizer, template, system, labels)
     scored = scoring_answers(answers)
+    first_token = t.scoring == "first_token" or (t.scoring == "auto" and first_tokens_differ(scored))
+    if first_token and not first_tokens_differ(scored):
+        raise EmorecError(
+            "trainer.scoring=first_token, but some labels' answers start with the same token; "
+            "use trainer.scoring=answer (or auto)"
+        )
     train_ids, dev_ids, test_ids = (
         encode_prompts(
             tokenizer, exs, template, system, labels, t.max_length, cfg.dataset.context_window, cfg.prompt.context
@@ -179,6 +200,8 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
             batch_size=t.eval_batch_size,
             autocast=bf16,
             share_prefix=t.share_prefix,
+            first_token=first_token,
+            merge=t.merge_adapter,
             desc=desc,
         )
         return result, classification_metrics(result["preds"], [ex.label for ex in examples], labels, neutral)
@@ -261,6 +284,7 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
         "dataset": cfg.dataset.name,
         "metric": metric,
         "predict": t.predict,
+        "scoring": ("first_token" if first_token else "answer") if t.predict == "score" else None,
         "precision": "bf16" if bf16 else "fp32",
         "val": val_m,
         "test": test_m,

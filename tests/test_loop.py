@@ -86,3 +86,110 @@ def test_shared_prefix_gradients_equal_the_unshared_ones(model):
         answer_loss(model, SHARED, ANSWERS[:3], pad_id=2, share_prefix=share).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_first_token_scores_match_plain_forward(model):
+    scores = score_labels(model, SHARED, ANSWERS, pad_id=2, first_token=True)
+    for i, p in enumerate(SHARED):
+        for j, a in enumerate(ANSWERS):
+            assert scores[i, j].item() == pytest.approx(seq_logprob(model, p, a[:1]), abs=TOL)
+
+
+def lora_model(tiny_model, dtype=torch.float32, **kwargs):
+    """The tiny model with a LoRA adapter whose B is not zero, so the adapter changes outputs."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype)
+    peft = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], **kwargs))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return peft.eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_adapter_scores_the_same_and_restores_weights_bit_for_bit(tiny_model, dtype):
+    from emorec.loop import merged_adapter
+
+    model = lora_model(tiny_model, dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    q = next(k for k in before if "q_proj.base_layer.weight" in k)
+    with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+        unmerged = score_labels(model, SHARED, ANSWERS, pad_id=2)
+        with merged_adapter(model):
+            assert not torch.equal(model.state_dict()[q], before[q])  # the adapter is folded in
+            merged = score_labels(model, SHARED, ANSWERS, pad_id=2)
+        after = score_labels(model, SHARED, ANSWERS, pad_id=2)
+    # fp32: merging only reorders sums; bf16: the merged weight is rounded to bf16 once.
+    assert torch.allclose(merged, unmerged, atol=TOL if dtype == torch.float32 else 0.1)
+    assert torch.equal(after, unmerged)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in before.items())
+
+
+# The fast bf16 path against the fp32 reference: bf16 keeps about 3 significant digits, so a
+# log-likelihood of magnitude ~6 may move by a few hundredths. Documented tolerance: 0.05.
+BF16_TOL = 0.05
+
+
+def test_bf16_fast_path_matches_the_fp32_reference(tiny_model):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from emorec.loop import merged_adapter
+
+    reference = lora_model(tiny_model)
+    fast = lora_model(tiny_model, torch.bfloat16)  # bf16 base, fp32 adapter (as run() sets it up)
+    for module in fast.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
+    answers = ANSWERS[:3]
+    ref_loss = answer_loss(reference, SHARED, answers, pad_id=2, share_prefix=False)
+    ref_scores = score_labels(reference, SHARED, ANSWERS, pad_id=2, share_prefix=False)
+    with torch.autocast("cpu", torch.bfloat16):
+        fast_loss = answer_loss(fast, SHARED, answers, pad_id=2)
+        with merged_adapter(fast):
+            fast_scores = score_labels(fast, SHARED, ANSWERS, pad_id=2)
+    assert fast_loss.item() == pytest.approx(ref_loss.item(), abs=BF16_TOL)
+    assert torch.allclose(fast_scores, ref_scores, atol=BF16_TOL)
+    top2 = ref_scores.topk(2).values
+    clear = top2[:, 0] - top2[:, 1] > 2 * BF16_TOL  # rows whose winner no rounding can change
+    assert clear.sum() >= 2
+    assert torch.equal(fast_scores.argmax(-1)[clear], ref_scores.argmax(-1)[clear])
+
+
+def test_head_positions_skip_virtual_tokens(tiny_model):
+    """Prompt tuning puts virtual tokens before the input; positions counted from the end
+    still pick each row's answer positions."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+
+    def plain(prompt, answer):
+        ids = torch.tensor([prompt + answer])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, -ids.shape[1] :].float(), -1)
+        return sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(answer))
+
+    scores = score_labels(model, PROMPTS, ANSWERS, pad_id=2)
+    for i, p in enumerate(PROMPTS):
+        for j, a in enumerate(ANSWERS):
+            assert scores[i, j].item() == pytest.approx(plain(p, a), abs=TOL)
+
+
+@pytest.mark.parametrize("first_token", [False, True])
+def test_predict_reuses_one_prefix_cache_across_batches_exactly(model, first_token):
+    from types import SimpleNamespace
+
+    from emorec.loop import predict
+
+    prompts = SHARED + [[5, 9, 30, 7], [5, 9, 30, 41, 7, 8, 12, 13, 3, 4, 6]]
+    tokenizer = SimpleNamespace(pad_token_id=2)
+    # batch_size=1: several batches, each continuing its own copy of the prefix cache.
+    out = predict(model, tokenizer, prompts, ANSWERS, ["a", "b", "c", "d"], batch_size=1, first_token=first_token)
+    for i, p in enumerate(prompts):
+        plain = torch.tensor([seq_logprob(model, p, a[:1] if first_token else a) for a in ANSWERS])
+        assert torch.allclose(torch.tensor(out["extra"][i]), torch.softmax(plain, -1), atol=TOL)
+        assert out["preds"][i] == int(plain.argmax())

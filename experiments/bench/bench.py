@@ -25,13 +25,28 @@ import torch
 
 HERE = Path(__file__).parent
 # Cumulative levers: each row adds one to the row before; the last row is emorec's default.
-LEVERS = [
+# Every row switches off the levers that come after it.
+LATER = {
+    "shared prompt prefix": ["trainer.share_prefix=false"],
+    "bf16 frozen base": ["trainer.bf16_base=false"],
+    "eager attention": ["model.attn_implementation=sdpa"],
+    "no LoRA dropout": ["adapter.dropout=0.05"],
+    "merged adapter at evaluation": ["trainer.merge_adapter=false"],
+    "first-token scoring": ["trainer.scoring=answer"],
+}
+FIRST = [
     ("plain label-scoring loop, fp32, default system prompt", ["trainer.precision=fp32", "prompt.system=null"]),
     ("+ no default system prompt", ["trainer.precision=fp32"]),
     ("+ bf16 autocast", []),
 ]
-SHARE_OFF = ["trainer.share_prefix=false"]
-DEFAULT = ("+ shared prompt prefix (emorec's default)", [])
+
+
+def levers() -> list[tuple[str, list[str]]]:
+    later = list(LATER)
+    rows = [(name, own + [o for k in later for o in LATER[k]]) for name, own in FIRST]
+    for i, name in enumerate(later):
+        rows.append((f"+ {name}", [o for k in later[i + 1 :] for o in LATER[k]]))
+    return rows
 
 
 def matmul_peak(dtype: torch.dtype, seconds: float = 2.0) -> float:
@@ -96,7 +111,7 @@ def main() -> None:
             cmd = [sys.executable, str(HERE / "naive_peer.py"), "--out", f.name]
             subprocess.run([*cmd, "--train", str(args.train), "--eval", str(args.eval)], check=True)
             rows.append({"name": "naive peer", **json.loads(Path(f.name).read_text()), "precision": "fp32"})
-    for name, overrides in [*[(n, o + SHARE_OFF) for n, o in LEVERS], DEFAULT]:
+    for name, overrides in levers():
         print(f"emorec: {name} ...", flush=True)
         rows.append({"name": name, "overrides": overrides, **run_emorec(overrides, args.train, args.eval)})
     n = next(r["nonembedding_params"] for r in rows if "nonembedding_params" in r)
