@@ -7,6 +7,7 @@ overrides in a group named after the sweep, and a failing job records its error 
 
 import logging
 import re
+import signal
 import time
 import traceback
 from pathlib import Path
@@ -16,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from emorec.checkpoint import Interrupted
 from emorec.errors import EmorecError
 from emorec.outputs import write_json
 from emorec.run import run
@@ -55,6 +57,12 @@ def main(cfg: DictConfig) -> float:
     start = time.time()
     try:
         metrics = run(cfg)
+    except Interrupted as e:
+        keep = [o for o in hc.overrides.task if not o.startswith(("resume=", "hydra.run.dir=", "output_dir="))]
+        command = " ".join(["python -m emorec", *keep, f"hydra.run.dir={out}", "resume=true"])
+        write_json(out / "status.json", {"status": "interrupted", "signal": e.signal_name, "step": e.step})
+        print(f"emorec: {e.signal_name} after step {e.step}: checkpoint saved in {e.path}; resume with: {command}")
+        raise SystemExit(128 + getattr(signal, e.signal_name)) from None
     except Exception as e:
         message = str(e) if isinstance(e, EmorecError) else f"{type(e).__name__}: {e}"
         out.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from tqdm import tqdm
 
+from emorec.checkpoint import Interrupted
 from emorec.errors import EmorecError
 
 
@@ -329,6 +330,14 @@ def predict(
     return {"preds": preds, "extra": extra, "seconds": seconds, "examples_per_s": len(prompts) / seconds}
 
 
+def check_finite(params, step: int) -> None:
+    if not all(torch.isfinite(p).all() for p in params):
+        raise EmorecError(
+            f"weights are no longer finite after step {step}; lower optimizer.lr or use trainer.precision=fp32 "
+            "(the last checkpoint holds the weights before it)"
+        )
+
+
 def train(
     model,
     prompts: list[list[int]],
@@ -347,63 +356,115 @@ def train(
     log_every: int,
     log,
     on_epoch_end,
+    checkpoint=None,
+    checkpoint_every: int = 0,
+    stop=None,
+    progress: dict | None = None,
 ) -> dict:
     """Train for `steps` optimizer steps over epochs of length-grouped batches. `answers[i]`
     is example i's answer; `log(metrics, step)` receives loss and learning rate;
-    `on_epoch_end(epoch, step)` runs validation."""
+    `on_epoch_end(epoch, step)` runs validation.
+
+    `checkpoint(progress)` saves the run every `checkpoint_every` steps, at each epoch's end and
+    when `stop()` names a signal (then training raises Interrupted). `progress` is this loop's
+    own state (position in the data order, counters); passing a saved one continues from it."""
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     lengths = [len(p) + len(a) for p, a in zip(prompts, answers)]
-    step, tokens, computed, examples, epoch, running, paused, losses = 0, 0, 0, 0, 0, [], 0.0, []
-    start = time.perf_counter()
-    bar = tqdm(total=steps, desc="train")
+    p = progress or {}
+    step, epoch, first = p.get("step", 0), p.get("epoch", 0), p.get("batch", 0)
+    tokens, computed, examples = p.get("tokens", 0), p.get("computed_tokens", 0), p.get("examples", 0)
+    losses, running, before = list(p.get("losses", [])), list(p.get("running", [])), p.get("seconds", 0.0)
+    if "generator" in p:
+        generator.set_state(p["generator"])
+    paused, start = 0.0, time.perf_counter()
+
+    def state(batch: int, epoch_generator: torch.Tensor) -> dict:
+        # Where to continue: the epoch's batches come again from the generator state at its
+        # start, and `batch` is the first one not yet trained on.
+        return {
+            "step": step,
+            "epoch": epoch,
+            "batch": batch,
+            "generator": epoch_generator,
+            "tokens": tokens,
+            "computed_tokens": computed,
+            "examples": examples,
+            "losses": losses,
+            "running": running,
+            "seconds": before + time.perf_counter() - start - paused,
+        }
+
+    bar = tqdm(total=steps, initial=step, desc="train")
     while step < steps:
         model.train()
+        epoch_generator = generator.get_state()
         batches = train_batches(lengths, batch_size, generator)
         # Drop a last partial accumulation group, so every optimizer step sees the same batch.
         usable = len(batches) - len(batches) % grad_accum
-        for i in range(0, usable, grad_accum):
+        for i in range(first, usable, grad_accum):
+            group = []
             for batch in batches[i : i + grad_accum]:
                 with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=autocast):
                     loss = answer_loss(
                         model, [prompts[j] for j in batch], [answers[j] for j in batch], pad_id, share_prefix
                     )
                 (loss / grad_accum).backward()
-                running.append(loss.detach())
+                group.append(loss.item())
                 batch_tokens = sum(lengths[j] for j in batch)
                 tokens += batch_tokens
                 # Tokens the model actually ran (for FLOPs): the shared prefix once, not per row.
                 n = prefix_length(model, [prompts[j] for j in batch], share_prefix)
                 computed += batch_tokens - (len(batch) - 1) * n
                 examples += len(batch)
-            losses.append(sum(x.item() for x in running[-grad_accum:]) / grad_accum)
-            if not math.isfinite(losses[-1]):
+            loss_value = sum(group) / grad_accum
+            if not math.isfinite(loss_value):
+                # Before the update: the weights, and the last checkpoint, stay good.
                 raise EmorecError(
-                    f"loss is {losses[-1]} at step {step}; lower optimizer.lr or use trainer.precision=fp32"
+                    f"loss is {loss_value} at step {step + 1}; lower optimizer.lr or use trainer.precision=fp32 "
+                    "(the last checkpoint holds the weights before it)"
                 )
+            losses.append(loss_value)
+            running += group
             if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                if not torch.isfinite(norm):
+                    raise EmorecError(
+                        f"gradient norm is {norm.item()} at step {step + 1}; lower optimizer.lr or use "
+                        "trainer.precision=fp32 (the last checkpoint holds the weights before it)"
+                    )
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update()
             if step % log_every == 0 or step == steps:
-                mean = torch.stack(running).mean().item()
+                mean = sum(running) / len(running)
                 running = []
                 bar.set_postfix(loss=f"{mean:.4f}")
                 log(
                     {"train/loss": mean, "train/lr": scheduler.get_last_lr()[0], "train/epoch": epoch + i / usable},
                     step,
                 )
+            signal_name = stop() if stop else None
+            if checkpoint and (signal_name or (checkpoint_every and step % checkpoint_every == 0)):
+                check_finite(params, step)  # a checkpoint is never written with broken weights
+                path = checkpoint(state(i + grad_accum, epoch_generator))
+                if signal_name:
+                    bar.close()
+                    raise Interrupted(signal_name, step, path)
             if step >= steps:
                 break
+        first = 0
         epoch += 1
         pause = time.perf_counter()
         on_epoch_end(epoch, step)
         paused += time.perf_counter() - pause  # validation time is not training time
+        if checkpoint:
+            check_finite(params, step)
+            checkpoint(state(0, generator.get_state()))
     bar.close()
-    seconds = time.perf_counter() - start - paused
+    seconds = before + time.perf_counter() - start - paused
     return {
         "steps": step,
         "epochs": epoch,
@@ -411,7 +472,7 @@ def train(
         "examples": examples,
         "tokens": tokens,  # prompt and answer tokens of the examples trained on
         "computed_tokens": computed,  # tokens the model ran (the shared prefix once per batch)
-        "examples_per_s": examples / seconds,
-        "tokens_per_s": tokens / seconds,
+        "examples_per_s": examples / seconds if seconds else 0.0,
+        "tokens_per_s": tokens / seconds if seconds else 0.0,
         "losses": losses,  # one per optimizer step
     }

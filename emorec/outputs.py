@@ -1,15 +1,40 @@
 """What a run leaves in its directory besides the adapter: metrics, predictions, a plot."""
 
+import contextlib
 import csv
+import errno
 import json
 import os
+import shutil
 from pathlib import Path
+
+from emorec.errors import EmorecError
+
+
+@contextlib.contextmanager
+def atomic(path: Path):
+    """Yields a temporary path next to `path` (a file or a folder) to write; renames it to
+    `path` when the block succeeds. On a full disk or any write error the partial output is
+    removed, so nothing half-written ever carries the final name."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        if path.is_dir() and tmp.is_dir():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except OSError as e:
+        hint = "free some disk space" if e.errno == errno.ENOSPC else "check the run directory's permissions"
+        raise EmorecError(f"cannot write {path} ({e.strerror}); {hint}, then rerun with resume=true") from None
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)  # never a half-written metrics.json
+    with atomic(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def prediction_rows(split: str, examples, result: dict, labels: list[str]) -> list[list]:
@@ -29,7 +54,7 @@ def prediction_columns(labels: list[str]) -> list[str]:
 
 
 def write_predictions(path: Path, columns: list[str], rows: list[list]) -> None:
-    with open(path, "w", newline="") as f:
+    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         writer.writerows(rows)
@@ -53,5 +78,6 @@ def plot_confusion(path: Path, matrix: list[list[int]], labels: list[str], title
         for j, v in enumerate(row):
             ax.text(j, i, v, ha="center", va="center", color="white" if v > top / 2 else "black", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)

@@ -15,15 +15,25 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import get_scheduler
 
+from emorec.checkpoint import (
+    Interrupted,
+    StopSignals,
+    checkpoints,
+    find_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from emorec.data import subsample
 from emorec.errors import EmorecError
 from emorec.loop import SORT_WINDOW, base_of, first_tokens_differ, predict, train
 from emorec.metrics import METRICS, classification_metrics
-from emorec.outputs import plot_confusion, prediction_columns, prediction_rows, write_json, write_predictions
+from emorec.outputs import atomic, plot_confusion, prediction_columns, prediction_rows, write_json, write_predictions
 from emorec.prompt import encode_answers, encode_prompts, scoring_answers
 
 log = logging.getLogger(__name__)
@@ -85,13 +95,130 @@ def prepare_output_dir(path: Path) -> None:
         raise EmorecError(f"cannot write to output_dir={path} ({e.strerror}); choose a writable folder") from None
 
 
+# Checked before anything loads: (key, test, what it must be). Keys absent from the composed
+# config (an adapter without a rank) are skipped.
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+CHECKS = [
+    *[
+        (key, lambda v: _int(v) and v > 0, "a positive integer")
+        for key in (
+            "trainer.batch_size",
+            "trainer.eval_batch_size",
+            "trainer.grad_accum",
+            "trainer.epochs",
+            "trainer.max_length",
+            "trainer.log_every",
+            "trainer.keep_checkpoints",
+            "adapter.r",
+            "adapter.num_virtual_tokens",
+        )
+    ],
+    *[
+        (key, lambda v: v is None or (_int(v) and v > 0), "a positive integer or null")
+        for key in ("trainer.max_steps", "trainer.num_threads", "dataset.max_train", "dataset.max_eval")
+    ],
+    *[
+        (key, lambda v: _int(v) and v >= 0, "an integer >= 0")
+        for key in ("trainer.checkpoint_every", "dataset.context_window", "seed")
+    ],
+    ("optimizer.lr", lambda v: _num(v) and v > 0, "a number > 0"),
+    ("adapter.alpha", lambda v: _num(v) and v > 0, "a number > 0"),
+    ("adapter.dropout", lambda v: _num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("trainer.warmup_ratio", lambda v: _num(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    ("trainer.max_grad_norm", lambda v: v is None or (_num(v) and v > 0), "a number > 0 or null"),
+    ("trainer.predict", lambda v: v in ("score", "generate"), "score or generate"),
+    ("trainer.scoring", lambda v: v in ("auto", "answer", "first_token"), "auto, answer or first_token"),
+    ("trainer.precision", lambda v: v in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
+    ("resume", lambda v: isinstance(v, (bool, str)), "true, false or a run directory"),
+]
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Types and ranges of the settings, and the prompt's fields, before any data or model loads."""
+    tree = flatten(OmegaConf.to_container(cfg, resolve=False))
+    missing = [k for k, v in tree.items() if v == "???" and not k.startswith("hydra")]
+    if missing:
+        raise EmorecError(f"{missing[0]} is required and has no value; set it with {missing[0]}=...")
+    for key, ok, what in CHECKS:
+        try:
+            value = OmegaConf.select(cfg, key, default=KeyError, throw_on_missing=True)
+        except MissingMandatoryValue:
+            raise EmorecError(f"{key} is required and has no value; set it with {key}=...") from None
+        if value is not KeyError and not ok(value):
+            raise EmorecError(f"{key}={value!r} is not valid; it must be {what}")
+    labels = cfg.dataset.labels
+    if labels is not None and len(set(labels)) != len(labels):
+        raise EmorecError(f"dataset.labels {list(labels)} has duplicates; list each label once")
+    check_metric(cfg.dataset.metric, cfg.dataset.neutral_label, labels)
+    try:
+        cfg.prompt.template.format(labels="", text="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise EmorecError(
+            f"prompt.template has an unknown field or a stray brace ({e}); use only {{labels}} and {{text}}"
+        ) from None
+    if "{text}" not in cfg.prompt.template:
+        raise EmorecError("prompt.template has no {text} field; the utterance would not reach the model")
+    device = cfg.trainer.device
+    if device != "auto":
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:
+            raise EmorecError(f"trainer.device={device!r} is not a device; use auto, cpu or cuda") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise EmorecError(f"trainer.device={device!r} but CUDA is not available; use trainer.device=auto or cpu")
+
+
+# Settings a resumed run may change: they do not change what is computed.
+RESUME_MAY_CHANGE = {"resume", "output_dir", "logger", "trainer.checkpoint_every", "trainer.keep_checkpoints"}
+RESUME_MAY_CHANGE |= {"trainer.num_threads", "dataset.data_dir", "sweep_name"}
+
+
+def check_resume_config(cfg: DictConfig, checkpoint: Path) -> None:
+    """A run continues only with the config it started with: anything else would silently mix
+    two experiments."""
+    saved_path = checkpoint.parent.parent / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=False))
+    now = flatten(OmegaConf.to_container(cfg, resolve=True))
+    changed = [
+        k
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k) and not any(k == m or k.startswith(m + ".") for m in RESUME_MAY_CHANGE)
+    ]
+    if changed:
+        k = changed[0]
+        raise EmorecError(
+            f"resume: {k} is {now.get(k)!r} but the checkpoint's run used {saved.get(k)!r}"
+            f"{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''}; "
+            f"rerun with the overrides in {saved_path}"
+        )
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
 def run(cfg: DictConfig) -> dict:
     t = cfg.trainer
-    if t.predict not in ("score", "generate"):
-        raise EmorecError(f"trainer.predict={t.predict!r}; use score or generate")
-    if t.scoring not in ("auto", "answer", "first_token"):
-        raise EmorecError(f"trainer.scoring={t.scoring!r}; use auto, answer or first_token")
+    check_config(cfg)
     out = Path(cfg.output_dir)
+    checkpoint = find_checkpoint(cfg.resume, out)
+    if checkpoint is None and cfg.resume is not True and checkpoints(out):
+        raise EmorecError(
+            f"{out} holds checkpoints of an earlier run; continue it with resume=true, or choose another hydra.run.dir"
+        )
+    if checkpoint is not None:
+        check_resume_config(cfg, checkpoint)
     prepare_output_dir(out)
     wall = time.perf_counter()
     seed_everything(cfg.seed)
@@ -118,7 +245,7 @@ def run(cfg: DictConfig) -> dict:
     make_logger = instantiate(cfg.logger, _partial_=True)
     logger = make_logger(run_config=OmegaConf.to_container(cfg, resolve=True), dir=str(out))
     try:
-        metrics = _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, logger)
+        metrics = _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, logger, checkpoint)
         metrics["data"] = data_stats
         logger.summary({"data/skipped_rows": data.skipped, "data/left_out": sum(data.left_out.values())})
         metrics["wall_time_s"] = time.perf_counter() - wall
@@ -138,7 +265,7 @@ def check_metric(metric: str, neutral_label: str | None, labels: list[str] | Non
         raise EmorecError(f"dataset.neutral_label={neutral_label!r} is not one of dataset.labels {list(labels)}")
 
 
-def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, logger) -> dict:
+def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, logger, checkpoint) -> dict:
     t, metric = cfg.trainer, cfg.dataset.metric
 
     start = time.perf_counter()
@@ -153,7 +280,13 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
     load_seconds = time.perf_counter() - start
     model.requires_grad_(full)
     if cfg.adapter.peft is not None:
-        model = get_peft_model(model, instantiate(cfg.adapter.peft))
+        try:
+            model = get_peft_model(model, instantiate(cfg.adapter.peft))
+        except ValueError as e:
+            raise EmorecError(
+                f"adapter={cfg.adapter.name} does not fit model {cfg.model.name} ({str(e).splitlines()[0]}); "
+                "check adapter.target_modules (or model.lora_target_modules) against the model's module names"
+            ) from None
         if bf16:
             # PEFT casts each adapter's input to the adapter's fp32 weights, and autocast casts
             # it back: two copies per adapter call (8 % of a step here). Every forward of this
@@ -229,25 +362,57 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
                 state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
                 best.update(value=m[metric], epoch=epoch, state=state, val=(result, m))
 
+        def save(progress: dict) -> Path:
+            generator = progress.pop("generator")
+            return save_checkpoint(
+                out,
+                progress["step"],
+                weights={n: p for n, p in model.named_parameters() if p.requires_grad},
+                best=best["state"],
+                tensors={
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "generator": generator,
+                },
+                state={"progress": progress, "best_value": best["value"], "best_epoch": best["epoch"]},
+                keep=t.keep_checkpoints,
+            )
+
+        progress = None
+        if checkpoint is not None:
+            progress = restore(checkpoint, model, optimizer, scheduler, best)
+            log.info("resuming from %s at step %d", checkpoint, progress["step"])
         train_ids_answers = [answers[ex.label] for ex in train_ex]
-        train_stats = train(
-            model,
-            train_ids,
-            train_ids_answers,
-            tokenizer.pad_token_id,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            steps=steps,
-            batch_size=t.batch_size,
-            grad_accum=t.grad_accum,
-            max_grad_norm=t.max_grad_norm,
-            autocast=bf16,
-            share_prefix=t.share_prefix,
-            seed=cfg.seed,
-            log_every=t.log_every,
-            log=logger.log,
-            on_epoch_end=on_epoch_end,
-        )
+        signals = StopSignals()
+        with signals:
+            try:
+                train_stats = train(
+                    model,
+                    train_ids,
+                    train_ids_answers,
+                    tokenizer.pad_token_id,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    steps=steps,
+                    batch_size=t.batch_size,
+                    grad_accum=t.grad_accum,
+                    max_grad_norm=t.max_grad_norm,
+                    autocast=bf16,
+                    share_prefix=t.share_prefix,
+                    seed=cfg.seed,
+                    log_every=t.log_every,
+                    log=logger.log,
+                    on_epoch_end=on_epoch_end,
+                    checkpoint=save,
+                    checkpoint_every=t.checkpoint_every,
+                    stop=lambda: signals.received,
+                    progress=progress,
+                )
+            except Interrupted:
+                # Checkpointed: hand the signal on (submitit requeues on its SIGUSR2), then stop.
+                signals.forward()
+                raise
         if best["state"] is not None:
             with torch.no_grad():
                 for n, p in model.named_parameters():
@@ -268,10 +433,12 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
     )
 
     if isinstance(model, PeftModel):
-        model.save_pretrained(out / "adapter")  # safetensors; PeftModel.from_pretrained reloads it
+        with atomic(out / "adapter") as tmp:
+            model.save_pretrained(tmp)  # safetensors; PeftModel.from_pretrained reloads it
     elif cfg.adapter.train:
-        model.save_pretrained(out / "model")  # full fine-tuning: the whole model, as safetensors
-        tokenizer.save_pretrained(out / "model")
+        with atomic(out / "model") as tmp:
+            model.save_pretrained(tmp)  # full fine-tuning: the whole model, as safetensors
+            tokenizer.save_pretrained(tmp)
     columns = prediction_columns(labels)
     rows = prediction_rows("dev", dev_ex, val_result, labels) + prediction_rows("test", test_ex, test_result, labels)
     write_predictions(out / "predictions.csv", columns, rows)
@@ -305,3 +472,22 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
     logger.summary(summary)
     logger.log_predictions(columns, rows, labels, [ex.label for ex in test_ex], test_result["preds"], str(image))
     return metrics
+
+
+def restore(path: Path, model, optimizer, scheduler, best: dict) -> dict:
+    """Load a checkpoint into the model, optimizer, scheduler, best-so-far and RNGs; returns the
+    training loop's progress."""
+    saved = load_checkpoint(path)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(saved["weights"]):
+        raise EmorecError(f"checkpoint {path} holds other weights than this run trains; resume with the same adapter")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved["weights"][n])
+    optimizer.load_state_dict(saved["tensors"]["optimizer"])
+    scheduler.load_state_dict(saved["tensors"]["scheduler"])
+    state = saved["state"]
+    # The best epoch's validation is recomputed from its weights at the end (deterministic).
+    best.update(value=state["best_value"], epoch=state["best_epoch"], state=saved["best"], val=None)
+    restore_rng(state, saved["tensors"]["torch_rng"])
+    return {**state["progress"], "generator": saved["tensors"]["generator"]}

@@ -59,7 +59,7 @@ def test_cli_help_lists_groups_and_options():
         "mosi2, mosi3, sst2, sst5",
         "launcher: joblib, submitit_local, submitit_slurm",
         "logger: none, wandb",
-        "model: hf, smollm2_135m",
+        "model: chatglm2_6b, hf, smollm2_135m",
         "optimizer: adamw",
         "sweep: lora_rank, optuna, paper, prefix_length",
     ]:

@@ -193,3 +193,26 @@ def test_predict_reuses_one_prefix_cache_across_batches_exactly(model, first_tok
         plain = torch.tensor([seq_logprob(model, p, a[:1] if first_token else a) for a in ANSWERS])
         assert torch.allclose(torch.tensor(out["extra"][i]), torch.softmax(plain, -1), atol=TOL)
         assert out["preds"][i] == int(plain.argmax())
+
+
+def test_train_stops_on_a_nan_loss_before_the_update(tiny_model):
+    from emorec.errors import EmorecError
+    from emorec.loop import train
+
+    model = lora_model(tiny_model).train()
+    lora_a = next(p for n, p in model.named_parameters() if "lora_A" in n)
+    with torch.no_grad():
+        lora_a[0, 0] = float("nan")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    saved = []
+    with pytest.raises(EmorecError, match=r"^loss is nan at step 1; lower optimizer.lr"):
+        train(
+            model, SHARED, ANSWERS[:3], 2, optimizer=optimizer, scheduler=scheduler, steps=3, batch_size=3,
+            grad_accum=1, max_grad_norm=None, autocast=False, share_prefix=True, seed=0, log_every=1,
+            log=lambda *a: None, on_epoch_end=lambda *a: None, checkpoint=saved.append, checkpoint_every=1,
+        )  # fmt: skip
+    assert saved == []  # nothing written, nothing updated
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], v) or torch.isnan(v).any() for n, v in before.items())

@@ -1,0 +1,173 @@
+"""Checkpoints and stop signals: a killed or preempted run continues where it stopped.
+
+A checkpoint is a folder `<run dir>/checkpoints/step-NNNNNNNN/` holding the trainable weights
+(`adapter.safetensors`), the best weights so far (`best.safetensors`), the optimizer, scheduler
+and RNG tensors (`trainer.pt`, read back with `torch.load(weights_only=True)`) and the loop's
+position and counters (`state.json`). It is written in a temporary folder and renamed into
+place, so a folder with a checkpoint's name is always complete.
+"""
+
+import errno
+import json
+import os
+import random
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from emorec.errors import EmorecError
+
+FOLDER = "checkpoints"
+NAME = re.compile(r"step-(\d{8})$")
+
+
+class Interrupted(EmorecError):
+    """Training stopped on a signal after writing a checkpoint."""
+
+    def __init__(self, signal_name: str, step: int, path: Path | None):
+        self.signal_name, self.step, self.path = signal_name, step, path
+        super().__init__(f"stopped by {signal_name} after step {step}; checkpoint {path}")
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders do not match the name)."""
+    folder = Path(run_dir) / FOLDER
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if NAME.match(p.name) and p.is_dir())
+
+
+def find_checkpoint(resume, output_dir: Path) -> Path | None:
+    """The checkpoint a run continues from. resume=true: the latest in output_dir, or None when
+    there is none yet (a first start, or a requeued job preempted before its first checkpoint);
+    resume=<path>: that checkpoint, or the latest in that run directory."""
+    if resume is False or resume is None:
+        return None
+    if resume is True:
+        found = checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(str(resume))
+    if NAME.match(path.name) and (path / "state.json").is_file():
+        return path
+    found = checkpoints(path)
+    if not found:
+        raise EmorecError(f"resume={resume}: no checkpoint there; give a run directory with a {FOLDER}/ folder")
+    return found[-1]
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    *,
+    weights: dict[str, torch.Tensor],
+    best: dict[str, torch.Tensor] | None,
+    tensors: dict,
+    state: dict,
+    keep: int,
+) -> Path:
+    """Write a checkpoint atomically and keep the last `keep`. `tensors` (optimizer, scheduler,
+    RNG) go through torch.save, `state` through JSON."""
+    final = Path(run_dir) / FOLDER / f"step-{step:08d}"
+    tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().contiguous() for k, v in weights.items()}, tmp / "adapter.safetensors")
+        if best is not None:
+            save_file({k: v.contiguous() for k, v in best.items()}, tmp / "best.safetensors")
+        torch.save(tensors, tmp / "trainer.pt")
+        state = {**state, "python_rng": random.getstate(), "numpy_rng": numpy_state()}
+        (tmp / "state.json").write_text(json.dumps(state))
+        # The same step can be saved twice (a periodic checkpoint, then the epoch's end with its
+        # validation): the newer one replaces it, and an older step stays until then.
+        old = final.with_name(f"{final.name}.old")
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        hint = "free some disk space" if e.errno == errno.ENOSPC else "check the run directory's permissions"
+        raise EmorecError(
+            f"cannot write checkpoint {final} ({e.strerror}); {hint}, then rerun with resume=true "
+            "(earlier checkpoints are intact)"
+        ) from None
+    for path in checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path) -> dict:
+    """weights, best (or None), tensors and state of a checkpoint. Nothing here unpickles code:
+    safetensors, JSON, and torch.load with weights_only=True."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        weights = load_file(path / "adapter.safetensors")
+        best = load_file(path / "best.safetensors") if (path / "best.safetensors").is_file() else None
+        tensors = torch.load(path / "trainer.pt", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever a damaged file raises, the answer is the same
+        raise EmorecError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "delete it to resume from the one before, or start afresh without resume"
+        ) from None
+    return {"weights": weights, "best": best, "tensors": tensors, "state": state}
+
+
+def numpy_state() -> list:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [name, keys.tolist(), pos, has_gauss, gauss]
+
+
+def restore_rng(state: dict, torch_rng: torch.Tensor) -> None:
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy_rng"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch_rng)
+
+
+class StopSignals:
+    """Inside: SIGTERM, SIGINT and SIGUSR2 (what SLURM and submitit send before preemption or a
+    time limit) only set `received`; the training loop checkpoints at the end of its step and
+    stops. A second signal stops at once. `forward()` then hands the signal to the handler that
+    was there before (submitit's, which requeues the job)."""
+
+    SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR2")
+
+    def __init__(self):
+        self.received: str | None = None
+        self.previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self):
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is None:
+                continue
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay with whoever has them
+                break
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def forward(self) -> None:
+        """Call the earlier handler of the received signal, if it was a Python function."""
+        if self.received is None:
+            return
+        handler = self.previous.get(getattr(signal, self.received))
+        if callable(handler) and handler not in (signal.default_int_handler,):
+            handler(getattr(signal, self.received), None)

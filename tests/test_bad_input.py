@@ -1,0 +1,202 @@
+"""Every bad input tried, and the one line each gets. Where the input can be judged from the
+config alone, the error must come before any model loads (the loaders are replaced by ones
+that fail the test)."""
+
+import errno
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+
+import emorec.model
+from emorec.errors import EmorecError
+from emorec.run import run
+from tests.conftest import CONF
+from tests.meld_fixture import MELD_DIR
+
+# (id, overrides, a part of the message). All are rejected before a model loads.
+BEFORE_MODEL = [
+    ("batch size 0", ["trainer.batch_size=0"], "trainer.batch_size=0 is not valid; it must be a positive integer"),
+    ("batch size text", ["trainer.batch_size=abc"], "trainer.batch_size='abc' is not valid; it must be a positive"),
+    ("eval batch size < 0", ["trainer.eval_batch_size=-2"], "trainer.eval_batch_size=-2 is not valid"),
+    ("lora rank 0", ["adapter=lora", "adapter.r=0"], "adapter.r=0 is not valid; it must be a positive integer"),
+    ("lora rank 2.5", ["adapter=lora", "adapter.r=2.5"], "adapter.r=2.5 is not valid"),
+    ("prefix length 0", ["adapter=ptuning_v2", "adapter.num_virtual_tokens=0"], "adapter.num_virtual_tokens=0"),
+    ("lr 0", ["optimizer.lr=0"], "optimizer.lr=0 is not valid; it must be a number > 0"),
+    ("lr negative", ["optimizer.lr=-0.001"], "optimizer.lr=-0.001 is not valid"),
+    ("lr text", ["optimizer.lr=fast"], "optimizer.lr='fast' is not valid"),
+    ("dropout 1.5", ["adapter=lora", "adapter.dropout=1.5"], "adapter.dropout=1.5 is not valid; it must be a"),
+    ("warmup ratio 2", ["trainer.warmup_ratio=2"], "trainer.warmup_ratio=2 is not valid"),
+    ("max steps negative", ["trainer.max_steps=-5"], "trainer.max_steps=-5 is not valid; it must be a positive"),
+    ("max train 0", ["dataset.max_train=0"], "dataset.max_train=0 is not valid"),
+    ("checkpoint every negative", ["trainer.checkpoint_every=-1"], "trainer.checkpoint_every=-1 is not valid"),
+    ("keep 0 checkpoints", ["trainer.keep_checkpoints=0"], "trainer.keep_checkpoints=0 is not valid"),
+    ("negative context", ["dataset.context_window=-1"], "dataset.context_window=-1 is not valid"),
+    ("unknown metric", ["dataset.metric=f2"], "dataset.metric='f2'; use one of accuracy"),
+    ("neutral not a label", ["dataset.neutral_label=calm"], "dataset.neutral_label='calm' is not one of"),
+    ("duplicate labels", ["dataset.labels=[joy,joy,anger]"], "has duplicates; list each label once"),
+    ("precision fp16", ["trainer.precision=fp16"], "trainer.precision='fp16' is not valid; it must be auto, bf16"),
+    ("predict mode", ["trainer.predict=classify"], "trainer.predict='classify' is not valid; it must be score or"),
+    ("scoring mode", ["trainer.scoring=best"], "trainer.scoring='best' is not valid"),
+    ("not a device", ["trainer.device=tpu9"], "trainer.device='tpu9' is not a device; use auto, cpu or cuda"),
+    ("template field", ["prompt.template='Classify {sentence}'"], "prompt.template has an unknown field"),
+    ("template brace", ["prompt.template='Classify {text'"], "prompt.template has an unknown field or a stray"),
+    ("template without text", ["prompt.template='Classify to {labels}'"], "prompt.template has no {text} field"),
+    ("missing data", ["dataset.data_dir=/nonexistent/meld"], "dataset.data_dir=/nonexistent/meld"),
+    ("unwritable output", ["output_dir=/proc/emorec-run"], "cannot write to output_dir=/proc/emorec-run"),
+    ("resume from nowhere", ["resume=/nonexistent/run"], "resume=/nonexistent/run: no checkpoint there"),
+]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(emorec.model, "load_pretrained", fail)
+    monkeypatch.setattr(emorec.model, "load_gguf_from_package", fail)
+
+
+def one_line_error(cfg) -> str:
+    with pytest.raises(EmorecError) as e:
+        run(cfg)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("overrides,expected", [c[1:] for c in BEFORE_MODEL], ids=[c[0] for c in BEFORE_MODEL])
+def test_rejected_before_the_model_loads(make_cfg, no_model_load, overrides, expected):
+    assert expected in one_line_error(make_cfg(*overrides))
+
+
+def test_cuda_requested_without_cuda(make_cfg, no_model_load):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert "CUDA is not available; use trainer.device=auto or cpu" in one_line_error(make_cfg("trainer.device=cuda"))
+
+
+def test_unknown_group_option_lists_the_available_ones():
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"), pytest.raises(HydraException) as e:
+        compose("config", overrides=["adapter=lorra"])
+    message = str(e.value)
+    assert "Could not find 'adapter/lorra'" in message and "Available options in 'adapter'" in message
+    assert "ptuning_v2" in message
+
+
+def test_unknown_key_is_named():
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"), pytest.raises(HydraException) as e:
+        compose("config", overrides=["trainer.batchsize=8"])
+    assert "trainer.batchsize" in str(e.value)
+
+
+def compose_cfg(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        base = [f"output_dir={tmp_path / 'run'}", "logger=none", f"dataset.data_dir={MELD_DIR}"]
+        return compose("config", overrides=[*base, *overrides])
+
+
+def test_required_model_name(tmp_path, no_model_load):
+    message = one_line_error(compose_cfg(tmp_path, "model=hf"))
+    assert message == "model.name_or_path is required and has no value; set it with model.name_or_path=..."
+
+
+def test_missing_model_wheel(tmp_path):
+    cfg = compose_cfg(tmp_path, "model.load.package=llm_not_installed", "model.load.install=pip install x")
+    message = one_line_error(cfg)
+    assert "the embedded model needs the llm_not_installed wheel; install it with: pip install x" in message
+
+
+def test_model_folder_missing(make_cfg):
+    message = one_line_error(make_cfg("model.name_or_path=/nonexistent/model"))
+    assert "cannot load model '/nonexistent/model'" in message and "set model.name_or_path" in message
+
+
+def test_unknown_attention_implementation(make_cfg):
+    assert "model.attn_implementation='bogus' is not available" in one_line_error(
+        make_cfg("model.attn_implementation=bogus")
+    )
+
+
+def test_adapter_targets_missing_modules(make_cfg):
+    message = one_line_error(make_cfg("adapter=lora", "adapter.target_modules=[no_such_proj]"))
+    assert "adapter=lora does not fit model" in message and "check adapter.target_modules" in message
+
+
+def test_bad_row_names_file_and_line(make_cfg, tmp_path, no_model_load):
+    path = tmp_path / "own.csv"
+    path.write_text("text,label,split\nfine,joy,train\nodd,elation,train\nok,anger,test\n")
+    cfg = make_cfg(
+        "dataset=csv", f"dataset.load.path={path}", "dataset.load.split_column=split", "dataset.labels=[joy,anger]"
+    )
+    message = one_line_error(cfg)
+    assert "own.csv:3" in message and "elation" in message
+
+
+def test_rerun_into_a_run_with_checkpoints_needs_resume(make_cfg, tmp_path, no_model_load):
+    cfg = make_cfg()
+    (Path(cfg.output_dir) / "checkpoints" / "step-00000004").mkdir(parents=True)
+    assert "holds checkpoints of an earlier run; continue it with resume=true" in one_line_error(cfg)
+
+
+def test_resume_with_another_config(make_cfg, no_model_load):
+    from omegaconf import OmegaConf
+
+    first = make_cfg("trainer.max_steps=4")
+    out = Path(first.output_dir)
+    (out / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (out / "checkpoints" / "step-00000002" / "state.json").write_text("{}")
+    OmegaConf.save(first, out / "config.yaml", resolve=True)
+    message = one_line_error(make_cfg("trainer.max_steps=4", "trainer.batch_size=2", "resume=true"))
+    assert "resume: trainer.batch_size is 2 but the checkpoint's run used 4" in message
+
+
+def test_corrupt_checkpoint(make_cfg):
+    from omegaconf import OmegaConf
+
+    first = make_cfg("trainer.max_steps=4")
+    out = Path(first.output_dir)
+    broken = out / "checkpoints" / "step-00000002"
+    broken.mkdir(parents=True)
+    (broken / "state.json").write_text("{}")
+    (broken / "adapter.safetensors").write_bytes(b"\x00" * 10)
+    OmegaConf.save(first, out / "config.yaml", resolve=True)
+    message = one_line_error(make_cfg("trainer.max_steps=4", "resume=true"))
+    assert f"checkpoint {broken} cannot be read" in message and "delete it to resume from the one before" in message
+
+
+def test_full_disk_while_saving_leaves_no_partial_checkpoint(make_cfg, monkeypatch):
+    import emorec.checkpoint
+
+    real = emorec.checkpoint.save_file
+    saved = []
+
+    def fill_disk(tensors, path):
+        if saved:  # the first checkpoint fits; the second finds the disk full half-way
+            Path(path).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(path)
+        real(tensors, path)
+
+    monkeypatch.setattr(emorec.checkpoint, "save_file", fill_disk)
+    cfg = make_cfg("trainer.max_steps=4", "trainer.checkpoint_every=2")
+    message = one_line_error(cfg)
+    assert "No space left on device); free some disk space, then rerun with resume=true" in message
+    folder = Path(cfg.output_dir) / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-00000002"]  # no partial step-4, no temp folder
+    assert (folder / "step-00000002" / "adapter.safetensors").is_file()
+
+
+def test_full_disk_while_writing_outputs_leaves_no_partial_file(tmp_path, monkeypatch):
+    from emorec.outputs import write_json
+
+    def full(self, data):
+        Path.write_bytes(self, b"{")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(EmorecError, match="free some disk space"):
+        write_json(tmp_path / "metrics.json", {"a": 1})
+    assert list(tmp_path.iterdir()) == []

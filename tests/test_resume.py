@@ -1,0 +1,127 @@
+"""Nothing lost: a run killed with SIGKILL or stopped by SIGTERM/SIGUSR2 continues from its last
+checkpoint to the same final metrics as a run never interrupted, and a NaN loss stops the run
+with the last good checkpoint in place. Real subprocesses on the tiny model."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.meld_fixture import MELD_DIR
+
+ROOT = Path(__file__).parent.parent
+# 16 training utterances in batches of 4: 4 steps an epoch, so 10 steps cross two epoch ends
+# (with validation and best-adapter tracking); dropout makes the RNG state matter.
+SETTINGS = [
+    "logger=none",
+    "trainer.precision=fp32",
+    "trainer.batch_size=4",
+    "trainer.eval_batch_size=4",
+    "trainer.max_steps=10",
+    "trainer.checkpoint_every=3",
+    "trainer.keep_checkpoints=2",
+    "optimizer.lr=1e-2",
+    "adapter=lora",
+    "adapter.dropout=0.1",
+]
+
+
+def emorec(tiny_model, run_dir, *extra, interrupt=None):
+    base = ["model=hf", f"model.name_or_path={tiny_model}", f"dataset.data_dir={MELD_DIR}", *SETTINGS]
+    args = [*base, f"hydra.run.dir={run_dir}", *extra]
+    cmd = [sys.executable, "-m", "emorec", *args]
+    if interrupt:
+        cmd = [sys.executable, str(ROOT / "tests" / "interrupt.py"), *interrupt, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def final(run_dir) -> dict:
+    m = json.loads((Path(run_dir) / "metrics.json").read_text())
+    return {"val": m["val"], "test": m["test"], "losses": m["train"]["losses"], "best_epoch": m["best_epoch"]}
+
+
+def steps(run_dir) -> list[str]:
+    return sorted(p.name for p in (Path(run_dir) / "checkpoints").iterdir())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    out = emorec(tiny_model, run_dir)
+    assert out.returncode == 0, out.stderr
+    return final(run_dir)
+
+
+def test_kill_9_then_resume_gives_the_same_final_metrics(tiny_model, tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    killed = emorec(tiny_model, run_dir, interrupt=["KILL", "7"])
+    assert killed.returncode == -9  # died at step 7, between the checkpoints of steps 6 and 9
+    assert not (run_dir / "metrics.json").exists()
+    assert steps(run_dir) == ["step-00000004", "step-00000006"]  # epoch end 4, periodic 6 (3 pruned)
+    resumed = emorec(tiny_model, run_dir, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout and "step-00000006 at step 6" in resumed.stdout
+    assert final(run_dir) == uninterrupted
+    assert len(uninterrupted["losses"]) == 10
+
+
+@pytest.mark.parametrize("signal_name,code", [("TERM", 143), ("INT", 130)])
+def test_sigterm_and_sigint_checkpoint_and_say_how_to_resume(tiny_model, tmp_path, uninterrupted, signal_name, code):
+    run_dir = tmp_path / "run"
+    stopped = emorec(tiny_model, run_dir, interrupt=[signal_name, "5"])
+    assert stopped.returncode == code, stopped.stderr
+    message = stopped.stdout.strip().splitlines()[-1]
+    assert message.startswith(f"emorec: SIG{signal_name} after step 5: checkpoint saved in {run_dir}")
+    assert "resume with: python -m emorec" in message and f"hydra.run.dir={run_dir} resume=true" in message
+    assert steps(run_dir)[-1] == "step-00000005"
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
+    resumed = emorec(tiny_model, run_dir, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr
+    assert final(run_dir) == uninterrupted
+
+
+def test_sigusr2_checkpoints_then_hands_over_to_submitit_requeue(tiny_model, tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    stopped = emorec(tiny_model, run_dir, interrupt=["USR2", "2", "--fake-requeue"])
+    assert stopped.returncode == 0 and "fake submitit: requeued" in stopped.stdout
+    assert steps(run_dir)[-1] == "step-00000002"
+    # The requeued job runs the same command, with resume=true from the launcher preset.
+    resumed = emorec(tiny_model, run_dir, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr
+    assert final(run_dir) == uninterrupted
+
+
+def test_resume_true_without_checkpoints_starts_fresh(tiny_model, tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    out = emorec(tiny_model, run_dir, "resume=true")
+    assert out.returncode == 0, out.stderr
+    assert final(run_dir) == uninterrupted
+
+
+@pytest.mark.parametrize(
+    "overrides,fault",
+    [
+        (["optimizer.lr=1e30", "trainer.max_grad_norm=null"], "weights are no longer finite after step"),
+        (["optimizer.lr=1e30", "trainer.max_grad_norm=1.0"], "gradient norm is nan at step"),
+    ],
+    ids=["loss", "gradient"],
+)
+def test_nan_stops_with_the_last_good_checkpoint(tiny_model, tmp_path, overrides, fault):
+    run_dir = tmp_path / "run"
+    out = emorec(tiny_model, run_dir, "trainer.checkpoint_every=1", *overrides)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"emorec: error: {fault}") and "lower optimizer.lr" in last, last
+    assert "the last checkpoint holds the weights before it" in last
+    failed = int(re.search(r"(?:at|after) step (\d+)", last).group(1))
+    assert failed >= 2
+    kept = steps(run_dir)
+    assert kept and all(int(k.split("-")[1]) < failed for k in kept)
+    for k in kept:
+        weights = load_file(run_dir / "checkpoints" / k / "adapter.safetensors")
+        assert weights and all(w.isfinite().all() for w in weights.values())
+    assert not (run_dir / "metrics.json").exists()
