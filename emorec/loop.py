@@ -330,6 +330,17 @@ def predict(
     return {"preds": preds, "extra": extra, "seconds": seconds, "examples_per_s": len(prompts) / seconds}
 
 
+def passes(model, batch_prompts, lengths, batch: list[int], share_prefix: bool, max_tokens: int | None):
+    """The batch as one forward/backward pass, or, when its padded tokens (after the shared
+    prefix) exceed max_tokens, as the fewest passes of equal rows that fit: memory then stays
+    bounded by the long tail of utterances while the update is the batch's."""
+    n = prefix_length(model, batch_prompts, share_prefix)
+    width = max(lengths[j] for j in batch) - n
+    k = 1 if not max_tokens else max(1, math.ceil(len(batch) * width / max_tokens))
+    size = math.ceil(len(batch) / min(k, len(batch)))
+    return [batch[s : s + size] for s in range(0, len(batch), size)]
+
+
 def check_finite(params, step: int) -> None:
     if not all(torch.isfinite(p).all() for p in params):
         raise EmorecError(
@@ -360,6 +371,7 @@ def train(
     checkpoint_every: int = 0,
     stop=None,
     progress: dict | None = None,
+    max_pass_tokens: int | None = None,
 ) -> dict:
     """Train for `steps` optimizer steps over epochs of length-grouped batches. `answers[i]`
     is example i's answer; `log(metrics, step)` receives loss and learning rate;
@@ -367,7 +379,8 @@ def train(
 
     `checkpoint(progress)` saves the run every `checkpoint_every` steps, at each epoch's end and
     when `stop()` names a signal (then training raises Interrupted). `progress` is this loop's
-    own state (position in the data order, counters); passing a saved one continues from it."""
+    own state (position in the data order, counters); passing a saved one continues from it.
+    `max_pass_tokens` bounds the tokens of one forward/backward pass (see `passes`)."""
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     lengths = [len(p) + len(a) for p, a in zip(prompts, answers)]
@@ -405,17 +418,23 @@ def train(
         for i in range(first, usable, grad_accum):
             group = []
             for batch in batches[i : i + grad_accum]:
-                with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=autocast):
-                    loss = answer_loss(
-                        model, [prompts[j] for j in batch], [answers[j] for j in batch], pad_id, share_prefix
-                    )
-                (loss / grad_accum).backward()
-                group.append(loss.item())
-                batch_tokens = sum(lengths[j] for j in batch)
-                tokens += batch_tokens
-                # Tokens the model actually ran (for FLOPs): the shared prefix once, not per row.
-                n = prefix_length(model, [prompts[j] for j in batch], share_prefix)
-                computed += batch_tokens - (len(batch) - 1) * n
+                batch_loss = 0.0
+                for part in passes(model, [prompts[j] for j in batch], lengths, batch, share_prefix, max_pass_tokens):
+                    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=autocast):
+                        loss = answer_loss(
+                            model, [prompts[j] for j in part], [answers[j] for j in part], pad_id, share_prefix
+                        )
+                    # Each pass's mean loss, weighted by its share of the batch: the gradients add
+                    # up to those of the batch's mean loss.
+                    share = len(part) / len(batch)
+                    (loss * share / grad_accum).backward()
+                    batch_loss += loss.item() * share
+                    part_tokens = sum(lengths[j] for j in part)
+                    tokens += part_tokens
+                    # Tokens the model actually ran (for FLOPs): the shared prefix once, not per row.
+                    n = prefix_length(model, [prompts[j] for j in part], share_prefix)
+                    computed += part_tokens - (len(part) - 1) * n
+                group.append(batch_loss)
                 examples += len(batch)
             loss_value = sum(group) / grad_accum
             if not math.isfinite(loss_value):

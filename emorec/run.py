@@ -122,7 +122,13 @@ CHECKS = [
     ],
     *[
         (key, lambda v: v is None or (_int(v) and v > 0), "a positive integer or null")
-        for key in ("trainer.max_steps", "trainer.num_threads", "dataset.max_train", "dataset.max_eval")
+        for key in (
+            "trainer.max_steps",
+            "trainer.num_threads",
+            "trainer.max_pass_tokens",
+            "dataset.max_train",
+            "dataset.max_eval",
+        )
     ],
     *[
         (key, lambda v: _int(v) and v >= 0, "an integer >= 0")
@@ -408,6 +414,7 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
                     checkpoint_every=t.checkpoint_every,
                     stop=lambda: signals.received,
                     progress=progress,
+                    max_pass_tokens=t.max_pass_tokens,
                 )
             except Interrupted:
                 # Checkpointed: hand the signal on (submitit requeues on its SIGUSR2), then stop.

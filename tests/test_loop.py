@@ -216,3 +216,26 @@ def test_train_stops_on_a_nan_loss_before_the_update(tiny_model):
     assert saved == []  # nothing written, nothing updated
     after = dict(model.named_parameters())
     assert all(torch.equal(after[n], v) or torch.isnan(v).any() for n, v in before.items())
+
+
+def test_a_batch_split_into_passes_gives_the_same_update(tiny_model):
+    from emorec.loop import passes, train
+
+    prompts = SHARED + [[5, 9, 30, 7], [5, 9, 30, 41, 7, 8, 12, 13, 3, 4, 6]]
+    answers = [ANSWERS[i % 3] for i in range(len(prompts))]
+    lengths = [len(p) + len(a) for p, a in zip(prompts, answers)]
+    results = []
+    for budget in (None, 8):
+        model = lora_model(tiny_model).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=0.5)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        stats = train(
+            model, prompts, answers, 2, optimizer=optimizer, scheduler=scheduler, steps=2, batch_size=5,
+            grad_accum=1, max_grad_norm=None, autocast=False, share_prefix=True, seed=0, log_every=1,
+            log=lambda *a: None, on_epoch_end=lambda *a: None, max_pass_tokens=budget,
+        )  # fmt: skip
+        results.append((stats["losses"], torch.cat([p.detach().flatten() for p in params])))
+    assert len(passes(None, prompts, lengths, list(range(5)), False, 8)) == 5  # 5 rows x 11+ tokens > 8 each
+    assert results[0][0] == pytest.approx(results[1][0], abs=TOL)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-5)
