@@ -200,3 +200,32 @@ def test_full_disk_while_writing_outputs_leaves_no_partial_file(tmp_path, monkey
     with pytest.raises(EmorecError, match="free some disk space"):
         write_json(tmp_path / "metrics.json", {"a": 1})
     assert list(tmp_path.iterdir()) == []
+
+
+class Payload:
+    """Unpickling this would run code; torch.load(weights_only=True) must refuse it."""
+
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_a_checkpoint_with_pickled_code_is_refused(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from emorec.checkpoint import load_checkpoint
+
+    folder = tmp_path / "checkpoints" / "step-00000002"
+    folder.mkdir(parents=True)
+    (folder / "state.json").write_text("{}")
+    save_file({"w": torch.zeros(2)}, folder / "adapter.safetensors")
+    torch.save({"optimizer": Payload()}, folder / "trainer.pt")
+    with pytest.raises(EmorecError, match="cannot be read"):
+        load_checkpoint(folder)
+    assert "unpickled!" not in capsys.readouterr().out
+
+
+def test_remote_code_only_where_a_model_config_opts_in():
+    options = sorted(p.stem for p in (Path(CONF) / "model").glob("*.yaml"))
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        opted = [o for o in options if compose("config", overrides=[f"model={o}"]).model.get("trust_remote_code")]
+    assert opted == ["chatglm2_6b"]
