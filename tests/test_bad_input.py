@@ -228,4 +228,4 @@ def test_remote_code_only_where_a_model_config_opts_in():
     options = sorted(p.stem for p in (Path(CONF) / "model").glob("*.yaml"))
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         opted = [o for o in options if compose("config", overrides=[f"model={o}"]).model.get("trust_remote_code")]
-    assert opted == ["chatglm2_6b"]
+    assert opted == ["chatglm2_6b", "chatglm3_6b"]

@@ -59,7 +59,7 @@ def test_cli_help_lists_groups_and_options():
         "mosi2, mosi3, sst2, sst5",
         "launcher: joblib, submitit_local, submitit_slurm",
         "logger: none, wandb",
-        "model: chatglm2_6b, hf, smollm2_135m",
+        "model: chatglm2_6b, chatglm3_6b, glm4_9b_chat, hf, llama3_1_8b_instruct, qwen2_5_7b_instruct, smollm2_135m",
         "optimizer: adamw",
         "sweep: lora_rank, optuna, paper, prefix_length",
     ]:

@@ -1,0 +1,80 @@
+"""Model configs for GPU users, checked offline: each composes, opts in to remote code only
+where its architecture needs it, and its LoRA targets and P-Tuning v2 fit a small randomly
+initialised model of the same transformers architecture (built here from a config)."""
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from emorec.loop import answer_loss, score_labels
+from tests.conftest import CONF
+
+# option -> transformers model_type of its architecture (None: remote code, not buildable here)
+GPU_MODELS = {
+    "chatglm2_6b": None,
+    "chatglm3_6b": None,
+    "glm4_9b_chat": "glm",
+    "qwen2_5_7b_instruct": "qwen2",
+    "llama3_1_8b_instruct": "llama",
+}
+
+
+def model_cfg(option):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=[f"model={option}"]).model
+
+
+@pytest.mark.parametrize("option", GPU_MODELS)
+def test_gpu_model_configs_compose(option):
+    m = model_cfg(option)
+    assert m.name == option and m.name_or_path and m.lora_target_modules
+    assert bool(m.trust_remote_code) == (GPU_MODELS[option] is None)  # remote code only for ChatGLM
+
+
+def tiny(model_type):
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+ARCHS = [(o, t) for o, t in GPU_MODELS.items() if t]
+PROMPTS = [[5, 9, 30, 41, 7], [5, 9, 30, 12]]
+ANSWERS = [[20, 2], [21, 22, 2]]
+
+
+@pytest.mark.parametrize("option,model_type", ARCHS, ids=[o for o, _ in ARCHS])
+def test_lora_targets_exist_in_the_architecture(option, model_type):
+    targets = list(model_cfg(option).lora_target_modules)
+    model = tiny(model_type)
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    assert set(targets) <= names
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=targets))
+    assert peft.get_nb_trainable_parameters()[0] > 0
+    loss = answer_loss(peft, PROMPTS, ANSWERS, pad_id=0)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in peft.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("option,model_type", ARCHS, ids=[o for o, _ in ARCHS])
+def test_ptuning_v2_runs_on_the_architecture(option, model_type):
+    peft = get_peft_model(tiny(model_type), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    loss = answer_loss(peft, PROMPTS, ANSWERS, pad_id=0)
+    loss.backward()
+    scores = score_labels(peft, PROMPTS, ANSWERS, pad_id=0)
+    assert torch.isfinite(loss) and scores.shape == (2, 2) and torch.isfinite(scores).all()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in peft.parameters() if p.requires_grad)
