@@ -3,13 +3,11 @@
 A checkpoint is a folder `<run dir>/checkpoints/step-NNNNNNNN/` holding the trainable weights
 (`adapter.safetensors`), the best weights so far (`best.safetensors`), the optimizer, scheduler
 and RNG tensors (`trainer.pt`, read back with `torch.load(weights_only=True)`) and the loop's
-position and counters (`state.json`). It is written in a temporary folder and renamed into
-place, so a folder with a checkpoint's name is always complete.
+position and counters (`state.json`). It is written through `outputs.atomic` (a temporary
+folder renamed into place), so a folder with a checkpoint's name is always complete.
 """
 
-import errno
 import json
-import os
 import random
 import re
 import shutil
@@ -21,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from emorec.errors import EmorecError
+from emorec.outputs import atomic
 
 FOLDER = "checkpoints"
 NAME = re.compile(r"step-(\d{8})$")
@@ -73,9 +72,9 @@ def save_checkpoint(
     """Write a checkpoint atomically and keep the last `keep`. `tensors` (optimizer, scheduler,
     RNG) go through torch.save, `state` through JSON."""
     final = Path(run_dir) / FOLDER / f"step-{step:08d}"
-    tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    # The same step can be saved twice (a periodic checkpoint, then the epoch's end with its
+    # validation): the newer one replaces it.
+    with atomic(final) as tmp:
         tmp.mkdir(parents=True)
         save_file({k: v.detach().contiguous() for k, v in weights.items()}, tmp / "adapter.safetensors")
         if best is not None:
@@ -83,21 +82,6 @@ def save_checkpoint(
         torch.save(tensors, tmp / "trainer.pt")
         state = {**state, "python_rng": random.getstate(), "numpy_rng": numpy_state()}
         (tmp / "state.json").write_text(json.dumps(state))
-        # The same step can be saved twice (a periodic checkpoint, then the epoch's end with its
-        # validation): the newer one replaces it, and an older step stays until then.
-        old = final.with_name(f"{final.name}.old")
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        hint = "free some disk space" if e.errno == errno.ENOSPC else "check the run directory's permissions"
-        raise EmorecError(
-            f"cannot write checkpoint {final} ({e.strerror}); {hint}, then rerun with resume=true "
-            "(earlier checkpoints are intact)"
-        ) from None
     for path in checkpoints(run_dir)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
     return final

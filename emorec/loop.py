@@ -341,12 +341,15 @@ def passes(model, batch_prompts, lengths, batch: list[int], share_prefix: bool, 
     return [batch[s : s + size] for s in range(0, len(batch), size)]
 
 
+def numerical_fault(what: str) -> EmorecError:
+    return EmorecError(
+        f"{what}; lower optimizer.lr or use trainer.precision=fp32 (the last checkpoint holds the weights before it)"
+    )
+
+
 def check_finite(params, step: int) -> None:
     if not all(torch.isfinite(p).all() for p in params):
-        raise EmorecError(
-            f"weights are no longer finite after step {step}; lower optimizer.lr or use trainer.precision=fp32 "
-            "(the last checkpoint holds the weights before it)"
-        )
+        raise numerical_fault(f"weights are no longer finite after step {step}")
 
 
 def train(
@@ -439,19 +442,13 @@ def train(
             loss_value = sum(group) / grad_accum
             if not math.isfinite(loss_value):
                 # Before the update: the weights, and the last checkpoint, stay good.
-                raise EmorecError(
-                    f"loss is {loss_value} at step {step + 1}; lower optimizer.lr or use trainer.precision=fp32 "
-                    "(the last checkpoint holds the weights before it)"
-                )
+                raise numerical_fault(f"loss is {loss_value} at step {step + 1}")
             losses.append(loss_value)
             running += group
             if max_grad_norm:
                 norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                 if not torch.isfinite(norm):
-                    raise EmorecError(
-                        f"gradient norm is {norm.item()} at step {step + 1}; lower optimizer.lr or use "
-                        "trainer.precision=fp32 (the last checkpoint holds the weights before it)"
-                    )
+                    raise numerical_fault(f"gradient norm is {norm.item()} at step {step + 1}")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

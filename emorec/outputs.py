@@ -17,11 +17,15 @@ def atomic(path: Path):
     `path` when the block succeeds. On a full disk or any write error the partial output is
     removed, so nothing half-written ever carries the final name."""
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    old = path.with_name(f"{path.name}.old{os.getpid()}")
     try:
         yield tmp
         if path.is_dir() and tmp.is_dir():
-            shutil.rmtree(path)
+            # A folder cannot be renamed over another: move the old one aside first, so one
+            # complete copy carries the name at every moment but the two renames.
+            os.replace(path, old)
         os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         hint = "free some disk space" if e.errno == errno.ENOSPC else "check the run directory's permissions"
         raise EmorecError(f"cannot write {path} ({e.strerror}); {hint}, then rerun with resume=true") from None

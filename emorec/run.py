@@ -15,7 +15,6 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import get_scheduler
@@ -153,10 +152,7 @@ def check_config(cfg: DictConfig) -> None:
     if missing:
         raise EmorecError(f"{missing[0]} is required and has no value; set it with {missing[0]}=...")
     for key, ok, what in CHECKS:
-        try:
-            value = OmegaConf.select(cfg, key, default=KeyError, throw_on_missing=True)
-        except MissingMandatoryValue:
-            raise EmorecError(f"{key} is required and has no value; set it with {key}=...") from None
+        value = OmegaConf.select(cfg, key, default=KeyError)
         if value is not KeyError and not ok(value):
             raise EmorecError(f"{key}={value!r} is not valid; it must be {what}")
     labels = cfg.dataset.labels
@@ -234,7 +230,6 @@ def run(cfg: DictConfig) -> dict:
     bf16 = use_bf16(t.precision, device)
 
     d = cfg.dataset
-    check_metric(d.metric, d.neutral_label, d.labels)
     data = instantiate(d.load)
     labels = data.labels  # the config's, or inferred from the data (dataset=csv, labels=null)
     check_metric(d.metric, d.neutral_label, labels)
