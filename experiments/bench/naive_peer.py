@@ -114,6 +114,7 @@ def main() -> None:
         "train_tokens_per_s": real_tokens * steps * 16 / len(rows) / train_s,
         # Model FLOPs count real tokens only (the padding it also runs is waste, not work).
         "computed_tokens": real_tokens * steps * 16 / len(rows),
+        "tokens": real_tokens * steps * 16 / len(rows),  # trained tokens: all of them run
         "padded_tokens": steps * 16 * args.pad_to,
         "eval_examples_per_s": len(dev) / eval_s,
         "val_weighted_f1": metrics["weighted_f1"],
