@@ -8,6 +8,7 @@ overrides in a group named after the sweep, and a failing job records its error 
 import logging
 import re
 import signal
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -18,6 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from emorec.checkpoint import Interrupted
+from emorec.distributed import hydra_overrides, is_main_process, world_size
 from emorec.errors import EmorecError
 from emorec.outputs import write_json
 from emorec.run import run
@@ -58,27 +60,34 @@ def main(cfg: DictConfig) -> float:
     try:
         metrics = run(cfg)
     except Interrupted as e:
+        if not is_main_process():  # the first process says it
+            raise SystemExit(128 + getattr(signal, e.signal_name)) from None
         keep = [o for o in hc.overrides.task if not o.startswith(("resume=", "hydra.run.dir=", "output_dir="))]
-        command = " ".join(["python -m emorec", *keep, f"hydra.run.dir={out}", "resume=true"])
+        launcher = f"torchrun --nproc_per_node {world_size()}" if world_size() > 1 else "python"
+        command = " ".join([launcher, "-m emorec", *keep, f"hydra.run.dir={out}", "resume=true"])
         write_json(out / "status.json", {"status": "interrupted", "signal": e.signal_name, "step": e.step})
         print(f"emorec: {e.signal_name} after step {e.step}: checkpoint saved in {e.path}; resume with: {command}")
         raise SystemExit(128 + getattr(signal, e.signal_name)) from None
     except Exception as e:
         message = str(e) if isinstance(e, EmorecError) else f"{type(e).__name__}: {e}"
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(
-            out / "status.json",
-            {"status": "failed", "error": message, "traceback": traceback.format_exc(), "seconds": time.time() - start},
-        )
+        if is_main_process():
+            out.mkdir(parents=True, exist_ok=True)
+            status = {"status": "failed", "error": message, "traceback": traceback.format_exc()}
+            write_json(out / "status.json", {**status, "seconds": time.time() - start})
         if multirun:  # the other jobs go on; the report lists this one
             log.error("job %s failed: %s", hc.job.num, message)
             return float("nan")
         if isinstance(e, EmorecError):
             raise SystemExit(f"emorec: error: {e}") from None
         raise
-    write_json(out / "status.json", {"status": "ok", "seconds": time.time() - start})
+    if is_main_process():
+        write_json(out / "status.json", {"status": "ok", "seconds": time.time() - start})
     return metrics["val"][cfg.dataset.metric]
 
 
 if __name__ == "__main__":
+    try:
+        sys.argv += hydra_overrides(sys.argv[1:])
+    except EmorecError as e:
+        raise SystemExit(f"emorec: error: {e}") from None
     main()

@@ -18,6 +18,7 @@ import time
 import warnings
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from tqdm import tqdm
 
@@ -112,7 +113,7 @@ def common_prefix(prompts: list[list[int]]) -> int:
 def can_share_prefix(model) -> bool:
     """Prompt-learning adapters put virtual tokens or their own prefix cache before the input,
     so a cache of real tokens cannot go first there."""
-    config = getattr(model, "active_peft_config", None)
+    config = getattr(extract_model_from_parallel(model), "active_peft_config", None)
     return config is None or not config.is_prompt_learning
 
 
@@ -166,7 +167,9 @@ def answer_loss(
 def base_of(model):
     """The transformer under a PEFT wrapper. LoRA-style adapters live inside its modules;
     prompt-learning adapters act only through the wrapper's forward (prefix in the cache,
-    virtual tokens in the input), so a continuation on their cache must bypass it."""
+    virtual tokens in the input), so a continuation on their cache must bypass it. A
+    data-parallel wrapper (DDP) is looked through."""
+    model = extract_model_from_parallel(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -375,6 +378,7 @@ def train(
     stop=None,
     progress: dict | None = None,
     max_pass_tokens: int | None = None,
+    accelerator=None,
 ) -> dict:
     """Train for `steps` optimizer steps over epochs of length-grouped batches. `answers[i]`
     is example i's answer; `log(metrics, step)` receives loss and learning rate;
@@ -383,7 +387,11 @@ def train(
     `checkpoint(progress)` saves the run every `checkpoint_every` steps, at each epoch's end and
     when `stop()` names a signal (then training raises Interrupted). `progress` is this loop's
     own state (position in the data order, counters); passing a saved one continues from it.
-    `max_pass_tokens` bounds the tokens of one forward/backward pass (see `passes`)."""
+    `max_pass_tokens` bounds the tokens of one forward/backward pass (see `passes`).
+
+    With an `accelerator` of N processes (`model` then wrapped by it, e.g. in DDP), every process
+    builds the same batches and process r trains on rows r, r+N, ... of each; the engine averages
+    the gradients, so an optimizer step sees the same global batch as with one process."""
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     lengths = [len(p) + len(a) for p, a in zip(prompts, answers)]
@@ -394,6 +402,14 @@ def train(
     if "generator" in p:
         generator.set_state(p["generator"])
     paused, start = 0.0, time.perf_counter()
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    device_type = extract_model_from_parallel(model).device.type
+
+    def agree(values: list[float]) -> list[float]:
+        # Sums over processes: each holds its rows' share of a loss, or a signal flag.
+        if world == 1:
+            return values
+        return accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=accelerator.device), "sum").tolist()
 
     def state(batch: int, epoch_generator: torch.Tensor) -> dict:
         # Where to continue: the epoch's batches come again from the generator state at its
@@ -411,7 +427,7 @@ def train(
             "seconds": before + time.perf_counter() - start - paused,
         }
 
-    bar = tqdm(total=steps, initial=step, desc="train")
+    bar = tqdm(total=steps, initial=step, desc="train", disable=rank > 0)
     while step < steps:
         model.train()
         epoch_generator = generator.get_state()
@@ -419,26 +435,40 @@ def train(
         # Drop a last partial accumulation group, so every optimizer step sees the same batch.
         usable = len(batches) - len(batches) % grad_accum
         for i in range(first, usable, grad_accum):
-            group = []
-            for batch in batches[i : i + grad_accum]:
-                batch_loss = 0.0
-                for part in passes(model, [prompts[j] for j in batch], lengths, batch, share_prefix, max_pass_tokens):
-                    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=autocast):
+            # This process's passes of the step: (batch in the group, rows, share of the batch).
+            work = []
+            for b, batch in enumerate(batches[i : i + grad_accum]):
+                for r in range(world):
+                    rows = batch[r::world]
+                    if not rows:
+                        continue
+                    for part in passes(model, [prompts[j] for j in rows], lengths, rows, share_prefix, max_pass_tokens):
+                        if r == rank:
+                            work.append((b, part, len(part) / len(batch)))
+                        part_tokens = sum(lengths[j] for j in part)
+                        tokens += part_tokens
+                        # Tokens the model actually ran (for FLOPs): the shared prefix once per pass.
+                        n = prefix_length(model, [prompts[j] for j in part], share_prefix)
+                        computed += part_tokens - (len(part) - 1) * n
+                examples += len(batch)
+            if not work:
+                # Fewer rows than processes: a pass of weight 0 keeps this one in the gradient exchange.
+                work.append((0, batches[i][:1], 0.0))
+            group = [0.0] * grad_accum
+            for k, (b, part, share) in enumerate(work):
+                # Gradients are exchanged once per step, on each process's last pass.
+                sync = accelerator is None or k == len(work) - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
                         loss = answer_loss(
                             model, [prompts[j] for j in part], [answers[j] for j in part], pad_id, share_prefix
                         )
                     # Each pass's mean loss, weighted by its share of the batch: the gradients add
-                    # up to those of the batch's mean loss.
-                    share = len(part) / len(batch)
-                    (loss * share / grad_accum).backward()
-                    batch_loss += loss.item() * share
-                    part_tokens = sum(lengths[j] for j in part)
-                    tokens += part_tokens
-                    # Tokens the model actually ran (for FLOPs): the shared prefix once, not per row.
-                    n = prefix_length(model, [prompts[j] for j in part], share_prefix)
-                    computed += part_tokens - (len(part) - 1) * n
-                group.append(batch_loss)
-                examples += len(batch)
+                    # up to those of the batch's mean loss (times N, as the engine averages them).
+                    scaled = loss * (share * world / grad_accum)
+                    accelerator.backward(scaled) if accelerator else scaled.backward()
+                group[b] += loss.item() * share
+            group = agree(group)
             loss_value = sum(group) / grad_accum
             if not math.isfinite(loss_value):
                 # Before the update: the weights, and the last checkpoint, stay good.
@@ -463,6 +493,9 @@ def train(
                     step,
                 )
             signal_name = stop() if stop else None
+            if world > 1 and agree([float(signal_name is not None)])[0]:
+                # All processes stop at the same step (a signal may reach them at different ones).
+                signal_name = signal_name or "SIGTERM"
             if checkpoint and (signal_name or (checkpoint_every and step % checkpoint_every == 0)):
                 check_finite(params, step)  # a checkpoint is never written with broken weights
                 path = checkpoint(state(i + grad_accum, epoch_generator))

@@ -16,16 +16,46 @@ from emorec.errors import EmorecError
 log = logging.getLogger(__name__)
 
 
+def quantization_config(kind: str | None):
+    """QLoRA's base model: 4-bit NF4 with double quantisation and bf16 compute (Dettmers et al.
+    2023), or 8-bit; None for none. bitsandbytes runs on CUDA GPUs, so both are checked first."""
+    if kind is None:
+        return None
+    if kind not in ("4bit", "8bit"):
+        raise EmorecError(f"model.quantization={kind!r} is not valid; use 4bit, 8bit or null")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise EmorecError(f"model.quantization={kind} needs bitsandbytes; install it with: pip install bitsandbytes")
+    if not torch.cuda.is_available():
+        raise EmorecError(f"model.quantization={kind} needs a CUDA GPU (bitsandbytes); use model.quantization=null")
+    return quantization_settings(kind)
+
+
+def quantization_settings(kind: str):
+    from transformers import BitsAndBytesConfig
+
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
 def load_pretrained(
     name_or_path: str,
     dtype: torch.dtype = torch.float32,
     revision: str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    quantization: str | None = None,
 ):
     """A hub name or a local folder. Weights load from safetensors only: a pickled .bin file can
     run code on load. trust_remote_code stays off unless the model config opts in.
-    attn_implementation: eager, sdpa, ... (None: the transformers default)."""
+    attn_implementation: eager, sdpa, ... (None: the transformers default). quantization: 4bit
+    or 8bit for QLoRA (see quantization_config)."""
+    quantized = quantization_config(quantization)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -35,6 +65,7 @@ def load_pretrained(
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation,
+            quantization_config=quantized,
         )
     except ValueError as e:
         if "attn_implementation" not in str(e) and "attention" not in str(e):

@@ -15,7 +15,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import get_scheduler
 
@@ -29,9 +29,12 @@ from emorec.checkpoint import (
     save_checkpoint,
 )
 from emorec.data import subsample
+from emorec.distributed import end, from_slurm, gather_predictions, make_accelerator
 from emorec.errors import EmorecError
+from emorec.loggers import NullLogger
 from emorec.loop import SORT_WINDOW, base_of, first_tokens_differ, predict, train
 from emorec.metrics import METRICS, classification_metrics
+from emorec.model import quantization_config
 from emorec.outputs import atomic, plot_confusion, prediction_columns, prediction_rows, write_json, write_predictions
 from emorec.prompt import encode_answers, encode_prompts, scoring_answers
 
@@ -175,6 +178,7 @@ def check_config(cfg: DictConfig) -> None:
             raise EmorecError(f"trainer.device={device!r} is not a device; use auto, cpu or cuda") from None
         if kind == "cuda" and not torch.cuda.is_available():
             raise EmorecError(f"trainer.device={device!r} but CUDA is not available; use trainer.device=auto or cpu")
+    quantization_config(OmegaConf.select(cfg, "model.quantization", default=None))  # bitsandbytes and a GPU
 
 
 # Settings a resumed run may change: they do not change what is computed.
@@ -221,12 +225,17 @@ def run(cfg: DictConfig) -> dict:
         )
     if checkpoint is not None:
         check_resume_config(cfg, checkpoint)
-    prepare_output_dir(out)
+    from_slurm()
+    accelerator = make_accelerator(resolve_device(t.device))
+    # Several processes (torchrun, accelerate launch): only the first writes and logs.
+    main = accelerator is None or accelerator.is_main_process
+    if main:
+        prepare_output_dir(out)
     wall = time.perf_counter()
     seed_everything(cfg.seed)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    device = resolve_device(t.device)
+    device = accelerator.device if accelerator else resolve_device(t.device)
     bf16 = use_bf16(t.precision, device)
 
     d = cfg.dataset
@@ -240,20 +249,27 @@ def run(cfg: DictConfig) -> dict:
     data_stats = {"labels": labels, "context_window": d.context_window, "skipped_rows": data.skipped}
     data_stats["left_out"] = data.left_out
 
-    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
-    # A partial, so the run's config reaches the logger as a plain dict (instantiate would turn
-    # keyword arguments into DictConfig nodes and instantiate the _target_s inside them).
-    make_logger = instantiate(cfg.logger, _partial_=True)
-    logger = make_logger(run_config=OmegaConf.to_container(cfg, resolve=True), dir=str(out))
+    if main:
+        OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+        # A partial, so the run's config reaches the logger as a plain dict (instantiate would
+        # turn keyword arguments into DictConfig nodes and instantiate the _target_s inside them).
+        make_logger = instantiate(cfg.logger, _partial_=True)
+        logger = make_logger(run_config=OmegaConf.to_container(cfg, resolve=True), dir=str(out))
+    else:
+        logger = NullLogger()
     try:
-        metrics = _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, logger, checkpoint)
+        metrics = _run(
+            cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, logger, checkpoint, accelerator
+        )
         metrics["data"] = data_stats
         logger.summary({"data/skipped_rows": data.skipped, "data/left_out": sum(data.left_out.values())})
         metrics["wall_time_s"] = time.perf_counter() - wall
-        write_json(out / "metrics.json", metrics)
+        if main:
+            write_json(out / "metrics.json", metrics)
         logger.summary({"wall_time_s": metrics["wall_time_s"]})
     finally:
         logger.finish()
+    end(accelerator)
     return metrics
 
 
@@ -266,8 +282,10 @@ def check_metric(metric: str, neutral_label: str | None, labels: list[str] | Non
         raise EmorecError(f"dataset.neutral_label={neutral_label!r} is not one of dataset.labels {list(labels)}")
 
 
-def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, logger, checkpoint) -> dict:
+def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, logger, checkpoint, accelerator) -> dict:
     t, metric = cfg.trainer, cfg.dataset.metric
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    main = rank == 0
 
     start = time.perf_counter()
     # Training without an adapter trains the whole model (adapter=full); otherwise the base is frozen.
@@ -280,6 +298,11 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
     model, tokenizer = instantiate(cfg.model.load, dtype=dtype)
     load_seconds = time.perf_counter() - start
     model.requires_grad_(full)
+    # A 4/8-bit base (model.quantization, QLoRA) is placed on its GPU by the loader and cannot move.
+    quantized = getattr(model, "is_quantized", False)
+    if quantized:
+        # PEFT's recipe for k-bit bases: norms in fp32, gradients enabled at the inputs.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if cfg.adapter.peft is not None:
         try:
             model = get_peft_model(model, instantiate(cfg.adapter.peft))
@@ -296,7 +319,8 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
             for module in model.modules():
                 if isinstance(module, BaseTunerLayer):
                     module.cast_input_dtype_enabled = False
-    model.to(device)
+    if not quantized:
+        model.to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info(
@@ -324,10 +348,12 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
     )
 
     def evaluate(ids, examples, desc):
+        # Each process predicts every world-th example; all gather all predictions.
+        mine = list(range(rank, len(ids), world))
         result = predict(
             model,
             tokenizer,
-            ids,
+            [ids[i] for i in mine],
             scored,
             labels,
             mode=t.predict,
@@ -338,6 +364,7 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
             merge=t.merge_adapter,
             desc=desc,
         )
+        result = gather_predictions(result, mine, len(ids), accelerator)
         return result, classification_metrics(result["preds"], [ex.label for ex in examples], labels, neutral)
 
     best = {"value": -math.inf, "epoch": None, "state": None, "val": None}
@@ -363,9 +390,12 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
                 state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
                 best.update(value=m[metric], epoch=epoch, state=state, val=(result, m))
 
-        def save(progress: dict) -> Path:
+        def save(progress: dict) -> Path | None:
             generator = progress.pop("generator")
-            return save_checkpoint(
+            if not main:  # every process holds the same state; the first writes it
+                accelerator.wait_for_everyone()
+                return None
+            path = save_checkpoint(
                 out,
                 progress["step"],
                 weights={n: p for n, p in model.named_parameters() if p.requires_grad},
@@ -379,17 +409,26 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
                 state={"progress": progress, "best_value": best["value"], "best_epoch": best["epoch"]},
                 keep=t.keep_checkpoints,
             )
+            if accelerator:
+                accelerator.wait_for_everyone()
+            return path
 
         progress = None
         if checkpoint is not None:
             progress = restore(checkpoint, model, optimizer, scheduler, best)
             log.info("resuming from %s at step %d", checkpoint, progress["step"])
         train_ids_answers = [answers[ex.label] for ex in train_ex]
+        trained = model
+        if accelerator:
+            # The engine wraps the model (DDP, or what `accelerate config` selects) and the
+            # optimizer. The scheduler stays plain: it steps once per optimizer step, as with one
+            # process (accelerate's wrapper would step it once per process).
+            trained, optimizer = accelerator.prepare(model, optimizer)
         signals = StopSignals()
         with signals:
             try:
                 train_stats = train(
-                    model,
+                    trained,
                     train_ids,
                     train_ids_answers,
                     tokenizer.pad_token_id,
@@ -410,6 +449,7 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
                     stop=lambda: signals.received,
                     progress=progress,
                     max_pass_tokens=t.max_pass_tokens,
+                    accelerator=accelerator,
                 )
             except Interrupted:
                 # Checkpointed: hand the signal on (submitit requeues on its SIGUSR2), then stop.
@@ -434,6 +474,8 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
         "test %s %.4f, accuracy %.4f, macro F1 %.4f", metric, test_m[metric], test_m["accuracy"], test_m["macro_f1"]
     )
 
+    if not main:
+        return {"val": val_m, "test": test_m, "train": train_stats}
     if isinstance(model, PeftModel):
         with atomic(out / "adapter") as tmp:
             model.save_pretrained(tmp)  # safetensors; PeftModel.from_pretrained reloads it

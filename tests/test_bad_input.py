@@ -41,6 +41,7 @@ BEFORE_MODEL = [
     ("predict mode", ["trainer.predict=classify"], "trainer.predict='classify' is not valid; it must be score or"),
     ("scoring mode", ["trainer.scoring=best"], "trainer.scoring='best' is not valid"),
     ("not a device", ["trainer.device=tpu9"], "trainer.device='tpu9' is not a device; use auto, cpu or cuda"),
+    ("quantization 2bit", ["model.quantization=2bit"], "model.quantization='2bit' is not valid; use 4bit, 8bit"),
     ("template field", ["prompt.template='Classify {sentence}'"], "prompt.template has an unknown field"),
     ("template brace", ["prompt.template='Classify {text'"], "prompt.template has an unknown field or a stray"),
     ("template without text", ["prompt.template='Classify to {labels}'"], "prompt.template has no {text} field"),
@@ -229,3 +230,11 @@ def test_remote_code_only_where_a_model_config_opts_in():
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         opted = [o for o in options if compose("config", overrides=[f"model={o}"]).model.get("trust_remote_code")]
     assert opted == ["chatglm2_6b", "chatglm3_6b"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for a machine without bitsandbytes or CUDA")
+def test_qlora_without_bitsandbytes_or_a_gpu_says_what_it_needs(make_cfg, no_model_load):
+    with pytest.raises(EmorecError) as e:
+        run(make_cfg("model.quantization=4bit"))
+    assert "model.quantization=4bit needs " in str(e.value)
+    assert "pip install bitsandbytes" in str(e.value) or "a CUDA GPU" in str(e.value)

@@ -9,6 +9,7 @@ from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from emorec.loop import answer_loss, score_labels
+from emorec.model import quantization_settings
 from tests.conftest import CONF
 
 # option -> transformers model_type of its architecture (None: remote code, not buildable here)
@@ -78,3 +79,16 @@ def test_ptuning_v2_runs_on_the_architecture(option, model_type):
     scores = score_labels(peft, PROMPTS, ANSWERS, pad_id=0)
     assert torch.isfinite(loss) and scores.shape == (2, 2) and torch.isfinite(scores).all()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in peft.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("option", GPU_MODELS)
+def test_qlora_is_one_override_away(option):
+    # model.quantization reaches the loader; the loader's settings are QLoRA's (NF4, double
+    # quantisation, bf16 compute). Loading itself needs bitsandbytes and a GPU.
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        m = compose("config", overrides=[f"model={option}", "model.quantization=4bit"]).model
+    assert m.quantization == "4bit" and m.load.quantization == "4bit"
+    four = quantization_settings("4bit")
+    assert four.load_in_4bit and four.bnb_4bit_quant_type == "nf4" and four.bnb_4bit_use_double_quant
+    assert four.bnb_4bit_compute_dtype == torch.bfloat16
+    assert quantization_settings("8bit").load_in_8bit

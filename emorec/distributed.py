@@ -1,0 +1,95 @@
+"""Data parallel through accelerate: the same run under `torchrun --nproc_per_node N -m emorec`,
+`accelerate launch -m emorec` or a multi-task SLURM job.
+
+Every process holds the whole model and sees the same length-grouped batches; process r trains
+on rows r, r+N, ... of each batch, and the gradients are averaged by the engine (DDP, or what
+`accelerate config` selects), so the global batch is `trainer.batch_size` whatever N is.
+Evaluation splits the examples the same way and gathers the predictions, so every process
+computes the same metrics; only the main process writes outputs and logs to W&B.
+"""
+
+import os
+import time
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list, gather_object
+
+from emorec.errors import EmorecError
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def from_slurm() -> None:
+    """Inside a submitit SLURM job of several tasks (a multi-GPU job of a sweep), set the
+    variables torchrun would have set, from SLURM's own."""
+    in_job = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+    if in_job and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in os.environ:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        # Each process picks its GPU by LOCAL_RANK (accelerate), so all stay visible.
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def hydra_overrides(argv: list[str]) -> list[str]:
+    """Overrides for this process's Hydra. Every process of a torchrun/accelerate launch starts
+    the entrypoint, and Hydra would name a run directory from each one's clock: the first
+    process's name goes to all. The others leave Hydra's own files (.hydra/, the log file) to it."""
+    if world_size() == 1:
+        return []
+    if any(a in ("-m", "--multirun") for a in argv):
+        raise EmorecError(
+            "a sweep under torchrun/accelerate is not supported; give each sweep job several GPUs with "
+            "+launcher=submitit_slurm hydra.launcher.gpus_per_node=N hydra.launcher.tasks_per_node=N"
+        )
+    extra = []
+    if not any(a.startswith("hydra.run.dir=") for a in argv):
+        # Joins the process group, which the run's Accelerator then reuses (with trainer.device
+        # auto: on CPU, gloo).
+        PartialState(cpu=not torch.cuda.is_available())
+        stamp = broadcast_object_list([time.strftime("%Y-%m-%d/%H-%M-%S")])[0]
+        extra.append(f"hydra.run.dir=outputs/{stamp}")
+    if int(os.environ.get("RANK", "0")) > 0:
+        extra += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    return extra
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def make_accelerator(device: torch.device) -> Accelerator | None:
+    """The engine for a run of several processes (None for one). Its device replaces
+    trainer.device: each process takes its own GPU."""
+    if world_size() == 1:
+        return None
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    if accelerator.num_processes != world_size():
+        raise EmorecError(
+            f"WORLD_SIZE={world_size()} but accelerate started {accelerator.num_processes} process(es); "
+            "launch with torchrun --nproc_per_node N -m emorec or accelerate launch --multi_gpu -m emorec"
+        )
+    return accelerator
+
+
+def gather_predictions(result: dict, indices: list[int], n: int, accelerator: Accelerator | None) -> dict:
+    """Every process's predictions for its share (`indices`) of n examples, in order, on every
+    process. Throughput counts all n examples over the slowest process's time."""
+    if accelerator is None:
+        return result
+    mine = list(zip(indices, result["preds"], result["extra"]))
+    preds, extra = [0] * n, [None] * n
+    for i, p, e in gather_object(mine):
+        preds[i], extra[i] = p, e
+    seconds = max(gather_object([result["seconds"]]))
+    return {"preds": preds, "extra": extra, "seconds": seconds, "examples_per_s": n / seconds}
+
+
+def end(accelerator: Accelerator | None) -> None:
+    """Every process reaches here before any leaves (the main one may still be writing), then
+    the process group closes (left open, gloo aborts the process at exit)."""
+    if accelerator is not None and torch.distributed.is_initialized():
+        accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,177 @@
+"""Data parallel on CPU: two gloo processes (torchrun, accelerate launch) on the tiny model give
+one set of outputs, one W&B run and the metrics of one process with the same global batch and
+seed.
+
+Tolerance: fp32, so the two runs differ only in the order gradients are summed (per process,
+then across processes): per-step losses agree to 1e-4 relative and the validation and test
+metrics to 1e-6 (the same predictions). Batches of 3 rows over 2 processes give uneven shares
+(2 and 1 rows) and a last batch of 1 row (one process runs a pass of weight 0), and a small
+trainer.max_pass_tokens gives the processes different numbers of passes per step.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from emorec.distributed import from_slurm, world_size
+from tests.conftest import CONF
+from tests.meld_fixture import MELD_DIR
+from tests.wandb_records import read_run
+
+ROOT = Path(__file__).parent.parent
+SETTINGS = [
+    "logger=wandb",
+    "trainer.precision=fp32",
+    "trainer.batch_size=3",
+    "trainer.eval_batch_size=4",
+    "trainer.epochs=2",
+    "trainer.max_pass_tokens=80",
+    "optimizer.lr=1e-2",
+    "adapter=lora",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+LAUNCHERS = {
+    "python": [sys.executable, "-m", "emorec"],
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "emorec"],
+    # On CPU, --multi_gpu is accelerate's torchrun-style launcher (its --cpu path needs mpirun).
+    "accelerate": [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "{port}",
+        "-m",
+        "emorec",
+    ],
+}
+
+
+def launch(launcher: str, tiny_model, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [a.format(port=free_port()) for a in LAUNCHERS[launcher]]
+    args = ["model=hf", f"model.name_or_path={tiny_model}", f"dataset.data_dir={MELD_DIR}", *SETTINGS, *extra]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    out = launch("python", tiny_model, ROOT, f"hydra.run.dir={run_dir}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run_dir
+
+
+def assert_same_run(run_dir: Path, one_process: Path) -> None:
+    single, double = metrics(one_process), metrics(run_dir)
+    for split in ("val", "test"):
+        for key in ("accuracy", "macro_f1", "weighted_f1", "ua"):
+            assert double[split][key] == pytest.approx(single[split][key], abs=1e-6), (split, key)
+        assert double[split]["confusion_matrix"] == single[split]["confusion_matrix"]
+    assert double["train"]["losses"] == pytest.approx(single["train"]["losses"], rel=1e-4)
+    # The counters are global: every example of every batch, once; each process runs the shared
+    # prompt prefix once per pass, so more tokens were computed.
+    for key in ("steps", "examples", "tokens"):
+        assert double["train"][key] == single["train"][key], key
+    assert double["train"]["computed_tokens"] > single["train"]["computed_tokens"]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_processes_match_one_with_one_set_of_outputs(launcher, tiny_model, tmp_path, one_process):
+    run_dir = tmp_path / "run"
+    out = launch(launcher, tiny_model, ROOT, f"hydra.run.dir={run_dir}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_same_run(run_dir, one_process)
+    # Written once, by the first process.
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "ok"
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert len(list((run_dir / "checkpoints").iterdir())) >= 1
+    assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    logged = read_run(runs[0])
+    m = metrics(run_dir)
+    assert logged["summary"]["val/weighted_f1"] == pytest.approx(m["val"]["weighted_f1"])
+    assert logged["summary"]["test/accuracy"] == pytest.approx(m["test"]["accuracy"])
+    assert [float(row["train/loss"]) for row in logged["history"] if "train/loss" in row] == pytest.approx(
+        m["train"]["losses"]
+    )
+
+
+def test_processes_agree_on_one_default_run_directory(tiny_model, tmp_path, one_process):
+    # No hydra.run.dir: each process would name outputs/<date>/<time> from its own clock.
+    out = launch("torchrun", tiny_model, tmp_path, "trainer.epochs=1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    assert len(runs) == 1
+    assert (runs[0] / "metrics.json").is_file() and (runs[0] / "__main__.log").is_file()
+
+
+def test_a_sweep_under_torchrun_is_refused_with_the_way_to_do_it(tiny_model, tmp_path):
+    out = launch("torchrun", tiny_model, tmp_path, "-m", "adapter.r=2,4")
+    assert out.returncode != 0
+    assert "+launcher=submitit_slurm hydra.launcher.gpus_per_node=N" in out.stderr
+
+
+def test_a_multi_task_slurm_job_becomes_a_torch_process_group(monkeypatch):
+    # What SLURM sets in task 3 of a 2-node job of 2 tasks (GPUs) per node.
+    slurm = {
+        "SUBMITIT_EXECUTOR": "slurm",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": "4",
+        "SLURM_PROCID": "3",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "1",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_STEP_NODELIST": "gpu[07-08]",
+    }
+    # A copy of the environment: what from_slurm exports must not reach later tests' subprocesses.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    monkeypatch.setattr(os, "environ", {**env, **slurm})
+    from_slurm()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "4", "1")
+    assert os.environ["MASTER_ADDR"] == "gpu07" and int(os.environ["MASTER_PORT"]) > 0
+    assert world_size() == 4
+
+
+def test_slurm_preset_takes_partition_time_and_gpus_from_the_command_line():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                "+launcher=submitit_slurm",
+                "hydra.launcher.partition=gpu",
+                "hydra.launcher.timeout_min=60",
+                "hydra.launcher.gpus_per_node=4",
+            ],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert (launcher.partition, launcher.timeout_min, launcher.gpus_per_node) == ("gpu", 60, 4)
+    assert launcher.tasks_per_node == 4  # one process per GPU
+    assert cfg.resume is True  # a requeued job continues from its checkpoint
