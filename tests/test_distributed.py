@@ -5,8 +5,9 @@ seed.
 Tolerance: fp32, so the two runs differ only in the order gradients are summed (per process,
 then across processes): per-step losses agree to 1e-4 relative and the validation and test
 metrics to 1e-6 (the same predictions). Batches of 3 rows over 2 processes give uneven shares
-(2 and 1 rows) and a last batch of 1 row (one process runs a pass of weight 0), and a small
-trainer.max_pass_tokens gives the processes different numbers of passes per step.
+(2 and 1 rows) and a last batch of 1 row (one process runs a pass of weight 0); a small
+trainer.max_pass_tokens, and under accelerate two batches per optimizer step
+(trainer.grad_accum=2), give the processes several passes per step, and different numbers.
 """
 
 import json
@@ -79,11 +80,19 @@ def metrics(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def one_process(tiny_model, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("one") / "run"
-    out = launch("python", tiny_model, ROOT, f"hydra.run.dir={run_dir}")
-    assert out.returncode == 0, out.stderr[-3000:]
-    return run_dir
+def one_process(tiny_model, tmp_path_factory):
+    """The single-process run with these extra settings (run once per module)."""
+    runs = {}
+
+    def get(*extra: str) -> Path:
+        if extra not in runs:
+            run_dir = tmp_path_factory.mktemp("one") / "run"
+            out = launch("python", tiny_model, ROOT, f"hydra.run.dir={run_dir}", *extra)
+            assert out.returncode == 0, out.stderr[-3000:]
+            runs[extra] = run_dir
+        return runs[extra]
+
+    return get
 
 
 def assert_same_run(run_dir: Path, one_process: Path) -> None:
@@ -100,12 +109,12 @@ def assert_same_run(run_dir: Path, one_process: Path) -> None:
     assert double["train"]["computed_tokens"] > single["train"]["computed_tokens"]
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
-def test_two_processes_match_one_with_one_set_of_outputs(launcher, tiny_model, tmp_path, one_process):
+@pytest.mark.parametrize("launcher,extra", [("torchrun", ()), ("accelerate", ("trainer.grad_accum=2",))])
+def test_two_processes_match_one_with_one_set_of_outputs(launcher, extra, tiny_model, tmp_path, one_process):
     run_dir = tmp_path / "run"
-    out = launch(launcher, tiny_model, ROOT, f"hydra.run.dir={run_dir}")
+    out = launch(launcher, tiny_model, ROOT, f"hydra.run.dir={run_dir}", *extra)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert_same_run(run_dir, one_process)
+    assert_same_run(run_dir, one_process(*extra))
     # Written once, by the first process.
     assert json.loads((run_dir / "status.json").read_text())["status"] == "ok"
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
@@ -122,7 +131,7 @@ def test_two_processes_match_one_with_one_set_of_outputs(launcher, tiny_model, t
     )
 
 
-def test_processes_agree_on_one_default_run_directory(tiny_model, tmp_path, one_process):
+def test_processes_agree_on_one_default_run_directory(tiny_model, tmp_path):
     # No hydra.run.dir: each process would name outputs/<date>/<time> from its own clock.
     out = launch("torchrun", tiny_model, tmp_path, "trainer.epochs=1")
     assert out.returncode == 0, out.stderr[-3000:]
