@@ -13,7 +13,7 @@ import time
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 
 from emorec.errors import EmorecError
 
@@ -71,7 +71,21 @@ def make_accelerator(device: torch.device) -> Accelerator | None:
             f"WORLD_SIZE={world_size()} but accelerate started {accelerator.num_processes} process(es); "
             "launch with torchrun --nproc_per_node N -m emorec or accelerate launch --multi_gpu -m emorec"
         )
+    check_whole_model(accelerator)
     return accelerator
+
+
+def check_whole_model(accelerator) -> None:
+    """Evaluation, checkpoints and the saved adapter read the model's own parameters, so every
+    process must hold all of them: DDP and DeepSpeed ZeRO-1/2 do; FSDP and ZeRO-3 shard them."""
+    kind = accelerator.distributed_type
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED and plugin and plugin.zero_stage == 3):
+        raise EmorecError(
+            f"accelerate is configured for {'FSDP' if kind == DistributedType.FSDP else 'DeepSpeed ZeRO-3'}, "
+            "which shards the model; emorec needs the whole model on every process: use DDP "
+            "(accelerate launch --multi_gpu) or DeepSpeed ZeRO-1/2, and model.quantization=4bit for a large model"
+        )
 
 
 def gather_predictions(result: dict, indices: list[int], n: int, accelerator: Accelerator | None) -> dict:

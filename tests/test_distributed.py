@@ -16,11 +16,14 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from accelerate.utils import DistributedType
 from hydra import compose, initialize_config_dir
 
-from emorec.distributed import from_slurm, world_size
+from emorec.distributed import check_whole_model, from_slurm, world_size
+from emorec.errors import EmorecError
 from tests.conftest import CONF
 from tests.meld_fixture import MELD_DIR
 from tests.wandb_records import read_run
@@ -184,3 +187,19 @@ def test_slurm_preset_takes_partition_time_and_gpus_from_the_command_line():
     assert (launcher.partition, launcher.timeout_min, launcher.gpus_per_node) == ("gpu", 60, 4)
     assert launcher.tasks_per_node == 4  # one process per GPU
     assert cfg.resume is True  # a requeued job continues from its checkpoint
+
+
+@pytest.mark.parametrize(
+    "kind,zero_stage,refused",
+    [("FSDP", None, True), ("DEEPSPEED", 3, True), ("DEEPSPEED", 2, False), ("MULTI_GPU", None, False)],
+)
+def test_engines_that_shard_the_model_are_refused(kind, zero_stage, refused):
+    # accelerate's FSDP and DeepSpeed need a GPU, so the engine's state is stood in for here.
+    plugin = SimpleNamespace(zero_stage=zero_stage) if zero_stage else None
+    state = SimpleNamespace(deepspeed_plugin=plugin)
+    accelerator = SimpleNamespace(distributed_type=DistributedType[kind], state=state)
+    if refused:
+        with pytest.raises(EmorecError, match="needs the whole model on every process: use DDP"):
+            check_whole_model(accelerator)
+    else:
+        check_whole_model(accelerator)  # no error
