@@ -12,9 +12,11 @@ trainer.max_pass_tokens, and under accelerate two batches per optimizer step
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -203,3 +205,31 @@ def test_engines_that_shard_the_model_are_refused(kind, zero_stage, refused):
             check_whole_model(accelerator)
     else:
         check_whole_model(accelerator)  # no error
+
+
+def test_sigterm_stops_both_processes_at_one_checkpoint_and_the_run_resumes(tiny_model, tmp_path):
+    # torchrun hands SIGTERM to both processes; they agree on the step, the first writes the
+    # checkpoint, and a resumed two-process run ends where an uninterrupted one does.
+    settings = ["logger=none", "trainer.max_steps=600", "trainer.checkpoint_every=20", "trainer.batch_size=2"]
+    whole = tmp_path / "whole"
+    assert launch("torchrun", tiny_model, ROOT, f"hydra.run.dir={whole}", *settings).returncode == 0
+    run_dir = tmp_path / "run"
+    cmd = [a.format(port=free_port()) for a in LAUNCHERS["torchrun"]]
+    args = ["model=hf", f"model.name_or_path={tiny_model}", f"dataset.data_dir={MELD_DIR}", *SETTINGS, *settings]
+    proc = subprocess.Popen(
+        [*cmd, *args, f"hydra.run.dir={run_dir}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints").is_dir() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=300)[0]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["signal"] == "SIGTERM"
+    assert output.count("resume with: torchrun --nproc_per_node 2 -m emorec") == 1  # said once, by the first
+    assert f"checkpoints/step-{status['step']:08d}" in output
+    out = launch("torchrun", tiny_model, ROOT, f"hydra.run.dir={run_dir}", *settings, "resume=true")
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed, uninterrupted = metrics(run_dir), metrics(whole)
+    assert resumed["train"]["losses"] == pytest.approx(uninterrupted["train"]["losses"], rel=1e-6)
+    assert resumed["val"]["weighted_f1"] == pytest.approx(uninterrupted["val"]["weighted_f1"], abs=1e-9)
