@@ -2,8 +2,9 @@
 `accelerate launch -m emorec` or a multi-task SLURM job.
 
 Every process holds the whole model and sees the same length-grouped batches; process r trains
-on rows r, r+N, ... of each batch, and the gradients are averaged by the engine (DDP, or what
-`accelerate config` selects), so the global batch is `trainer.batch_size` whatever N is.
+on rows r, r+N, ... of each batch, and the gradients are averaged by the engine (DDP, or
+DeepSpeed ZeRO-1/2 if `accelerate config` selects it; engines that shard the model are refused),
+so the global batch is `trainer.batch_size` whatever N is.
 Evaluation splits the examples the same way and gathers the predictions, so every process
 computes the same metrics; only the main process writes outputs and logs to W&B.
 """
@@ -42,7 +43,7 @@ def hydra_overrides(argv: list[str]) -> list[str]:
     if any(a in ("-m", "--multirun") for a in argv):
         raise EmorecError(
             "a sweep under torchrun/accelerate is not supported; give each sweep job several GPUs with "
-            "+launcher=submitit_slurm hydra.launcher.gpus_per_node=N hydra.launcher.tasks_per_node=N"
+            "+launcher=submitit_slurm hydra.launcher.gpus_per_node=N"
         )
     extra = []
     if not any(a.startswith("hydra.run.dir=") for a in argv):
