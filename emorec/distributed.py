@@ -57,6 +57,11 @@ def hydra_overrides(argv: list[str]) -> list[str]:
     return extra
 
 
+def rank_and_world(accelerator: Accelerator | None) -> tuple[int, int]:
+    """This process's index and the number of processes (0, 1 without an engine)."""
+    return (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 

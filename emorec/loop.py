@@ -23,6 +23,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from tqdm import tqdm
 
 from emorec.checkpoint import Interrupted
+from emorec.distributed import rank_and_world
 from emorec.errors import EmorecError
 
 
@@ -402,7 +403,7 @@ def train(
     if "generator" in p:
         generator.set_state(p["generator"])
     paused, start = 0.0, time.perf_counter()
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    rank, world = rank_and_world(accelerator)
     device_type = extract_model_from_parallel(model).device.type
 
     def agree(values: list[float]) -> list[float]:
@@ -520,7 +521,7 @@ def train(
         "seconds": seconds,
         "examples": examples,
         "tokens": tokens,  # prompt and answer tokens of the examples trained on
-        "computed_tokens": computed,  # tokens the model ran (the shared prefix once per batch)
+        "computed_tokens": computed,  # tokens the model ran (the shared prefix once per pass)
         "examples_per_s": examples / seconds if seconds else 0.0,
         "tokens_per_s": tokens / seconds if seconds else 0.0,
         "losses": losses,  # one per optimizer step

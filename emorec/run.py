@@ -29,7 +29,7 @@ from emorec.checkpoint import (
     save_checkpoint,
 )
 from emorec.data import subsample
-from emorec.distributed import end, from_slurm, gather_predictions, make_accelerator
+from emorec.distributed import end, from_slurm, gather_predictions, make_accelerator, rank_and_world
 from emorec.errors import EmorecError
 from emorec.loggers import NullLogger
 from emorec.loop import SORT_WINDOW, base_of, first_tokens_differ, predict, train
@@ -226,16 +226,18 @@ def run(cfg: DictConfig) -> dict:
     if checkpoint is not None:
         check_resume_config(cfg, checkpoint)
     from_slurm()
-    accelerator = make_accelerator(resolve_device(t.device))
+    device = resolve_device(t.device)
+    accelerator = make_accelerator(device)
+    if accelerator:
+        device = accelerator.device  # each process its own GPU
     # Several processes (torchrun, accelerate launch): only the first writes and logs.
-    main = accelerator is None or accelerator.is_main_process
+    main = rank_and_world(accelerator)[0] == 0
     if main:
         prepare_output_dir(out)
     wall = time.perf_counter()
     seed_everything(cfg.seed)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    device = accelerator.device if accelerator else resolve_device(t.device)
     bf16 = use_bf16(t.precision, device)
 
     d = cfg.dataset
@@ -284,7 +286,7 @@ def check_metric(metric: str, neutral_label: str | None, labels: list[str] | Non
 
 def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, logger, checkpoint, accelerator) -> dict:
     t, metric = cfg.trainer, cfg.dataset.metric
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    rank, world = rank_and_world(accelerator)
     main = rank == 0
 
     start = time.perf_counter()
@@ -392,23 +394,23 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
 
         def save(progress: dict) -> Path | None:
             generator = progress.pop("generator")
-            if not main:  # every process holds the same state; the first writes it
-                accelerator.wait_for_everyone()
-                return None
-            path = save_checkpoint(
-                out,
-                progress["step"],
-                weights={n: p for n, p in model.named_parameters() if p.requires_grad},
-                best=best["state"],
-                tensors={
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "generator": generator,
-                },
-                state={"progress": progress, "best_value": best["value"], "best_epoch": best["epoch"]},
-                keep=t.keep_checkpoints,
-            )
+            # Every process holds the same state; the first writes it, the others wait for it.
+            path = None
+            if main:
+                path = save_checkpoint(
+                    out,
+                    progress["step"],
+                    weights={n: p for n, p in model.named_parameters() if p.requires_grad},
+                    best=best["state"],
+                    tensors={
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "torch_rng": torch.get_rng_state(),
+                        "generator": generator,
+                    },
+                    state={"progress": progress, "best_value": best["value"], "best_epoch": best["epoch"]},
+                    keep=t.keep_checkpoints,
+                )
             if accelerator:
                 accelerator.wait_for_everyone()
             return path
@@ -420,8 +422,8 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
         train_ids_answers = [answers[ex.label] for ex in train_ex]
         trained = model
         if accelerator:
-            # The engine wraps the model (DDP, or what `accelerate config` selects) and the
-            # optimizer. The scheduler stays plain: it steps once per optimizer step, as with one
+            # The engine wraps the model (DDP, or DeepSpeed ZeRO-1/2 if `accelerate config` selects
+            # it) and the optimizer. The scheduler stays plain: it steps once per optimizer step, as with one
             # process (accelerate's wrapper would step it once per process).
             trained, optimizer = accelerator.prepare(model, optimizer)
         signals = StopSignals()

@@ -27,6 +27,12 @@ def _isolated_env(tmp_path, monkeypatch):
     monkeypatch.delenv("EMOREC_DATA_DIR", raising=False)
 
 
+# The tiny transformer's sizes, for every architecture the tests build.
+TINY_SIZES = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
+
+
 def build_tiny_model(path: Path, chat_template: str | None = CHATML) -> Path:
     """A byte-level BPE tokenizer trained on the fixtures and a randomly initialised 2-layer
     Llama, saved as a Hugging Face folder."""
@@ -50,11 +56,7 @@ def build_tiny_model(path: Path, chat_template: str | None = CHATML) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_SIZES,
         max_position_embeddings=512,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,

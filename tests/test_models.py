@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from emorec.loop import answer_loss, score_labels
 from emorec.model import quantization_settings
-from tests.conftest import CONF
+from tests.conftest import CONF, TINY_SIZES
 
 # option -> transformers model_type of its architecture (None: remote code, not buildable here)
 GPU_MODELS = {
@@ -39,11 +39,7 @@ def tiny(model_type):
     config = AutoConfig.for_model(
         model_type,
         vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_SIZES,
         head_dim=8,
         max_position_embeddings=128,
         pad_token_id=0,

@@ -107,13 +107,10 @@ def run_peer(n_train: int, n_eval: int) -> dict:
 
 def median_row(runs: list[dict]) -> dict:
     """Each numeric figure's median over the runs (the runs themselves are kept)."""
-    row = dict(runs[0])
-    for key, value in runs[0].items():
-        if isinstance(value, float):
-            row[key] = statistics.median(r[key] for r in runs)
     # Token counts are the same in every run (same data and seed); medians of train_s and of
     # examples/s come from the same run, as one is the other's inverse times a constant.
-    return {**row, "runs": runs}
+    medians = {k: statistics.median(r[k] for r in runs) for k, v in runs[0].items() if isinstance(v, float)}
+    return {**runs[0], **medians, "runs": runs}
 
 
 def main() -> None:
@@ -151,7 +148,7 @@ def main() -> None:
         peak = peaks[r["precision"]]
         r["mfu"] = 4 * n * r["tokens"] / r["train_s"] / 1e9 / peak
         r["hfu"] = 4 * n * r["computed_tokens"] / r["train_s"] / 1e9 / peak
-    result = {"peaks_gflop_per_s": peaks, "threads": torch.get_num_threads(), "nonembedding_params": n, "rows": rows}
+    result = {"peaks_gflop_per_s": peaks, "threads": threads, "nonembedding_params": n, "rows": rows}
     result["args"] = {"train": args.train, "eval": args.eval, "repeats": args.repeats}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)

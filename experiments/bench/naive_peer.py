@@ -106,15 +106,17 @@ def main() -> None:
             preds += [parse_label(t, LABELS) for t in texts]
     eval_s = time.perf_counter() - start
     metrics = classification_metrics(preds, [ex.label for ex in dev], LABELS)
+    trained_tokens = real_tokens * steps * 16 / len(rows)
     result = {
         "system": "naive peer (HF Trainer + PEFT, full LM loss, fp32, pad to 128, generate + parse)",
         "train_examples": steps * 16,
         "train_s": train_s,
         "train_examples_per_s": steps * 16 / train_s,
-        "train_tokens_per_s": real_tokens * steps * 16 / len(rows) / train_s,
-        # Model FLOPs count real tokens only (the padding it also runs is waste, not work).
-        "computed_tokens": real_tokens * steps * 16 / len(rows),
-        "tokens": real_tokens * steps * 16 / len(rows),  # trained tokens: all of them run
+        "train_tokens_per_s": trained_tokens / train_s,
+        # FLOPs count real tokens only (the padding it also runs is waste, not work); the peer
+        # runs every token it trains on.
+        "computed_tokens": trained_tokens,
+        "tokens": trained_tokens,
         "padded_tokens": steps * 16 * args.pad_to,
         "eval_examples_per_s": len(dev) / eval_s,
         "val_weighted_f1": metrics["weighted_f1"],
