@@ -165,6 +165,23 @@ def answer_loss(
     return -(logp * is_answer).sum(-1).mean()
 
 
+def label_loss(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int, share_prefix: bool = False):
+    """A sequence classifier's loss: mean cross-entropy of its head over the labels.
+    `answers[i]` is [example i's label index], the classifier's one-step answer, so `train`
+    runs both kinds of model alike. (`share_prefix` is ignored: an encoder attends both ways,
+    so a shared first part is not computed independently of what follows it.)"""
+    ids, mask = right_pad(prompts, pad_id)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    return torch.nn.functional.cross_entropy(logits.float(), torch.tensor([a[0] for a in answers]))
+
+
+@torch.no_grad()
+def classify(model, prompts: list[list[int]], pad_id: int) -> torch.Tensor:
+    """(batch, labels) log-probabilities from a sequence classifier's head."""
+    ids, mask = right_pad(prompts, pad_id)
+    return torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+
+
 def base_of(model):
     """The transformer under a PEFT wrapper. LoRA-style adapters live inside its modules;
     prompt-learning adapters act only through the wrapper's forward (prefix in the cache,
@@ -303,7 +320,8 @@ def predict(
     desc: str = "eval",
 ) -> dict:
     """Predictions for every prompt: label index (-1 when a generation names no label), the
-    label-set probabilities (score mode) or generated text (generate mode). `first_token`: score
+    label-set probabilities (score mode; classify mode, a sequence classifier's head) or
+    generated text (generate mode). `first_token`: score
     the answers' first tokens only (see score_labels); `merge`: fold the adapter into the
     weights while predicting (see merged_adapter)."""
     model.eval()
@@ -320,14 +338,17 @@ def predict(
         for batch in tqdm(eval_batches([len(p) - n for p in prompts], batch_size), desc=desc, leave=False):
             chunk = [prompts[i] for i in batch]
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-                if mode == "score":
-                    scores = score_labels(
-                        model, chunk, answers, tokenizer.pad_token_id, share_prefix, first_token, prefix
-                    )
+                if mode == "generate":
+                    out, more = generate_labels(model, tokenizer, chunk, labels, max(map(len, answers)) + 8)
+                else:
+                    if mode == "classify":
+                        scores = classify(model, chunk, tokenizer.pad_token_id)
+                    else:
+                        scores = score_labels(
+                            model, chunk, answers, tokenizer.pad_token_id, share_prefix, first_token, prefix
+                        )
                     probs = torch.softmax(scores, -1)
                     out, more = probs.argmax(-1).tolist(), probs.tolist()
-                else:
-                    out, more = generate_labels(model, tokenizer, chunk, labels, max(map(len, answers)) + 8)
             for i, p, m in zip(batch, out, more):
                 preds[i], extra[i] = p, m
     seconds = time.perf_counter() - start
@@ -380,9 +401,11 @@ def train(
     progress: dict | None = None,
     max_pass_tokens: int | None = None,
     accelerator=None,
+    loss_fn=answer_loss,
 ) -> dict:
     """Train for `steps` optimizer steps over epochs of length-grouped batches. `answers[i]`
-    is example i's answer; `log(metrics, step)` receives loss and learning rate;
+    is example i's answer, and `loss_fn` the loss of a pass (answer_loss, or label_loss for a
+    sequence classifier); `log(metrics, step)` receives loss and learning rate;
     `on_epoch_end(epoch, step)` runs validation.
 
     `checkpoint(progress)` saves the run every `checkpoint_every` steps, at each epoch's end and
@@ -461,7 +484,7 @@ def train(
                 sync = accelerator is None or k == len(work) - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-                        loss = answer_loss(
+                        loss = loss_fn(
                             model, [prompts[j] for j in part], [answers[j] for j in part], pad_id, share_prefix
                         )
                     # Each pass's mean loss, weighted by its share of the batch: the gradients add

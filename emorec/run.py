@@ -32,7 +32,7 @@ from emorec.data import subsample
 from emorec.distributed import end, from_slurm, gather_predictions, make_accelerator, rank_and_world
 from emorec.errors import EmorecError
 from emorec.loggers import NullLogger
-from emorec.loop import SORT_WINDOW, base_of, first_tokens_differ, predict, train
+from emorec.loop import SORT_WINDOW, answer_loss, base_of, first_tokens_differ, label_loss, predict, train
 from emorec.metrics import METRICS, classification_metrics
 from emorec.model import quantization_config
 from emorec.outputs import atomic, plot_confusion, prediction_columns, prediction_rows, write_json, write_predictions
@@ -292,12 +292,20 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
     start = time.perf_counter()
     # Training without an adapter trains the whole model (adapter=full); otherwise the base is frozen.
     full = bool(cfg.adapter.train and cfg.adapter.peft is None)
+    # A sequence classifier (model.task_type=SEQ_CLS, e.g. model=minilm_l6) gets a new head over
+    # the labels, trains with cross-entropy on it and predicts with it; a causal LM answers.
+    classifier = OmegaConf.select(cfg, "model.task_type", default="CAUSAL_LM") == "SEQ_CLS"
+    if classifier and t.predict == "generate":
+        raise EmorecError(
+            f"model={cfg.model.name} is a sequence classifier and cannot generate; use trainer.predict=score"
+        )
     # A frozen base is stored in bf16: autocast would otherwise cast every weight at every
     # forward (15 % of a training step here), and it halves the memory. Weights that train stay
     # fp32 (PEFT keeps adapter weights fp32; full fine-tuning keeps the model fp32), so
-    # optimizer updates are not rounded away.
-    dtype = torch.bfloat16 if bf16 and t.bf16_base and not full else torch.float32
-    model, tokenizer = instantiate(cfg.model.load, dtype=dtype)
+    # optimizer updates are not rounded away. A classifier's new head trains too (PEFT copies
+    # it in the base's dtype), so a classifier stays fp32.
+    dtype = torch.bfloat16 if bf16 and t.bf16_base and not full and not classifier else torch.float32
+    model, tokenizer = instantiate(cfg.model.load, dtype=dtype, **({"labels": list(labels)} if classifier else {}))
     load_seconds = time.perf_counter() - start
     model.requires_grad_(full)
     # A 4/8-bit base (model.quantization, QLoRA) is placed on its GPU by the loader and cannot move.
@@ -334,17 +342,28 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
     )
 
     template, system = cfg.prompt.template, cfg.prompt.system
-    answers = encode_answers(tokenizer, template, system, labels)
+    # A classifier's "answer" is the label index its head predicts.
+    answers = [[i] for i in range(len(labels))] if classifier else encode_answers(tokenizer, template, system, labels)
     scored = scoring_answers(answers)
     first_token = t.scoring == "first_token" or (t.scoring == "auto" and first_tokens_differ(scored))
-    if first_token and not first_tokens_differ(scored):
+    if first_token and not first_tokens_differ(scored) and not classifier:
         raise EmorecError(
             "trainer.scoring=first_token, but some labels' answers start with the same token; "
             "use trainer.scoring=answer (or auto)"
         )
+    mode = "classify" if classifier else t.predict
+    share = t.share_prefix and not classifier  # an encoder's tokens all see each other
     train_ids, dev_ids, test_ids = (
         encode_prompts(
-            tokenizer, exs, template, system, labels, t.max_length, cfg.dataset.context_window, cfg.prompt.context
+            tokenizer,
+            exs,
+            template,
+            system,
+            labels,
+            t.max_length,
+            cfg.dataset.context_window,
+            cfg.prompt.context,
+            cfg.prompt.cue,
         )
         for exs in (train_ex, dev_ex, test_ex)
     )
@@ -358,10 +377,10 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
             [ids[i] for i in mine],
             scored,
             labels,
-            mode=t.predict,
+            mode=mode,
             batch_size=t.eval_batch_size,
             autocast=bf16,
-            share_prefix=t.share_prefix,
+            share_prefix=share,
             first_token=first_token,
             merge=t.merge_adapter,
             desc=desc,
@@ -441,7 +460,7 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
                     grad_accum=t.grad_accum,
                     max_grad_norm=t.max_grad_norm,
                     autocast=bf16,
-                    share_prefix=t.share_prefix,
+                    share_prefix=share,
                     seed=cfg.seed,
                     log_every=t.log_every,
                     log=logger.log,
@@ -452,6 +471,7 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
                     progress=progress,
                     max_pass_tokens=t.max_pass_tokens,
                     accelerator=accelerator,
+                    loss_fn=label_loss if classifier else answer_loss,
                 )
             except Interrupted:
                 # Checkpointed: hand the signal on (submitit requeues on its SIGUSR2), then stop.
@@ -496,8 +516,8 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
         "adapter": cfg.adapter.name,
         "dataset": cfg.dataset.name,
         "metric": metric,
-        "predict": t.predict,
-        "scoring": ("first_token" if first_token else "answer") if t.predict == "score" else None,
+        "predict": mode,
+        "scoring": ("first_token" if first_token else "answer") if mode == "score" else None,
         "precision": "bf16" if bf16 else "fp32",
         "val": val_m,
         "test": test_m,
