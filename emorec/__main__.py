@@ -85,9 +85,19 @@ def main(cfg: DictConfig) -> float:
     return metrics["val"][cfg.dataset.metric]
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`emorec report ...` makes tables (emorec.report); anything else runs an experiment."""
+    if sys.argv[1:2] == ["report"]:
+        from emorec.report import main as report_main
+
+        report_main(sys.argv[2:])
+        return
     try:
         sys.argv += hydra_overrides(sys.argv[1:])
     except EmorecError as e:
         raise SystemExit(f"emorec: error: {e}") from None
     main()
+
+
+if __name__ == "__main__":
+    cli()
