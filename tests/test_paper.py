@@ -195,6 +195,18 @@ def test_paper_report_from_real_multiruns(tiny_model, tmp_path):
     assert not any("our LoRA" in w or "best adapted" in w for w in wins)  # LoRA at 100 is not beaten
     spec = [r for r in rows[:2] if r[columns.index("ours specialised")] > r[columns.index("paper specialised")]]
     assert sum("our specialised" in w for w in wins) == len(spec)
+    # Findings from our own columns: context against none, the LLM against the specialised model.
+    meld0, meld3 = rows[2], rows[4]
+    lora = columns.index("ours LoRA")
+    context_line = next(f for f in result["findings"] if f.startswith("meld weighted_f1, context 3 minus none"))
+    assert f"LoRA {meld3[lora] - meld0[lora]:+.1f}" in context_line
+    best = max(meld0[columns.index("ours P-Tuning v2")], meld0[lora])
+    versus = next(f for f in result["findings"] if f.startswith("meld (context 0) weighted_f1: best adapted LLM"))
+    expected = "above" if best > meld0[columns.index("ours specialised")] else "not above"
+    assert versus == (
+        f"meld (context 0) weighted_f1: best adapted LLM {best} is {expected} "
+        f"the specialised model's {meld0[columns.index('ours specialised')]}"
+    )
     # The notes come from the jobs themselves.
     text = (tmp_path / "table" / "report.md").read_text()
     assert "2 optimizer steps of batch 2" in text and "Seeds: 42" in text and "11 jobs" in text
@@ -228,3 +240,14 @@ def test_paper_numbers_file_matches_the_grid():
         assert set(spec["metrics"]) <= set(METRICS)
         for values in (spec.get("paper") or {}).values():
             assert len(values) == len(spec["metrics"])
+
+
+def test_budget_and_context_presets_reach_every_job():
+    """+experiment=cpu_budget and the context preset override the dataset option a sweep picks."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=["+sweep=paper_context", "+experiment=cpu_budget", "dataset=friends"])
+        base = compose("config", overrides=["+sweep=paper_baseline", "dataset=sst5"])
+    assert cfg.dataset.name == "friends" and cfg.dataset.context_window == 3
+    assert (cfg.trainer.max_steps, cfg.dataset.max_dev, cfg.dataset.max_eval) == (30, 150, 400)
+    assert base.model.name == "minilm_l6" and base.adapter.name == "full" and base.optimizer.lr == 3e-4
+    assert base.dataset.context_window == 0 and base.trainer.max_steps is None
