@@ -346,7 +346,7 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
     answers = [[i] for i in range(len(labels))] if classifier else encode_answers(tokenizer, template, system, labels)
     scored = scoring_answers(answers)
     first_token = t.scoring == "first_token" or (t.scoring == "auto" and first_tokens_differ(scored))
-    if first_token and not first_tokens_differ(scored) and not classifier:
+    if first_token and not first_tokens_differ(scored):
         raise EmorecError(
             "trainer.scoring=first_token, but some labels' answers start with the same token; "
             "use trainer.scoring=answer (or auto)"
