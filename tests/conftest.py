@@ -73,29 +73,37 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
 
 
+def compose_run(output_dir: Path, *overrides: str):
+    """The real config for a test run: the MELD fixture (unless another dataset option, which
+    brings its own files), no logger, fp32, batches of 4, then `overrides`."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(
+            "config",
+            overrides=[
+                *([] if any(o.startswith("dataset=") for o in overrides) else [f"dataset.data_dir={MELD_DIR}"]),
+                f"output_dir={output_dir}",
+                "logger=none",
+                "trainer.precision=fp32",
+                "trainer.batch_size=4",
+                *overrides,
+            ],
+        )
+
+
 @pytest.fixture
 def make_cfg(tiny_model, tmp_path):
     """Compose the real config with the tiny model, the fixture data and small settings."""
 
     def make(*overrides: str):
-        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-            return compose(
-                "config",
-                overrides=[
-                    "model=hf",
-                    f"model.name_or_path={tiny_model}",
-                    # Another dataset option brings its own files.
-                    *([] if any(o.startswith("dataset=") for o in overrides) else [f"dataset.data_dir={MELD_DIR}"]),
-                    f"output_dir={tmp_path / 'run'}",
-                    "logger=none",
-                    "trainer.precision=fp32",
-                    "trainer.batch_size=4",
-                    "trainer.eval_batch_size=4",
-                    "trainer.epochs=2",
-                    "trainer.log_every=1",
-                    "optimizer.lr=1e-2",
-                    *overrides,
-                ],
-            )
+        return compose_run(
+            tmp_path / "run",
+            "model=hf",
+            f"model.name_or_path={tiny_model}",
+            "trainer.eval_batch_size=4",
+            "trainer.epochs=2",
+            "trainer.log_every=1",
+            "optimizer.lr=1e-2",
+            *overrides,
+        )
 
     return make

