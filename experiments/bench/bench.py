@@ -72,11 +72,15 @@ def matmul_peak(dtype: torch.dtype, seconds: float = 2.0) -> float:
     return best
 
 
+def emorec_overrides(overrides: list[str], n_train: int, n_eval: int) -> list[str]:
+    """The run's overrides: LoRA on MELD's first examples, no logger, one validation at the end."""
+    sizes = [f"dataset.max_train={n_train}", f"dataset.max_dev={n_eval}", f"dataset.max_eval={n_eval}"]
+    return ["adapter=lora", "dataset=meld", "logger=none", *sizes, "trainer.val_every_epoch=false", *overrides]
+
+
 def run_emorec(overrides: list[str], n_train: int, n_eval: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        args = [sys.executable, "-m", "emorec", "adapter=lora", "dataset=meld", "logger=none"]
-        args += [f"dataset.max_train={n_train}", f"dataset.max_dev={n_eval}", f"dataset.max_eval={n_eval}"]
-        args += ["trainer.val_every_epoch=false", f"hydra.run.dir={tmp}", *overrides]
+        args = [sys.executable, "-m", "emorec", *emorec_overrides(overrides, n_train, n_eval), f"hydra.run.dir={tmp}"]
         subprocess.run(args, check=True, capture_output=True, text=True)
         m = json.loads((Path(tmp) / "metrics.json").read_text())
     t = m["train"]
