@@ -33,7 +33,7 @@ def test_every_lever_row_composes_and_switches_off_the_later_levers():
     assert set(OFF) == set(bench.LATER)
     assert [name for name, _ in rows][-len(OFF) :] == [f"+ {k}" for k in bench.LATER]
     names = list(bench.LATER)
-    for i, (name, overrides) in enumerate(rows):
+    for name, overrides in rows:
         cfg = composed(overrides)
         assert cfg.dataset.name == "meld" and cfg.dataset.max_train == 480 and cfg.adapter.peft.r == 8
         # Rows before the later levers have them all off; lever row k has those after k off.
