@@ -593,7 +593,9 @@ def load_table(
 
     def dialogue_of(item):
         where, r = item
-        return r[dialogue_column] if dialogue_column else where  # no dialogues: each row alone
+        # No dialogues: each row alone, keyed by file name and line (not the folder), so the
+        # dev holdout below stays the same wherever the data is.
+        return r[dialogue_column] if dialogue_column else Path(where).name
 
     if not rows["dev"]:
         keys = [dialogue_of(item) for item in rows["train"]]

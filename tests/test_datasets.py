@@ -195,9 +195,19 @@ def test_own_data_files_per_split_fixed_labels_and_dev_holdout(tmp_path):
     (tmp_path / "train").mkdir()
     train, test = _write(tmp_path / "train", "csv", rows), _write(tmp_path, "csv", rows[:4])
     data, _ = load("csv", None, f"dataset.load.train={train}", f"dataset.load.test={test}", "dataset.labels=[b,a]")
-    assert data.labels == ["b", "a"] and data.train[0].label == 0
-    held = [r["text"] for r in rows if in_holdout(f"{train}:{rows.index(r) + 2}", 0.1)]
+    # The fixed order maps b to 0 and a to 1. (Which rows the dev holdout takes depends on the
+    # file's path, so no particular row is assumed to stay in train.)
+    gold = {r["text"]: ["b", "a"].index(r["label"]) for r in rows}
+    assert data.labels == ["b", "a"] and [ex.label for ex in data.train] == [gold[ex.text] for ex in data.train]
+    assert {ex.label for ex in data.train} == {0, 1}
+    held = [r["text"] for r in rows if in_holdout(f"data.csv:{rows.index(r) + 2}", 0.1)]
     assert [ex.text for ex in data.dev] == held and len(data.train) + len(data.dev) == 40
+    # The holdout does not depend on the folder the file is in.
+    moved = tmp_path / "elsewhere" / "data.csv"
+    moved.parent.mkdir()
+    moved.write_bytes(train.read_bytes())
+    again, _ = load("csv", None, f"dataset.load.train={moved}", f"dataset.load.test={test}", "dataset.labels=[b,a]")
+    assert [ex.text for ex in again.dev] == held
     assert all(ex.context == () for ex in data.train)  # no dialogue column: no context
 
 
