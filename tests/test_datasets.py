@@ -195,8 +195,7 @@ def test_own_data_files_per_split_fixed_labels_and_dev_holdout(tmp_path):
     (tmp_path / "train").mkdir()
     train, test = _write(tmp_path / "train", "csv", rows), _write(tmp_path, "csv", rows[:4])
     data, _ = load("csv", None, f"dataset.load.train={train}", f"dataset.load.test={test}", "dataset.labels=[b,a]")
-    # The fixed order maps b to 0 and a to 1. (Which rows the dev holdout takes depends on the
-    # file's path, so no particular row is assumed to stay in train.)
+    # The fixed order maps b to 0 and a to 1, in whichever rows the dev holdout leaves in train.
     gold = {r["text"]: ["b", "a"].index(r["label"]) for r in rows}
     assert data.labels == ["b", "a"] and [ex.label for ex in data.train] == [gold[ex.text] for ex in data.train]
     assert {ex.label for ex in data.train} == {0, 1}
