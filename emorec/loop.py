@@ -6,8 +6,12 @@ sequence at its natural positions. Vocabulary logits are computed only where the
 score needs them (`head_at`).
 
 The prompts of a batch share a long first part (chat template, instruction, label list: about
-30 of MELD's 47 prompt tokens). It runs once per batch, and its key/value cache is repeated for
-every row, in training (where gradients flow back through the repeated cache) as in scoring.
+30 of MELD's 47 prompt tokens), which runs once per batch. Where the model's attention goes
+through transformers' AttentionInterface, the prefix and the rows run as one packed sequence
+whose attention (`packed_attention`) keeps each row to the prefix and itself; otherwise the
+prefix runs as a batch-of-one pass and its key/value cache is repeated for every row (in
+training, gradients flow back through the repeat). Evaluation computes the prefix's cache once
+for the whole set.
 """
 
 import contextlib
@@ -16,11 +20,13 @@ import math
 import re
 import time
 import warnings
+from typing import NamedTuple
 
 import torch
 from accelerate.utils import extract_model_from_parallel
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from tqdm import tqdm
+from transformers import AttentionInterface
 
 from emorec.checkpoint import Interrupted
 from emorec.distributed import rank_and_world
@@ -145,11 +151,167 @@ def shared_prefix(model, prompts: list[list[int]], share: bool, cached: tuple | 
     return n, {"past_key_values": cache}
 
 
+PACKED = "emorec_packed"
+
+
+class Packing(NamedTuple):
+    """The layout of a packed pass: `n` prefix tokens (0 when the prefix comes cached), then
+    the rows. Padded layout (`index` None): the rows right-padded to one width, one after the
+    other. Concatenated layout: the rows without padding; `index` (rows, width) holds each
+    row's positions among the tokens after the prefix, padded by repeating its last one
+    (padding comes after every real token of its row, so the causal mask alone hides it), and
+    `keep` the real tokens' places in the (rows x width) layout, in concatenation order.
+    `prefix`: per layer, the (key, value) of a prefix computed before, each (kv heads, length, dim)."""
+
+    n: int
+    rows: int
+    index: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+    prefix: list | None = None
+
+
+def concatenated(lengths: list[int], prefix: list | None = None) -> Packing:
+    """The concatenated layout of rows of these lengths after a cached prefix."""
+    size = torch.tensor(lengths)
+    starts = torch.cumsum(size, 0) - size
+    cols = torch.arange(max(lengths))
+    index = starts[:, None] + torch.minimum(cols, size[:, None] - 1)
+    keep = (torch.arange(len(lengths))[:, None] * len(cols) + cols).masked_select(cols < size[:, None])
+    return Packing(0, len(lengths), index, keep, prefix)
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, packed=None, **kwargs):
+    """Attention over one packed sequence (see Packing): the prefix attends causally to itself,
+    each row to the whole prefix and causally to itself, so no row sees another. The math is
+    transformers' eager attention (scores in the input dtype, softmax in fp32). Query heads are
+    grouped under the key/value head they share, so the prefix's keys are never repeated per
+    row or head, and every row's scores against them come from one matmul per key/value head.
+    query (1, heads, tokens, dim), key and value (1, kv heads, tokens, dim); returns
+    (1, tokens, heads, dim)."""
+    if kwargs.get("sliding_window") or kwargs.get("softcap") or (dropout and module.training):
+        raise EmorecError("this model's attention has a window, soft-capping or dropout; set trainer.pack_prefix=false")
+    n, rows, index, keep, cached = packed
+    kv, total, dim = key.shape[1:]
+    groups = query.shape[1] // kv
+    low = torch.finfo(query.dtype).min
+    q = query[0].unflatten(0, (kv, groups))  # (kv, groups, tokens, dim)
+    k, v = key[0], value[0]  # (kv, tokens, dim)
+
+    def causal(size):
+        return torch.ones(size, size, dtype=torch.bool).triu(1)
+
+    def softmax(scores):
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+
+    outs = []
+    if cached is not None:
+        kp, vp = cached[module.layer_idx]
+    else:
+        kp, vp = k[:, :n], v[:, :n]
+        own = torch.matmul(q[:, :, :n], kp.transpose(-1, -2).unsqueeze(1)) * scaling
+        outs.append(torch.matmul(softmax(own.masked_fill(causal(n), low)), vp.unsqueeze(1)))
+    prefix = kp.shape[1]
+    # Every token's scores against the prefix: one matmul per key/value head.
+    qf, kf, vf = q[:, :, n:], k[:, n:], v[:, n:]
+    to_prefix = torch.matmul(qf.reshape(kv, -1, dim), kp.transpose(-1, -2)).view(kv, groups, -1, prefix) * scaling
+    # Within rows, in the (rows, width) layout (gathered from the concatenated one), causal.
+    if index is None:
+        width = (total - n) // rows
+        qr, to_prefix = qf.unflatten(2, (rows, width)), to_prefix.unflatten(2, (rows, width))
+        kr, vr = kf.unflatten(1, (rows, width)).unsqueeze(1), vf.unflatten(1, (rows, width)).unsqueeze(1)
+    else:
+        width = index.shape[1]
+        qr, to_prefix, kr, vr = qf[:, :, index], to_prefix[:, :, index], kf[:, None, index], vf[:, None, index]
+    to_self = torch.matmul(qr, kr.transpose(-1, -2)) * scaling
+    probs = softmax(torch.cat([to_prefix, to_self.masked_fill(causal(width), low)], -1))
+    from_prefix = torch.matmul(probs[..., :prefix].reshape(kv, -1, prefix), vp).view(kv, groups, rows, width, dim)
+    out_rows = (from_prefix + torch.matmul(probs[..., prefix:], vr)).flatten(2, 3)
+    outs.append(out_rows if keep is None else out_rows[:, :, keep])
+    out = torch.cat(outs, 2) if len(outs) > 1 else outs[0]  # (kv, groups, tokens, dim)
+    return out.flatten(0, 1).transpose(0, 1).unsqueeze(0), None
+
+
+AttentionInterface.register(PACKED, packed_attention)
+
+
+def can_pack(model) -> bool:
+    """Whether `packed_attention` computes this model's attention: a transformers model that
+    dispatches attention through AttentionInterface, without windows or soft-capping, and no
+    prompt-learning adapter (its virtual tokens would need a layout of their own)."""
+    base = base_of(model)
+    config = base.config
+    # Per-layer kinds where the config lists them (Qwen2 keeps a sliding_window it does not use).
+    kinds = getattr(config, "layer_types", None)
+    windowed = any(t != "full_attention" for t in kinds) if kinds else bool(getattr(config, "sliding_window", None))
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    supported = getattr(base, "_supports_attention_backend", False) and can_share_prefix(model)
+    return bool(supported) and not windowed and not softcap
+
+
+@contextlib.contextmanager
+def attention_implementation(model, name: str):
+    """Inside: the model's attention layers dispatch to `name` (they read it from the config at
+    every forward)."""
+    config = base_of(model).config
+    before = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def packed_answer_loss(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int, n: int) -> torch.Tensor:
+    """answer_loss with the shared prefix of n tokens in the same pass as the rows (padded
+    layout, see Packing): no separate batch-of-one pass for it, no key/value cache repeated per
+    row, and no backward through the repeat. (The concatenated layout would also drop the few
+    percent of padding that length-grouped batches have, but its gathers cost more than that in
+    the backward pass.)"""
+    seqs = [p[n:] + a for p, a in zip(prompts, answers)]
+    ids, _ = right_pad(seqs, pad_id)
+    rows, width = ids.shape
+    flat = torch.cat([torch.tensor(prompts[0][:n]), ids.flatten()])[None]
+    positions = torch.cat([torch.arange(n), n + torch.arange(width).repeat(rows)])[None]
+    lengths = torch.tensor([len(s) for s in seqs])
+    k = max(map(len, answers))
+    # As in answer_loss: the k positions before each row's end predict its last k tokens.
+    last = (lengths[:, None] - k + torch.arange(k)).clamp(min=1)
+    at = n + torch.arange(rows)[:, None] * width + last - 1
+    with attention_implementation(model, PACKED), head_at(model, flat.shape[1] - at):
+        logits = model(input_ids=flat, position_ids=positions, packed=Packing(n, rows)).logits
+    targets = ids.gather(1, last)
+    is_answer = torch.arange(k) >= (k - torch.tensor([len(a) for a in answers]))[:, None]
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    return -(logp * is_answer).sum(-1).mean()
+
+
+def packed_last_logits(model, seqs: list[list[int]], n: int, prefix_kv: list) -> torch.Tensor:
+    """(rows, vocab) logits at each row's last token, the rows concatenated without padding in
+    one pass after a cached prefix of n tokens (`prefix_kv`, see Packing)."""
+    lengths = torch.tensor([len(s) for s in seqs])
+    flat = torch.tensor([t for s in seqs for t in s])[None]
+    positions = torch.cat([n + torch.arange(m) for m in lengths.tolist()])[None]
+    from_end = flat.shape[1] - (torch.cumsum(lengths, 0) - 1)[:, None]
+    layout = concatenated(lengths.tolist(), prefix_kv)
+    with attention_implementation(model, PACKED), head_at(model, from_end):
+        return model(input_ids=flat, position_ids=positions, packed=layout).logits[:, 0]
+
+
 def answer_loss(
-    model, prompts: list[list[int]], answers: list[list[int]], pad_id: int, share_prefix: bool = True
+    model,
+    prompts: list[list[int]],
+    answers: list[list[int]],
+    pad_id: int,
+    share_prefix: bool = True,
+    pack: bool = True,
 ) -> torch.Tensor:
     """Mean over examples of the answer's negative log-likelihood (summed over its tokens):
-    the loss sees the answer only, and it is the same quantity that scoring ranks."""
+    the loss sees the answer only, and it is the same quantity that scoring ranks. With
+    `share_prefix`, the prompts' shared first tokens run once: inside the rows' pass with `pack`
+    (where the model allows it, see can_pack), else as a batch-of-one pass whose key/value cache
+    is repeated for every row."""
+    if share_prefix and pack and can_pack(model) and (n := prefix_length(model, prompts, True)):
+        return packed_answer_loss(model, prompts, answers, pad_id, n)
     n, cached = shared_prefix(model, prompts, share_prefix)
     seqs = [p[n:] + a for p, a in zip(prompts, answers)]
     ids, mask = right_pad(seqs, pad_id)
@@ -205,6 +367,7 @@ def score_labels(
     share_prefix: bool = True,
     first_token: bool = False,
     prefix: tuple | None = None,
+    pack: bool = True,
 ) -> torch.Tensor:
     """(batch, labels) log-likelihood of each label's answer after each prompt; with
     `first_token`, of the answer's first token only.
@@ -213,7 +376,14 @@ def score_labels(
     tokens differ, the label whose first token the model ranks highest is the one a constrained
     generation would write. It needs one forward pass. Whole-answer scoring repeats the prompt's
     key/value cache once per label of several tokens and runs their remaining tokens on top.
-    `prefix`: (length, cache) of a prefix all prompts share, computed once by the caller."""
+    `prefix`: (length, cache) of a prefix all prompts share, computed once by the caller;
+    with `pack` (and first-token scoring, on a model that allows it, see can_pack), the prompts
+    then run concatenated without padding in one pass on that cache (see Packing)."""
+    if first_token and prefix is not None and pack and can_pack(model):
+        n, cache = prefix
+        kv = [(layer.keys[0], layer.values[0]) for layer in cache.layers]
+        last = packed_last_logits(model, [p[n:] for p in prompts], n, kv)
+        return torch.log_softmax(last.float(), dim=-1)[:, [a[0] for a in answers]]
     n, cached = shared_prefix(model, prompts, share_prefix, prefix)
     ids, mask = right_pad([p[n:] for p in prompts], pad_id)
     lengths = torch.tensor([len(p) - n for p in prompts])
@@ -317,13 +487,14 @@ def predict(
     share_prefix: bool = True,
     first_token: bool = False,
     merge: bool = True,
+    pack: bool = True,
     desc: str = "eval",
 ) -> dict:
     """Predictions for every prompt: label index (-1 when a generation names no label), the
     label-set probabilities (score mode; classify mode, a sequence classifier's head) or
     generated text (generate mode). `first_token`: score
     the answers' first tokens only (see score_labels); `merge`: fold the adapter into the
-    weights while predicting (see merged_adapter)."""
+    weights while predicting (see merged_adapter); `pack`: see score_labels."""
     model.eval()
     preds = [0] * len(prompts)
     extra: list = [None] * len(prompts)
@@ -345,7 +516,7 @@ def predict(
                         scores = classify(model, chunk, tokenizer.pad_token_id)
                     else:
                         scores = score_labels(
-                            model, chunk, answers, tokenizer.pad_token_id, share_prefix, first_token, prefix
+                            model, chunk, answers, tokenizer.pad_token_id, share_prefix, first_token, prefix, pack
                         )
                     probs = torch.softmax(scores, -1)
                     out, more = probs.argmax(-1).tolist(), probs.tolist()

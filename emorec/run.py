@@ -3,6 +3,7 @@
 This is the only function that reads the config; everything below it takes plain arguments.
 """
 
+import functools
 import logging
 import math
 import random
@@ -383,6 +384,7 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
             share_prefix=share,
             first_token=first_token,
             merge=t.merge_adapter,
+            pack=t.pack_prefix,
             desc=desc,
         )
         result = gather_predictions(result, mine, len(ids), accelerator)
@@ -471,7 +473,7 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
                     progress=progress,
                     max_pass_tokens=t.max_pass_tokens,
                     accelerator=accelerator,
-                    loss_fn=label_loss if classifier else answer_loss,
+                    loss_fn=label_loss if classifier else functools.partial(answer_loss, pack=t.pack_prefix),
                 )
             except Interrupted:
                 # Checkpointed: hand the signal on (submitit requeues on its SIGUSR2), then stop.

@@ -20,6 +20,7 @@ OFF = {
     "no LoRA dropout": lambda c: c.adapter.peft.lora_dropout == 0.05,
     "merged adapter at evaluation": lambda c: c.trainer.merge_adapter is False,
     "first-token scoring": lambda c: c.trainer.scoring == "answer",
+    "prefix packed into the rows' pass": lambda c: c.trainer.pack_prefix is False,
 }
 
 

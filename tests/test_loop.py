@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from emorec.loop import answer_loss, parse_label, score_labels, train_batches
+from tests.conftest import TINY_SIZES
 
 TOL = 1e-4  # fp32; padding and batching only reorder floating-point sums
 
@@ -86,6 +87,83 @@ def test_shared_prefix_gradients_equal_the_unshared_ones(model):
         answer_loss(model, SHARED, ANSWERS[:3], pad_id=2, share_prefix=share).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+@pytest.fixture
+def packed_calls(monkeypatch):
+    """Counts the calls of the packed attention, so a test knows the packed path ran."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from emorec.loop import PACKED, packed_attention
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["packed"])
+        return packed_attention(*args, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, PACKED, counted)
+    return calls
+
+
+# Rows of different lengths after the shared [5, 9, 30]; the last has one token before its
+# answer, shorter than the longest answer (its unused positions reach into the row before).
+PACKED_PROMPTS = SHARED + [[5, 9, 30, 7]]
+PACKED_ANSWERS = [ANSWERS[0], ANSWERS[2], ANSWERS[1], ANSWERS[3]]
+
+
+def test_packed_pass_gives_the_loss_and_gradients_of_the_batch_of_one_prefix_pass(tiny_model, packed_calls):
+    from emorec.loop import can_pack
+
+    model = lora_model(tiny_model).train()  # an adapter with nonzero B, and dropout off (as the default)
+    assert can_pack(model)
+    results = []
+    for pack in (True, False):
+        model.zero_grad()
+        loss = answer_loss(model, PACKED_PROMPTS, PACKED_ANSWERS, pad_id=2, pack=pack)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((loss.item(), grads))
+        if pack:
+            assert len(packed_calls) == 2 and packed_calls[0].n == 3 and packed_calls[0].rows == 4  # one per layer
+    assert results[0][0] == pytest.approx(results[1][0], abs=TOL)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-5) and results[0][1].abs().sum() > 0
+    expected = -sum(seq_logprob(model, p, a) for p, a in zip(PACKED_PROMPTS, PACKED_ANSWERS)) / 4
+    assert results[0][0] == pytest.approx(expected, abs=TOL)
+
+
+def test_packed_first_token_scores_on_the_prefix_cache_match_plain_forward(model, packed_calls):
+    from emorec.loop import prefix_cache
+
+    with torch.no_grad():  # as predict computes it
+        prefix = (3, prefix_cache(model, PACKED_PROMPTS[0][:3]))
+    scores = score_labels(model, PACKED_PROMPTS, ANSWERS, pad_id=2, first_token=True, prefix=prefix)
+    assert packed_calls and packed_calls[0].prefix is not None and packed_calls[0].index.shape == (4, 6)
+    unpacked = score_labels(model, PACKED_PROMPTS, ANSWERS, pad_id=2, first_token=True, prefix=prefix, pack=False)
+    assert torch.allclose(scores, unpacked, atol=TOL)
+    for i, p in enumerate(PACKED_PROMPTS):
+        for j, a in enumerate(ANSWERS):
+            assert scores[i, j].item() == pytest.approx(seq_logprob(model, p, a[:1]), abs=TOL)
+
+
+def test_models_the_packed_attention_cannot_compute_keep_the_batch_of_one_pass(tiny_model):
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import LlamaConfig, MistralConfig
+
+    from emorec.loop import can_pack
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert can_pack(base)
+    assert not can_pack(get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)))
+    sizes = dict(vocab_size=64, **TINY_SIZES)
+    windowed = AutoModelForCausalLM.from_config(MistralConfig(**sizes, sliding_window=4))
+    assert not can_pack(windowed)
+    loss = answer_loss(windowed, PACKED_PROMPTS, PACKED_ANSWERS, pad_id=2)
+    assert loss.item() == pytest.approx(
+        answer_loss(windowed, PACKED_PROMPTS, PACKED_ANSWERS, 2, share_prefix=False).item(), abs=TOL
+    )
+    assert can_pack(AutoModelForCausalLM.from_config(LlamaConfig(**sizes)))
 
 
 def test_first_token_scores_match_plain_forward(model):
@@ -179,16 +257,19 @@ def test_head_positions_skip_virtual_tokens(tiny_model):
             assert scores[i, j].item() == pytest.approx(plain(p, a), abs=TOL)
 
 
-@pytest.mark.parametrize("first_token", [False, True])
-def test_predict_reuses_one_prefix_cache_across_batches_exactly(model, first_token):
+@pytest.mark.parametrize("first_token,batch_size", [(False, 1), (True, 1), (True, 8)])
+def test_predict_reuses_one_prefix_cache_across_batches_exactly(model, first_token, batch_size):
     from types import SimpleNamespace
 
     from emorec.loop import predict
 
     prompts = SHARED + [[5, 9, 30, 7], [5, 9, 30, 41, 7, 8, 12, 13, 3, 4, 6]]
     tokenizer = SimpleNamespace(pad_token_id=2)
-    # batch_size=1: several batches, each continuing its own copy of the prefix cache.
-    out = predict(model, tokenizer, prompts, ANSWERS, ["a", "b", "c", "d"], batch_size=1, first_token=first_token)
+    # batch_size=1: several batches, each continuing the prefix cache; 8: rows of different
+    # lengths in one batch (packed, for first-token scoring).
+    out = predict(
+        model, tokenizer, prompts, ANSWERS, ["a", "b", "c", "d"], batch_size=batch_size, first_token=first_token
+    )
     for i, p in enumerate(prompts):
         plain = torch.tensor([seq_logprob(model, p, a[:1] if first_token else a) for a in ANSWERS])
         assert torch.allclose(torch.tensor(out["extra"][i]), torch.softmax(plain, -1), atol=TOL)

@@ -62,9 +62,10 @@ def test_lora_targets_exist_in_the_architecture(option, model_type):
     assert set(targets) <= names
     peft = get_peft_model(model, LoraConfig(r=4, target_modules=targets))
     assert peft.get_nb_trainable_parameters()[0] > 0
-    loss = answer_loss(peft, PROMPTS, ANSWERS, pad_id=0)
+    loss = answer_loss(peft, PROMPTS, ANSWERS, pad_id=0)  # the shared prefix packed into the rows' pass
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in peft.parameters() if p.requires_grad)
+    assert loss.item() == pytest.approx(answer_loss(peft, PROMPTS, ANSWERS, pad_id=0, pack=False).item(), abs=1e-5)
 
 
 @pytest.mark.parametrize("option,model_type", ARCHS, ids=[o for o, _ in ARCHS])

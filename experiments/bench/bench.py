@@ -41,6 +41,7 @@ LATER = {
     "no LoRA dropout": ["adapter.dropout=0.05"],
     "merged adapter at evaluation": ["trainer.merge_adapter=false"],
     "first-token scoring": ["trainer.scoring=answer"],
+    "prefix packed into the rows' pass": ["trainer.pack_prefix=false"],
 }
 FIRST = [
     ("plain label-scoring loop, fp32, default system prompt", ["trainer.precision=fp32", "prompt.system=null"]),
