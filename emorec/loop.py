@@ -236,16 +236,16 @@ AttentionInterface.register(PACKED, packed_attention)
 
 def can_pack(model) -> bool:
     """Whether `packed_attention` computes this model's attention: a transformers model that
-    dispatches attention through AttentionInterface, without windows or soft-capping, and no
-    prompt-learning adapter (its virtual tokens would need a layout of their own)."""
+    dispatches attention through AttentionInterface, without windows, soft-capping or attention
+    dropout, and no prompt-learning adapter (its virtual tokens would need a layout of their own)."""
     base = base_of(model)
     config = base.config
     # Per-layer kinds where the config lists them (Qwen2 keeps a sliding_window it does not use).
     kinds = getattr(config, "layer_types", None)
     windowed = any(t != "full_attention" for t in kinds) if kinds else bool(getattr(config, "sliding_window", None))
-    softcap = getattr(config, "attn_logit_softcapping", None)
+    unsupported = getattr(config, "attn_logit_softcapping", None) or getattr(config, "attention_dropout", 0.0)
     supported = getattr(base, "_supports_attention_backend", False) and can_share_prefix(model)
-    return bool(supported) and not windowed and not softcap
+    return bool(supported) and not windowed and not unsupported
 
 
 @contextlib.contextmanager
@@ -265,8 +265,8 @@ def packed_answer_loss(model, prompts: list[list[int]], answers: list[list[int]]
     """answer_loss with the shared prefix of n tokens in the same pass as the rows (padded
     layout, see Packing): no separate batch-of-one pass for it, no key/value cache repeated per
     row, and no backward through the repeat. (The concatenated layout would also drop the few
-    percent of padding that length-grouped batches have, but its gathers cost more than that in
-    the backward pass.)"""
+    percent of padding that length-grouped batches have; it measured slower here, its gathers'
+    backward being scatter-adds: experiments/bench/README.md.)"""
     seqs = [p[n:] + a for p, a in zip(prompts, answers)]
     ids, _ = right_pad(seqs, pad_id)
     rows, width = ids.shape

@@ -164,6 +164,7 @@ def test_models_the_packed_attention_cannot_compute_keep_the_batch_of_one_pass(t
         answer_loss(windowed, PACKED_PROMPTS, PACKED_ANSWERS, 2, share_prefix=False).item(), abs=TOL
     )
     assert can_pack(AutoModelForCausalLM.from_config(LlamaConfig(**sizes)))
+    assert not can_pack(AutoModelForCausalLM.from_config(LlamaConfig(**sizes, attention_dropout=0.1)))
 
 
 def test_first_token_scores_match_plain_forward(model):
