@@ -261,6 +261,16 @@ def attention_implementation(model, name: str):
         config._attn_implementation = before
 
 
+def answer_nll(logits: torch.Tensor, targets: torch.Tensor, answers: list[list[int]]) -> torch.Tensor:
+    """Mean over rows of the answer's negative log-likelihood, from logits (rows, k, vocab) at
+    the k positions before each row's end and their targets (rows, k): only a row's last
+    len(answer) positions are answer tokens."""
+    k = targets.shape[1]
+    is_answer = torch.arange(k) >= (k - torch.tensor([len(a) for a in answers]))[:, None]
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    return -(logp * is_answer).sum(-1).mean()
+
+
 def packed_answer_loss(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int, n: int) -> torch.Tensor:
     """answer_loss with the shared prefix of n tokens in the same pass as the rows (padded
     layout, see Packing): no separate batch-of-one pass for it, no key/value cache repeated per
@@ -280,9 +290,7 @@ def packed_answer_loss(model, prompts: list[list[int]], answers: list[list[int]]
     with attention_implementation(model, PACKED), head_at(model, flat.shape[1] - at):
         logits = model(input_ids=flat, position_ids=positions, packed=Packing(n, rows)).logits
     targets = ids.gather(1, last)
-    is_answer = torch.arange(k) >= (k - torch.tensor([len(a) for a in answers]))[:, None]
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
-    return -(logp * is_answer).sum(-1).mean()
+    return answer_nll(logits, targets, answers)
 
 
 def packed_last_logits(model, seqs: list[list[int]], n: int, prefix_kv: list) -> torch.Tensor:
@@ -322,9 +330,7 @@ def answer_loss(
     # of them are answer tokens.
     logits, _ = tail_logits(model, ids, full_mask, lengths - 1, k, **cached)
     targets = ids[torch.arange(len(seqs))[:, None], lengths[:, None] - k + torch.arange(k)]
-    is_answer = torch.arange(k) >= (k - torch.tensor([len(a) for a in answers]))[:, None]
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
-    return -(logp * is_answer).sum(-1).mean()
+    return answer_nll(logits, targets, answers)
 
 
 def label_loss(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int, share_prefix: bool = False):
