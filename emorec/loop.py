@@ -198,7 +198,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling, dropout
     k, v = key[0], value[0]  # (kv, tokens, dim)
 
     def causal(size):
-        return torch.ones(size, size, dtype=torch.bool).triu(1)
+        return torch.ones(size, size, dtype=torch.bool, device=query.device).triu(1)
 
     def softmax(scores):
         return torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
