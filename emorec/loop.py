@@ -1,9 +1,10 @@
 """The training loop and the two ways of predicting, as plain functions on token ids.
 
-Batches are right-padded and carry no position ids, so every model (rotary or absolute
-positions) and every PEFT method (including those that prepend virtual tokens) sees each
-sequence at its natural positions. Vocabulary logits are computed only where the loss or the
-score needs them (`head_at`).
+Unpacked batches are right-padded and carry no position ids, so every model (rotary or
+absolute positions) and every PEFT method (including those that prepend virtual tokens) sees
+each sequence at its natural positions; packed passes (below) give each row its positions
+explicitly. Vocabulary logits are computed only where the loss or the score needs them
+(`head_at`).
 
 The prompts of a batch share a long first part (chat template, instruction, label list: about
 30 of MELD's 47 prompt tokens), which runs once per batch. Where the model's attention goes
