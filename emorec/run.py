@@ -114,6 +114,7 @@ CHECKS = [
         for key in (
             "trainer.batch_size",
             "trainer.eval_batch_size",
+            "trainer.eval_streams",
             "trainer.grad_accum",
             "trainer.epochs",
             "trainer.max_length",
@@ -385,6 +386,7 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
             first_token=first_token,
             merge=t.merge_adapter,
             pack=t.pack_prefix,
+            streams=t.eval_streams,
             desc=desc,
         )
         result = gather_predictions(result, mine, len(ids), accelerator)

@@ -21,6 +21,7 @@ OFF = {
     "merged adapter at evaluation": lambda c: c.trainer.merge_adapter is False,
     "first-token scoring": lambda c: c.trainer.scoring == "answer",
     "prefix packed into the rows' pass": lambda c: c.trainer.pack_prefix is False,
+    "evaluation streams": lambda c: c.trainer.eval_streams == 1 and c.trainer.eval_batch_size == 32,
 }
 
 

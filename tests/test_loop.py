@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from emorec.errors import EmorecError
 from emorec.loop import answer_loss, parse_label, score_labels, train_batches
 from tests.conftest import TINY_SIZES
 
@@ -146,6 +147,31 @@ def test_packed_first_token_scores_on_the_prefix_cache_match_plain_forward(model
             assert scores[i, j].item() == pytest.approx(seq_logprob(model, p, a[:1]), abs=TOL)
 
 
+def test_shared_rows_run_the_common_start_of_rows_once():
+    from emorec.loop import shared_rows
+
+    tokens, depth, last, layout = shared_rows([[1, 2, 3], [1, 2, 4], [1, 2, 3], [5]])
+    assert tokens == [1, 2, 3, 4, 5] and depth == [0, 1, 2, 2, 0] and last == [2, 3, 2, 4]
+    assert layout.index.tolist() == [[0, 1, 2], [0, 1, 3], [0, 1, 2], [4, 4, 4]]
+    assert layout.keep.tolist() == [0, 1, 2, 5, 9]  # each token's first place in the 4 x 3 layout
+
+
+def test_rows_that_start_alike_score_as_if_run_alone(model, packed_calls):
+    from emorec.loop import prefix_cache
+
+    # After the shared [5, 9, 30]: two identical rows, two that share a start, one of one token.
+    prompts = [[5, 9, 30, 41, 7], [5, 9, 30, 41, 8, 12], [5, 9, 30, 41, 7], [5, 9, 30, 7], [5, 9, 30, 41, 8, 3]]
+    with torch.no_grad():
+        prefix = (3, prefix_cache(model, prompts[0][:3]))
+    scores = score_labels(model, prompts, ANSWERS, pad_id=2, first_token=True, prefix=prefix)
+    # 41, 41 7, 41 8, 41 8 12, 7, 41 8 3: 6 tokens run instead of 11.
+    assert len(packed_calls[0].keep) == 6
+    for i, p in enumerate(prompts):
+        for j, a in enumerate(ANSWERS):
+            assert scores[i, j].item() == pytest.approx(seq_logprob(model, p, a[:1]), abs=TOL)
+    assert torch.equal(scores[0], scores[2])
+
+
 def test_models_the_packed_attention_cannot_compute_keep_the_batch_of_one_pass(tiny_model):
     from peft import PrefixTuningConfig, get_peft_model
     from transformers import LlamaConfig, MistralConfig
@@ -258,8 +284,10 @@ def test_head_positions_skip_virtual_tokens(tiny_model):
             assert scores[i, j].item() == pytest.approx(plain(p, a), abs=TOL)
 
 
-@pytest.mark.parametrize("first_token,batch_size", [(False, 1), (True, 1), (True, 8)])
-def test_predict_reuses_one_prefix_cache_across_batches_exactly(model, first_token, batch_size):
+@pytest.mark.parametrize(
+    "first_token,batch_size,streams", [(False, 1, 1), (True, 1, 1), (True, 8, 1), (False, 1, 2), (True, 1, 2)]
+)
+def test_predict_reuses_one_prefix_cache_across_batches_exactly(model, first_token, batch_size, streams):
     from types import SimpleNamespace
 
     from emorec.loop import predict
@@ -267,10 +295,20 @@ def test_predict_reuses_one_prefix_cache_across_batches_exactly(model, first_tok
     prompts = SHARED + [[5, 9, 30, 7], [5, 9, 30, 41, 7, 8, 12, 13, 3, 4, 6]]
     tokenizer = SimpleNamespace(pad_token_id=2)
     # batch_size=1: several batches, each continuing the prefix cache; 8: rows of different
-    # lengths in one batch (packed, for first-token scoring).
+    # lengths in one batch (packed, for first-token scoring). streams=2: two batches at a time,
+    # in two threads.
+    threads, attention = torch.get_num_threads(), model.config._attn_implementation
     out = predict(
-        model, tokenizer, prompts, ANSWERS, ["a", "b", "c", "d"], batch_size=batch_size, first_token=first_token
+        model,
+        tokenizer,
+        prompts,
+        ANSWERS,
+        ["a", "b", "c", "d"],
+        batch_size=batch_size,
+        first_token=first_token,
+        streams=streams,
     )
+    assert torch.get_num_threads() == threads and model.config._attn_implementation == attention
     for i, p in enumerate(prompts):
         plain = torch.tensor([seq_logprob(model, p, a[:1] if first_token else a) for a in ANSWERS])
         assert torch.allclose(torch.tensor(out["extra"][i]), torch.softmax(plain, -1), atol=TOL)
@@ -321,3 +359,48 @@ def test_a_batch_split_into_passes_gives_the_same_update(tiny_model):
     assert len(passes(None, prompts, lengths, list(range(5)), False, 8)) == 5  # 5 rows x 11+ tokens > 8 each
     assert results[0][0] == pytest.approx(results[1][0], abs=TOL)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-5)
+
+
+def test_streams_give_results_in_order_and_stop_on_an_error():
+    import time
+
+    from emorec.loop import streamed
+
+    threads = torch.get_num_threads()
+    with streamed(lambda x: x * x, list(range(7)), 2, 2) as results:
+        assert list(results) == [x * x for x in range(7)]
+    started = []
+
+    def fail_on_one(x):
+        started.append(x)
+        time.sleep(0.05)
+        if x == 1:
+            raise ValueError("bad batch")
+        return x
+
+    with pytest.raises(ValueError, match="bad batch"), streamed(fail_on_one, list(range(40)), 2, 2) as results:
+        list(results)
+    assert len(started) < 40  # the batches not started were dropped
+    assert torch.get_num_threads() == threads
+
+
+def test_head_positions_and_attention_choice_belong_to_one_thread(model):
+    import threading
+
+    from emorec.loop import attention_implementation, head_at
+
+    ids = torch.tensor([[5, 9, 30, 41, 7]])
+    seen = []
+    with head_at(model, torch.ones(1, 1, dtype=torch.long)), torch.no_grad():
+        assert model(input_ids=ids).logits.shape[1] == 1
+        other = threading.Thread(target=lambda: seen.append(model(input_ids=ids).logits.shape[1]))
+        other.start()
+        other.join()
+    assert seen == [5]  # another thread's forward keeps every position
+    assert model(input_ids=ids).logits.shape[1] == 5  # and so does this one after the context
+    before = model.config._attn_implementation
+    with attention_implementation(model, "sdpa"), attention_implementation(model, "sdpa"):
+        with pytest.raises(EmorecError, match="cannot switch"), attention_implementation(model, "eager"):
+            pass
+        assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == before
