@@ -192,7 +192,8 @@ def shared_rows(seqs: list[list[int]], prefix: list | None = None) -> tuple[list
     """Rows as a token tree (a trie): (tokens, their positions within their row, each row's
     last token, the shared Packing layout). A token depends only on the tokens before it, so
     rows that start alike ("Oh, ...", "Yeah, ...", repeated utterances) compute their common
-    start once: 8-14 % of MELD's utterance tokens. Tokens are numbered as first met, row by row."""
+    start once: 4-8 % of the utterance tokens in MELD's length-sorted evaluation batches. Tokens
+    are numbered as first met, row by row."""
     ids: dict[tuple[int, int], int] = {}
     tokens: list[int] = []
     depth: list[int] = []
