@@ -561,8 +561,6 @@ def predict(
     extra: list = [None] * len(prompts)
     start = time.perf_counter()
     device_type = model.device.type
-    threads = torch.get_num_threads()
-    streams = max(1, min(streams, threads)) if mode != "generate" else 1
     with merged_adapter(model) if merge else contextlib.nullcontext():
         # The prefix every prompt shares runs once for the whole set; batches are cut by the
         # tokens that run per row, those after it.
@@ -586,7 +584,7 @@ def predict(
                 return probs.argmax(-1).tolist(), probs.tolist()
 
         batches = eval_batches([len(p) - n for p in prompts], batch_size)
-        with streamed(run, batches, streams, threads) as results:
+        with streamed(run, batches, streams if mode != "generate" else 1) as results:
             for batch, (out, more) in tqdm(zip(batches, results), total=len(batches), desc=desc, leave=False):
                 for i, p, m in zip(batch, out, more):
                     preds[i], extra[i] = p, m
@@ -595,10 +593,12 @@ def predict(
 
 
 @contextlib.contextmanager
-def streamed(fn, items: list, streams: int, threads: int):
-    """Inside: an iterator of fn(item) in order, computed in `streams` threads at once that share
-    `threads` intra-op threads (one stream: computed as iterated). On an error the items not
-    started are dropped and the error reaches the caller."""
+def streamed(fn, items: list, streams: int):
+    """Inside: an iterator of fn(item) in order, computed in `streams` threads at once (at most
+    one per intra-op thread) that share torch's intra-op threads (one stream: computed as
+    iterated). On an error the items not started are dropped and the error reaches the caller."""
+    threads = torch.get_num_threads()
+    streams = min(streams, threads)
     if streams <= 1:
         yield map(fn, items)
         return

@@ -367,7 +367,7 @@ def test_streams_give_results_in_order_and_stop_on_an_error():
     from emorec.loop import streamed
 
     threads = torch.get_num_threads()
-    with streamed(lambda x: x * x, list(range(7)), 2, 2) as results:
+    with streamed(lambda x: x * x, list(range(7)), 2) as results:
         assert list(results) == [x * x for x in range(7)]
     started = []
 
@@ -378,7 +378,7 @@ def test_streams_give_results_in_order_and_stop_on_an_error():
             raise ValueError("bad batch")
         return x
 
-    with pytest.raises(ValueError, match="bad batch"), streamed(fail_on_one, list(range(40)), 2, 2) as results:
+    with pytest.raises(ValueError, match="bad batch"), streamed(fail_on_one, list(range(40)), 2) as results:
         list(results)
     assert len(started) < 40  # the batches not started were dropped
     assert torch.get_num_threads() == threads
