@@ -322,23 +322,25 @@ def answer_nll(logits: torch.Tensor, targets: torch.Tensor, answers: list[list[i
 def packed_answer_loss(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int, n: int) -> torch.Tensor:
     """answer_loss with the shared prefix of n tokens in the same pass as the rows (padded
     layout, see Packing): no separate batch-of-one pass for it, no key/value cache repeated per
-    row, and no backward through the repeat. (The shared layout would also drop the few
-    percent of padding that length-grouped batches have; it measured slower here, its gathers'
-    backward being scatter-adds: experiments/bench/README.md.)"""
+    row, and no backward through the repeat. The head runs only where an answer token is
+    predicted, not at the k positions every row would get in a (rows, k) layout. (The shared
+    layout would also drop the few percent of padding that length-grouped batches have; it
+    measured slower here, its gathers' backward being scatter-adds:
+    experiments/bench/README.md.)"""
     seqs = [p[n:] + a for p, a in zip(prompts, answers)]
     ids, _ = right_pad(seqs, pad_id)
     rows, width = ids.shape
     flat = torch.cat([torch.tensor(prompts[0][:n]), ids.flatten()])[None]
     positions = torch.cat([torch.arange(n), n + torch.arange(width).repeat(rows)])[None]
-    lengths = torch.tensor([len(s) for s in seqs])
-    k = max(map(len, answers))
-    # As in answer_loss: the k positions before each row's end predict its last k tokens.
-    last = (lengths[:, None] - k + torch.arange(k)).clamp(min=1)
-    at = n + torch.arange(rows)[:, None] * width + last - 1
-    with attention_implementation(model, PACKED), head_at(model, flat.shape[1] - at):
-        logits = model(input_ids=flat, position_ids=positions, packed=Packing(n, rows)).logits
-    targets = ids.gather(1, last)
-    return answer_nll(logits, targets, answers)
+    # Every answer token, as (row, column); the token before it predicts it (a row keeps at
+    # least one token of its prompt after the prefix, see common_prefix).
+    row = torch.tensor([r for r, a in enumerate(answers) for _ in a])
+    col = torch.tensor([len(s) - len(a) + j for s, a in zip(seqs, answers) for j in range(len(a))])
+    at = n + row * width + col - 1
+    with attention_implementation(model, PACKED), head_at(model, flat.shape[1] - at[None]):
+        logits = model(input_ids=flat, position_ids=positions, packed=Packing(n, rows)).logits[0]
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[row, col][:, None])
+    return -logp.sum() / rows
 
 
 def packed_last_logits(model, seqs: list[list[int]], n: int, prefix_kv: list) -> torch.Tensor:
@@ -602,7 +604,7 @@ def streamed(fn, items: list, streams: int):
     if streams <= 1:
         yield map(fn, items)
         return
-    pool = concurrent.futures.ThreadPoolExecutor(streams, thread_name_prefix="emorec-eval")
+    pool = concurrent.futures.ThreadPoolExecutor(streams, thread_name_prefix="emorec-stream")
     torch.set_num_threads(max(1, threads // streams))
     try:
         yield pool.map(fn, items)
@@ -620,6 +622,40 @@ def passes(model, batch_prompts, lengths, batch: list[int], share_prefix: bool, 
     k = 1 if not max_tokens else max(1, math.ceil(len(batch) * width / max_tokens))
     size = math.ceil(len(batch) / min(k, len(batch)))
     return [batch[s : s + size] for s in range(0, len(batch), size)]
+
+
+def pieces_of(rows: list[int], streams: int) -> list[list[int]]:
+    """rows cut into at most `streams` runs of consecutive rows, as equal as can be."""
+    k = min(streams, len(rows))
+    return [rows[i * len(rows) // k : (i + 1) * len(rows) // k] for i in range(k)]
+
+
+def draws_random(model) -> bool:
+    """Whether a training forward draws random numbers (dropout): in several threads they would
+    be drawn in whichever order the threads reach them."""
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def streamed_backward(run_piece, params: list, pieces: list[list[int]], scale: float) -> float:
+    """The pass's rows as `pieces`, each one forward and backward in a thread of its own (see
+    streamed): `run_piece(rows)` returns the rows' mean loss. Their gradients come back apart
+    (autograd.grad, not .grad accumulated by two threads at once) and are added to .grad in
+    piece order, so the sum does not depend on which thread finished first. Each gradient is
+    that of the pass's mean loss times `scale`; returns that mean loss."""
+    total = sum(map(len, pieces))
+
+    def run(rows: list[int]) -> tuple[float, tuple]:
+        weight = len(rows) / total
+        loss = run_piece(rows)
+        return loss.item() * weight, torch.autograd.grad(loss * (scale * weight), params, allow_unused=True)
+
+    with streamed(run, pieces, len(pieces)) as results:
+        results = list(results)
+    for i, p in enumerate(params):
+        for _, grads in results:
+            if grads[i] is not None:
+                p.grad = grads[i] if p.grad is None else p.grad + grads[i]
+    return sum(loss for loss, _ in results)
 
 
 def numerical_fault(what: str) -> EmorecError:
@@ -658,6 +694,7 @@ def train(
     max_pass_tokens: int | None = None,
     accelerator=None,
     loss_fn=answer_loss,
+    streams: int = 1,
 ) -> dict:
     """Train for `steps` optimizer steps over epochs of length-grouped batches. `answers[i]`
     is example i's answer, and `loss_fn` the loss of a pass (answer_loss, or label_loss for a
@@ -671,7 +708,12 @@ def train(
 
     With an `accelerator` of N processes (`model` then wrapped by it, e.g. in DDP), every process
     builds the same batches and process r trains on rows r, r+N, ... of each; the engine averages
-    the gradients, so an optimizer step sees the same global batch as with one process."""
+    the gradients, so an optimizer step sees the same global batch as with one process.
+
+    `streams`: each pass's rows run as that many pieces, each forward and backward in a thread
+    of its own (see streamed_backward). Each piece computes the prompts' shared prefix again,
+    but the threads never wait for each other between operations. One stream with an
+    accelerator (its gradient exchange hooks into .grad accumulation) or with dropout."""
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     lengths = [len(p) + len(a) for p, a in zip(prompts, answers)]
@@ -684,6 +726,8 @@ def train(
     paused, start = 0.0, time.perf_counter()
     rank, world = rank_and_world(accelerator)
     device_type = extract_model_from_parallel(model).device.type
+    # Pieces beyond one per intra-op thread would only run the prefix again.
+    streams = 1 if accelerator is not None or draws_random(model) else min(streams, torch.get_num_threads())
 
     def agree(values: list[float]) -> list[float]:
         # Sums over processes: each holds its rows' share of a loss, or a signal flag.
@@ -725,28 +769,35 @@ def train(
                     for part in passes(model, [prompts[j] for j in rows], lengths, rows, share_prefix, max_pass_tokens):
                         if r == rank:
                             work.append((b, part, len(part) / len(batch)))
-                        part_tokens = sum(lengths[j] for j in part)
-                        tokens += part_tokens
-                        # Tokens the model actually ran (for FLOPs): the shared prefix once per pass.
-                        n = prefix_length(model, [prompts[j] for j in part], share_prefix)
-                        computed += part_tokens - (len(part) - 1) * n
+                        for piece in pieces_of(part, streams):
+                            piece_tokens = sum(lengths[j] for j in piece)
+                            tokens += piece_tokens
+                            # Tokens the model actually ran (for FLOPs): the shared prefix once per piece.
+                            n = prefix_length(model, [prompts[j] for j in piece], share_prefix)
+                            computed += piece_tokens - (len(piece) - 1) * n
                 examples += len(batch)
             if not work:
                 # Fewer rows than processes: a pass of weight 0 keeps this one in the gradient exchange.
                 work.append((0, batches[i][:1], 0.0))
             group = [0.0] * grad_accum
+
+            def piece_loss(rows: list[int]) -> torch.Tensor:
+                # Autocast is per thread: each stream sets its own.
+                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+                    return loss_fn(model, [prompts[j] for j in rows], [answers[j] for j in rows], pad_id, share_prefix)
+
             for k, (b, part, share) in enumerate(work):
+                # Each pass's mean loss, weighted by its share of the batch: the gradients add up
+                # to those of the batch's mean loss (times N, as the engine averages them).
+                scale = share * world / grad_accum
+                if streams > 1:
+                    group[b] += streamed_backward(piece_loss, params, pieces_of(part, streams), scale) * share
+                    continue
                 # Gradients are exchanged once per step, on each process's last pass.
                 sync = accelerator is None or k == len(work) - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-                        loss = loss_fn(
-                            model, [prompts[j] for j in part], [answers[j] for j in part], pad_id, share_prefix
-                        )
-                    # Each pass's mean loss, weighted by its share of the batch: the gradients add
-                    # up to those of the batch's mean loss (times N, as the engine averages them).
-                    scaled = loss * (share * world / grad_accum)
-                    accelerator.backward(scaled) if accelerator else scaled.backward()
+                    loss = piece_loss(part)
+                    accelerator.backward(loss * scale) if accelerator else (loss * scale).backward()
                 group[b] += loss.item() * share
             group = agree(group)
             loss_value = sum(group) / grad_accum

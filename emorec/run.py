@@ -115,6 +115,7 @@ CHECKS = [
             "trainer.batch_size",
             "trainer.eval_batch_size",
             "trainer.eval_streams",
+            "trainer.train_streams",
             "trainer.grad_accum",
             "trainer.epochs",
             "trainer.max_length",
@@ -475,6 +476,7 @@ def _run(cfg, out, device, bf16, labels, neutral, train_ex, dev_ex, test_ex, log
                     progress=progress,
                     max_pass_tokens=t.max_pass_tokens,
                     accelerator=accelerator,
+                    streams=t.train_streams,
                     loss_fn=label_loss if classifier else functools.partial(answer_loss, pack=t.pack_prefix),
                 )
             except Interrupted:

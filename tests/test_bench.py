@@ -22,6 +22,7 @@ OFF = {
     "first-token scoring": lambda c: c.trainer.scoring == "answer",
     "prefix packed into the rows' pass": lambda c: c.trainer.pack_prefix is False,
     "evaluation streams": lambda c: c.trainer.eval_streams == 1 and c.trainer.eval_batch_size == 32,
+    "training streams": lambda c: c.trainer.train_streams == 1,
 }
 
 

@@ -86,13 +86,14 @@ def metrics(run_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def one_process(tiny_model, tmp_path_factory):
-    """The single-process run with these extra settings (run once per module)."""
+    """The single-process run with these extra settings (run once per module), each pass in
+    one piece as in each of the two processes (see assert_same_run's token count)."""
     runs = {}
 
     def get(*extra: str) -> Path:
         if extra not in runs:
             run_dir = tmp_path_factory.mktemp("one") / "run"
-            out = launch("python", tiny_model, ROOT, f"hydra.run.dir={run_dir}", *extra)
+            out = launch("python", tiny_model, ROOT, f"hydra.run.dir={run_dir}", "trainer.train_streams=1", *extra)
             assert out.returncode == 0, out.stderr[-3000:]
             runs[extra] = run_dir
         return runs[extra]

@@ -404,3 +404,62 @@ def test_head_positions_and_attention_choice_belong_to_one_thread(model):
             pass
         assert model.config._attn_implementation == "sdpa"
     assert model.config._attn_implementation == before
+
+
+def train_lora(tiny_model, streams: int, **lora_kwargs) -> tuple[dict, torch.Tensor]:
+    """Two SGD steps of batch 4 on prompts sharing a 3-token prefix: (train stats with the
+    threads that ran the loss, final weights)."""
+    import threading
+
+    from emorec.loop import train
+
+    threads = set()
+
+    def loss_fn(*args):
+        threads.add(threading.current_thread().name)
+        return answer_loss(*args)
+
+    prompts = SHARED + [[5, 9, 30, 7], [5, 9, 30, 41, 7, 8, 12, 13]]
+    answers = [ANSWERS[i % 3] for i in range(len(prompts))]
+    model = lora_model(tiny_model, **lora_kwargs).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    torch.manual_seed(1)  # dropout's masks, where there is dropout
+    stats = train(
+        model, prompts, answers, 2, optimizer=optimizer, scheduler=scheduler, steps=2, batch_size=4,
+        grad_accum=1, max_grad_norm=1.0, autocast=False, share_prefix=True, seed=0, log_every=1,
+        log=lambda *a: None, on_epoch_end=lambda *a: None, streams=streams, loss_fn=loss_fn,
+    )  # fmt: skip
+    return {**stats, "threads": threads}, torch.cat([p.detach().flatten() for p in params])
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="streams need two intra-op threads")
+def test_training_streams_give_the_update_of_one_pass_and_repeat_exactly(tiny_model):
+    import threading
+
+    one, one_weights = train_lora(tiny_model, streams=1)
+    two, two_weights = train_lora(tiny_model, streams=2)
+    again, again_weights = train_lora(tiny_model, streams=2)
+    assert two["losses"] == pytest.approx(one["losses"], abs=TOL)
+    assert torch.allclose(two_weights, one_weights, atol=1e-5)
+    start = torch.cat([p.detach().flatten() for p in lora_model(tiny_model).parameters() if p.requires_grad])
+    assert (two_weights - start).abs().max() > 1e-3  # the steps did move the weights
+    # Gradients are summed in piece order, whichever thread finishes first.
+    assert again["losses"] == two["losses"] and torch.equal(again_weights, two_weights)
+    assert two["tokens"] == one["tokens"]
+    # Batches of 4 ran in two threads of their own (and the epoch's last row, a batch of 1, here).
+    assert two["threads"] == {"emorec-stream_0", "emorec-stream_1", threading.current_thread().name}
+    assert one["threads"] == {threading.current_thread().name}
+
+
+def test_training_with_dropout_keeps_one_stream(tiny_model):
+    from emorec.loop import draws_random
+
+    assert draws_random(lora_model(tiny_model, lora_dropout=0.1).train())
+    assert not draws_random(lora_model(tiny_model).train())
+    one, one_weights = train_lora(tiny_model, streams=1, lora_dropout=0.1)
+    two, two_weights = train_lora(tiny_model, streams=2, lora_dropout=0.1)
+    # The same masks in the same order: the same pass, bit for bit.
+    assert two["losses"] == one["losses"] and torch.equal(two_weights, one_weights)
+    assert two["computed_tokens"] == one["computed_tokens"] and two["threads"] == one["threads"]

@@ -43,6 +43,7 @@ LATER = {
     "first-token scoring": ["trainer.scoring=answer"],
     "prefix packed into the rows' pass": ["trainer.pack_prefix=false"],
     "evaluation streams": ["trainer.eval_streams=1", "trainer.eval_batch_size=32"],
+    "training streams": ["trainer.train_streams=1"],
 }
 FIRST = [
     ("plain label-scoring loop, fp32, default system prompt", ["trainer.precision=fp32", "prompt.system=null"]),
