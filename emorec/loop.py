@@ -751,6 +751,11 @@ def train(
             "seconds": before + time.perf_counter() - start - paused,
         }
 
+    def piece_loss(rows: list[int]) -> torch.Tensor:
+        # Autocast is per thread: each stream sets its own.
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+            return loss_fn(model, [prompts[j] for j in rows], [answers[j] for j in rows], pad_id, share_prefix)
+
     bar = tqdm(total=steps, initial=step, desc="train", disable=rank > 0)
     while step < steps:
         model.train()
@@ -780,11 +785,6 @@ def train(
                 # Fewer rows than processes: a pass of weight 0 keeps this one in the gradient exchange.
                 work.append((0, batches[i][:1], 0.0))
             group = [0.0] * grad_accum
-
-            def piece_loss(rows: list[int]) -> torch.Tensor:
-                # Autocast is per thread: each stream sets its own.
-                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-                    return loss_fn(model, [prompts[j] for j in rows], [answers[j] for j in rows], pad_id, share_prefix)
 
             for k, (b, part, share) in enumerate(work):
                 # Each pass's mean loss, weighted by its share of the batch: the gradients add up
