@@ -309,16 +309,6 @@ def attention_implementation(model, name: str):
                 del _implementations[id(config)]
 
 
-def answer_nll(logits: torch.Tensor, targets: torch.Tensor, answers: list[list[int]]) -> torch.Tensor:
-    """Mean over rows of the answer's negative log-likelihood, from logits (rows, k, vocab) at
-    the k positions before each row's end and their targets (rows, k): only a row's last
-    len(answer) positions are answer tokens."""
-    k = targets.shape[1]
-    is_answer = torch.arange(k) >= (k - torch.tensor([len(a) for a in answers]))[:, None]
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
-    return -(logp * is_answer).sum(-1).mean()
-
-
 def packed_answer_loss(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int, n: int) -> torch.Tensor:
     """answer_loss with the shared prefix of n tokens in the same pass as the rows (padded
     layout, see Packing): no separate batch-of-one pass for it, no key/value cache repeated per
@@ -379,7 +369,9 @@ def answer_loss(
     # of them are answer tokens.
     logits, _ = tail_logits(model, ids, full_mask, lengths - 1, k, **cached)
     targets = ids[torch.arange(len(seqs))[:, None], lengths[:, None] - k + torch.arange(k)]
-    return answer_nll(logits, targets, answers)
+    is_answer = torch.arange(k) >= (k - torch.tensor([len(a) for a in answers]))[:, None]
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    return -(logp * is_answer).sum(-1).mean()
 
 
 def label_loss(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int, share_prefix: bool = False):
@@ -785,7 +777,6 @@ def train(
                 # Fewer rows than processes: a pass of weight 0 keeps this one in the gradient exchange.
                 work.append((0, batches[i][:1], 0.0))
             group = [0.0] * grad_accum
-
             for k, (b, part, share) in enumerate(work):
                 # Each pass's mean loss, weighted by its share of the batch: the gradients add up
                 # to those of the batch's mean loss (times N, as the engine averages them).
