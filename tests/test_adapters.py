@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from emorec.loop import answer_loss, score_labels
+from emorec.fast import candidates
 from emorec.run import run
 from tests.meld_fixture import predict_test_split
 
@@ -32,7 +32,7 @@ def plain_logprob(model, prompt, answer):
 
 
 @pytest.mark.parametrize("adapter", PEFT_ADAPTERS)
-def test_fast_paths_match_plain_forward(adapter, make_cfg, tiny_model):
+def test_every_component_matches_plain_forward(adapter, make_cfg, tiny_model):
     cfg = make_cfg(f"adapter={adapter}", "adapter.num_virtual_tokens=4" if "tuning" in adapter else "seed=0")
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), instantiate(cfg.adapter.peft))
@@ -44,13 +44,14 @@ def test_fast_paths_match_plain_forward(adapter, make_cfg, tiny_model):
     model.eval()
     prompts = [[5, 9, 30, 41, 7], [12, 13], [3, 4, 5, 6, 7, 8, 9, 10, 11]]
     answers = [[20, 2], [21, 22, 2], [23, 24, 25, 2], [26]]
-    scores = score_labels(model, prompts, answers, pad_id=2)
-    for i, p in enumerate(prompts):
-        for j, a in enumerate(answers):
-            assert scores[i, j].item() == pytest.approx(plain_logprob(model, p, a), abs=1e-4)
     gold = [answers[0], answers[2], answers[3]]
     expected = -sum(plain_logprob(model, p, a) for p, a in zip(prompts, gold)) / 3
-    assert answer_loss(model, prompts, gold, pad_id=2).item() == pytest.approx(expected, abs=1e-4)
+    for name, impl in candidates(model):  # every component that serves this adapter, and the reference
+        scores = impl.scores(model, prompts, answers, 2, False)
+        for i, p in enumerate(prompts):
+            for j, a in enumerate(answers):
+                assert scores[i, j].item() == pytest.approx(plain_logprob(model, p, a), abs=1e-4), name
+        assert impl.loss(model, prompts, gold, 2).item() == pytest.approx(expected, abs=1e-4), name
 
 
 @pytest.mark.parametrize("adapter,extra", CASES, ids=[f"{a}-{e}" for a, e in CASES])

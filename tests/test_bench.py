@@ -14,15 +14,15 @@ spec.loader.exec_module(bench)
 
 # What each lever's "off" setting looks like in the composed config.
 OFF = {
-    "shared prompt prefix": lambda c: c.trainer.share_prefix is False,
-    "bf16 frozen base": lambda c: c.trainer.bf16_base is False,
+    "shared prompt prefix": lambda c: c.fast.share_prefix is False,
+    "bf16 frozen base": lambda c: c.fast.bf16_base is False,
     "eager attention": lambda c: c.model.attn_implementation == "sdpa",
     "no LoRA dropout": lambda c: c.adapter.peft.lora_dropout == 0.05,
-    "merged adapter at evaluation": lambda c: c.trainer.merge_adapter is False,
+    "merged adapter at evaluation": lambda c: c.fast.merge_adapter is False,
     "first-token scoring": lambda c: c.trainer.scoring == "answer",
-    "prefix packed into the rows' pass": lambda c: c.trainer.pack_prefix is False,
-    "evaluation streams": lambda c: c.trainer.eval_streams == 1 and c.trainer.eval_batch_size == 32,
-    "training streams": lambda c: c.trainer.train_streams == 1,
+    "prefix packed into the rows' pass": lambda c: c.fast.pack is False,
+    "evaluation streams": lambda c: c.fast.eval_streams == 1 and c.trainer.eval_batch_size == 32,
+    "training streams": lambda c: c.fast.train_streams == 1,
 }
 
 
@@ -46,6 +46,9 @@ def test_every_lever_row_composes_and_switches_off_the_later_levers():
     first, last = composed(rows[0][1]), composed(rows[-1][1])
     assert first.trainer.precision == "fp32" and first.prompt.system is None
     assert last.trainer.precision == "auto" and last.prompt.system == ""  # emorec's default
+    reference = composed(bench.REFERENCE[1])
+    assert not any(reference.fast[k] for k in ("share_prefix", "pack", "head_at", "merge_adapter", "token_batches"))
+    assert reference.fast.eval_streams == reference.fast.train_streams == 1 and reference.trainer.precision == "auto"
 
 
 def test_median_row_takes_each_figure_median_and_keeps_the_runs():

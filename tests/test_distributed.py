@@ -93,7 +93,7 @@ def one_process(tiny_model, tmp_path_factory):
     def get(*extra: str) -> Path:
         if extra not in runs:
             run_dir = tmp_path_factory.mktemp("one") / "run"
-            out = launch("python", tiny_model, ROOT, f"hydra.run.dir={run_dir}", "trainer.train_streams=1", *extra)
+            out = launch("python", tiny_model, ROOT, f"hydra.run.dir={run_dir}", "fast.train_streams=1", *extra)
             assert out.returncode == 0, out.stderr[-3000:]
             runs[extra] = run_dir
         return runs[extra]

@@ -8,7 +8,8 @@ from hydra import compose, initialize_config_dir
 from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from emorec.loop import answer_loss, score_labels
+from emorec import reference
+from emorec.fast import candidates
 from emorec.model import quantization_settings
 from tests.conftest import CONF, TINY_SIZES
 
@@ -62,18 +63,25 @@ def test_lora_targets_exist_in_the_architecture(option, model_type):
     assert set(targets) <= names
     peft = get_peft_model(model, LoraConfig(r=4, target_modules=targets))
     assert peft.get_nb_trainable_parameters()[0] > 0
-    loss = answer_loss(peft, PROMPTS, ANSWERS, pad_id=0)  # the shared prefix packed into the rows' pass
+    expected = reference.answer_loss(peft, PROMPTS, ANSWERS, pad_id=0)
+    found = candidates(peft)
+    assert found[0][0] == "packed pass"  # the shared prefix packed into the rows' pass
+    for name, impl in found:
+        loss = impl.loss(peft, PROMPTS, ANSWERS, 0)
+        assert loss.item() == pytest.approx(expected.item(), abs=1e-5), name
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in peft.parameters() if p.requires_grad)
-    assert loss.item() == pytest.approx(answer_loss(peft, PROMPTS, ANSWERS, pad_id=0, pack=False).item(), abs=1e-5)
 
 
 @pytest.mark.parametrize("option,model_type", ARCHS, ids=[o for o, _ in ARCHS])
 def test_ptuning_v2_runs_on_the_architecture(option, model_type):
     peft = get_peft_model(tiny(model_type), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
-    loss = answer_loss(peft, PROMPTS, ANSWERS, pad_id=0)
+    name, impl = candidates(peft)[0]
+    assert name == "head at positions"  # a prompt-learning adapter's own prefix comes first
+    loss = impl.loss(peft, PROMPTS, ANSWERS, 0)
     loss.backward()
-    scores = score_labels(peft, PROMPTS, ANSWERS, pad_id=0)
+    scores = impl.scores(peft, PROMPTS, ANSWERS, 0, False)
+    assert torch.allclose(scores, reference.score_labels(peft, PROMPTS, ANSWERS, 0), atol=1e-4)
     assert torch.isfinite(loss) and scores.shape == (2, 2) and torch.isfinite(scores).all()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in peft.parameters() if p.requires_grad)
 

@@ -18,13 +18,16 @@ from omegaconf import OmegaConf
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from emorec import reference
 from emorec.errors import EmorecError
-from emorec.loop import classify, label_loss, predict
+from emorec.fast import Fast, dispatch
 from emorec.model import package_path
+from emorec.predict import predict
 from emorec.prompt import encode_prompts
 from emorec.report import main as report_main
 from emorec.report import paper_report, replace_section
 from emorec.run import run
+from emorec.tasks import SequenceClassifier
 from tests.conftest import CONF, compose_run
 from tests.dataset_fixtures import write_sst
 from tests.meld_fixture import MELD_DIR
@@ -65,22 +68,28 @@ def test_full_fine_tuned_classifier_saves_a_model_that_predicts_the_same(tmp_pat
     ids = encode_prompts(tokenizer, data.test, "{text}", None, cfg.dataset.labels, 256, cue="")
     body = tokenizer(data.test[0].text, add_special_tokens=False)["input_ids"]
     assert ids[0] == [tokenizer.cls_token_id, *body, tokenizer.sep_token_id]
-    again = predict(model, tokenizer, ids, [], cfg.dataset.labels, mode="classify", batch_size=4)
+    again = classify(model, tokenizer, ids)
     assert [cfg.dataset.labels[p] for p in again["preds"]] == [r["prediction"] for r in saved]
     for probs, row in zip(again["extra"], saved):
         assert probs == pytest.approx([float(row[f"score_{label}"]) for label in cfg.dataset.labels], abs=1e-4)
     assert len(saved) == metrics["test"]["n"]
 
 
-def test_label_loss_is_cross_entropy_of_the_head(tmp_path):
+def classify(model, tokenizer, ids: list[list[int]]) -> dict:
+    """A reloaded classifier's predictions, through the task and the default speed components."""
+    engine = dispatch(model, Fast(eval_streams=2), torch.device("cpu"))
+    return predict(model, SequenceClassifier(tokenizer.pad_token_id), ids, engine, batch_size=4, autocast=False)
+
+
+def test_classifier_loss_is_cross_entropy_of_the_head(tmp_path):
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(MINILM, num_labels=3).eval()
     tokenizer = AutoTokenizer.from_pretrained(MINILM)
     prompts = [tokenizer(t)["input_ids"] for t in ("so happy today", "no", "this is the worst day of my life")]
     with torch.no_grad():
-        loss = label_loss(model, prompts, [[2], [0], [1]], tokenizer.pad_token_id)
+        loss = reference.classifier_loss(model, prompts, [2, 0, 1], tokenizer.pad_token_id)
         one_by_one = [model(input_ids=torch.tensor([p])).logits[0] for p in prompts]
-        logp = classify(model, prompts, tokenizer.pad_token_id)
+        logp = reference.classifier_scores(model, prompts, tokenizer.pad_token_id)
     expected = torch.nn.functional.cross_entropy(torch.stack(one_by_one), torch.tensor([2, 0, 1]))
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)  # padding changes nothing
     assert torch.allclose(logp.exp().sum(-1), torch.ones(3), atol=1e-5)
@@ -99,7 +108,7 @@ def test_lora_classifier_trains_its_head_and_reloads(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(MINILM)
     data = instantiate(cfg.dataset.load)
     ids = encode_prompts(tokenizer, data.test, "{text}", None, cfg.dataset.labels, 256, cue="")
-    again = predict(model, tokenizer, ids, [], cfg.dataset.labels, mode="classify", batch_size=4)
+    again = classify(model, tokenizer, ids)
     saved = [r["prediction"] for r in csv.DictReader(open(out / "predictions.csv")) if r["split"] == "test"]
     assert [cfg.dataset.labels[p] for p in again["preds"]] == saved
     assert metrics["trainable_params"] < metrics["total_params"] / 100

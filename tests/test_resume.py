@@ -108,11 +108,11 @@ def test_resume_true_without_checkpoints_starts_fresh(tiny_model, tmp_path, unin
         # The batch-of-one prefix pass: at this lr its backward overflows from step 2 (the packed
         # pass saturates instead: RMSNorm of an infinite square gives zero gradients).
         (
-            ["optimizer.lr=1e30", "trainer.max_grad_norm=null", "trainer.pack_prefix=false"],
+            ["optimizer.lr=1e30", "trainer.max_grad_norm=null", "fast.pack=false"],
             "weights are no longer finite after step",
         ),
         (
-            ["optimizer.lr=1e30", "trainer.max_grad_norm=1.0", "trainer.pack_prefix=false"],
+            ["optimizer.lr=1e30", "trainer.max_grad_norm=1.0", "fast.pack=false"],
             "gradient norm is nan at step",
         ),
     ],

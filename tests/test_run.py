@@ -9,7 +9,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from emorec.run import run, steps_per_epoch
+from emorec.batches import steps_per_epoch
+from emorec.run import run
 from tests.meld_fixture import predict_test_split
 from tests.wandb_records import read_run
 
@@ -109,7 +110,7 @@ def test_wandb_offline_run(make_cfg):
 
 
 def test_steps_per_epoch_matches_batches():
-    from emorec.loop import train_batches
+    from emorec.batches import train_batches
 
     for n, bs, acc in [(30, 4, 1), (1000, 16, 1), (1000, 16, 3), (801, 16, 2)]:
         batches = train_batches(list(range(n)), bs, torch.Generator().manual_seed(0))

@@ -35,16 +35,19 @@ HERE = Path(__file__).parent
 # Cumulative levers: each row adds one to the row before; the last row is emorec's default.
 # Every row switches off the levers that come after it.
 LATER = {
-    "shared prompt prefix": ["trainer.share_prefix=false"],
-    "bf16 frozen base": ["trainer.bf16_base=false"],
+    "shared prompt prefix": ["fast.share_prefix=false"],
+    "bf16 frozen base": ["fast.bf16_base=false"],
     "eager attention": ["model.attn_implementation=sdpa"],
     "no LoRA dropout": ["adapter.dropout=0.05"],
-    "merged adapter at evaluation": ["trainer.merge_adapter=false"],
+    "merged adapter at evaluation": ["fast.merge_adapter=false"],
     "first-token scoring": ["trainer.scoring=answer"],
-    "prefix packed into the rows' pass": ["trainer.pack_prefix=false"],
-    "evaluation streams": ["trainer.eval_streams=1", "trainer.eval_batch_size=32"],
-    "training streams": ["trainer.train_streams=1"],
+    "prefix packed into the rows' pass": ["fast.pack=false"],
+    "evaluation streams": ["fast.eval_streams=1", "trainer.eval_batch_size=32"],
+    "training streams": ["fast.train_streams=1"],
 }
+# emorec's reference path (emorec.reference: full logits, fixed-size batches, no component of
+# emorec.fast), with the default's precision, prompt and LoRA: a row of its own.
+REFERENCE = ("reference path (fast=off)", ["fast=off"])
 FIRST = [
     ("plain label-scoring loop, fp32, default system prompt", ["trainer.precision=fp32", "prompt.system=null"]),
     ("+ no default system prompt", ["trainer.precision=fp32"]),
@@ -146,7 +149,7 @@ def main() -> None:
         default_runs.append(run_emorec(default_overrides, args.train, args.eval))
     peer = median_row(peer_runs) if peer_runs else old["rows"][0]
     rows = [{"name": "naive peer", "precision": "fp32", **peer}]
-    for name, overrides in lever_rows:
+    for name, overrides in [REFERENCE, *lever_rows]:
         print(f"emorec: {name} ...", flush=True)
         rows.append({"name": name, "overrides": overrides, **run_emorec(overrides, args.train, args.eval)})
     rows.append({"name": default_name, "overrides": default_overrides, **median_row(default_runs)})

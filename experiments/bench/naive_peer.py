@@ -18,9 +18,9 @@ from transformers import Trainer, TrainingArguments
 
 from emorec.data import subsample
 from emorec.datasets import load_meld
-from emorec.loop import parse_label
 from emorec.metrics import classification_metrics
 from emorec.model import load_gguf_from_package
+from emorec.reference import parse_label
 
 LABELS = ["neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear"]
 PROMPT = "Classify the sentiment of the sentence to neutral, joy, surprise, anger, sadness, disgust or fear: {}"

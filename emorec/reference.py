@@ -1,0 +1,137 @@
+"""The objective in its plain form: what emorec computes, with no speed machinery.
+
+A causal LM answers with label words. Its training loss is the answer's negative
+log-likelihood given the prompt (summed over the answer's tokens, averaged over examples), and
+it scores a label by the same quantity: the log-likelihood of that label's answer after the
+prompt (or of its first token only: greedy decoding constrained to the label set). It can also
+generate freely, the answer then parsed into a label, as the paper evaluated. A sequence
+classifier has a head over the labels instead, trained with cross-entropy.
+
+Batches are right-padded and carry no position ids, so every model (rotary or absolute
+positions) and every PEFT method (including those that put virtual tokens before the input)
+sees each sequence at its natural positions. Every tensor is created on the model's device.
+`emorec.fast` computes the same quantities faster; its tests compare each of its components
+with these functions.
+"""
+
+import re
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+
+
+def base_of(model):
+    """The transformer under a PEFT wrapper (LoRA-style adapters live inside its modules;
+    prompt-learning adapters act only through the wrapper's forward) and under a data-parallel
+    wrapper (DDP)."""
+    model = extract_model_from_parallel(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def right_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask of right-padded sequences."""
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
+    return ids, mask
+
+
+def answer_logprobs(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> torch.Tensor:
+    """(batch,) log-likelihood of each answer after its prompt, summed over the answer's tokens,
+    from one forward pass over the right-padded prompt + answer sequences."""
+    device = device_of(model)
+    ids, mask = right_pad([p + a for p, a in zip(prompts, answers)], pad_id, device)
+    # A prompt-learning adapter's virtual tokens come first: the last positions are the input's.
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1] :]
+    # Answer token j of row r sits at len(prompt) + j; the position before it predicts it.
+    row = torch.tensor([r for r, a in enumerate(answers) for _ in a], device=device)
+    col = torch.tensor([len(p) + j for p, a in zip(prompts, answers) for j in range(len(a))], device=device)
+    logp = torch.log_softmax(logits[row, col - 1].float(), dim=-1).gather(-1, ids[row, col][:, None])[:, 0]
+    return torch.zeros(len(prompts), device=device).index_add(0, row, logp)
+
+
+def answer_loss(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Mean over examples of the answer's negative log-likelihood: the loss sees the answer only,
+    and it is the quantity that scoring ranks."""
+    return -answer_logprobs(model, prompts, answers, pad_id).mean()
+
+
+@torch.no_grad()
+def score_labels(
+    model, prompts: list[list[int]], answers: list[list[int]], pad_id: int, first_token: bool = False
+) -> torch.Tensor:
+    """(batch, labels) log-likelihood of each label's answer after each prompt; with
+    `first_token`, of the answer's first token only (one pass: the next-token distribution
+    after each prompt). Whole answers: one pass per label, each prompt followed by it."""
+    if first_token:
+        ids, mask = right_pad(prompts, pad_id, device_of(model))
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1] :]
+        last = logits[torch.arange(len(prompts), device=ids.device), mask.sum(1) - 1]
+        return torch.log_softmax(last.float(), dim=-1)[:, [a[0] for a in answers]]
+    return torch.stack([answer_logprobs(model, prompts, [a] * len(prompts), pad_id) for a in answers], 1)
+
+
+def first_tokens_differ(answers: list[list[int]]) -> bool:
+    """Whether each label's answer starts with its own token, so that the first token decides."""
+    return len({a[0] for a in answers}) == len(answers)
+
+
+def parse_label(text: str, labels: list[str]) -> int:
+    """The label named first in a generated text (whole words, any case); -1 if none is."""
+    hits = [(m.start(), i) for i, lab in enumerate(labels) if (m := re.search(rf"\b{re.escape(lab)}\b", text, re.I))]
+    return min(hits)[1] if hits else -1
+
+
+@torch.no_grad()
+def generate_labels(
+    model, tokenizer, prompts: list[list[int]], labels: list[str], max_new_tokens: int
+) -> tuple[list[int], list[str]]:
+    """Greedy generation parsed into labels. Left-padded, as `generate` expects."""
+    width = max(map(len, prompts))
+    device = device_of(model)
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return [parse_label(t, labels) for t in texts], texts
+
+
+def classifier_loss(model, prompts: list[list[int]], targets: list[int], pad_id: int) -> torch.Tensor:
+    """A sequence classifier's loss: mean cross-entropy of its head over the labels."""
+    ids, mask = right_pad(prompts, pad_id, device_of(model))
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    return torch.nn.functional.cross_entropy(logits.float(), torch.tensor(targets, device=ids.device))
+
+
+@torch.no_grad()
+def classifier_scores(model, prompts: list[list[int]], pad_id: int) -> torch.Tensor:
+    """(batch, labels) log-probabilities from a sequence classifier's head."""
+    ids, mask = right_pad(prompts, pad_id, device_of(model))
+    return torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+
+
+class Reference:
+    """The plain path behind the interface of emorec.fast's answer components (loss, scores,
+    the tokens a pass shares), so a run can take it in their place (`fast=off`)."""
+
+    def shared_length(self, model, prompts: list[list[int]]) -> int:
+        return 0
+
+    def loss(self, model, prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> torch.Tensor:
+        return answer_loss(model, prompts, answers, pad_id)
+
+    def open(self, model, prompts: list[list[int]]) -> None:
+        return None
+
+    def scores(self, model, prompts, answers, pad_id: int, first_token: bool, prefix=None) -> torch.Tensor:
+        return score_labels(model, prompts, answers, pad_id, first_token)

@@ -1,0 +1,154 @@
+"""Validation of a run's settings, in one place: types and ranges, the prompt's fields, the
+device and the metric before anything loads; the labels' settings once the data has them; a
+resumed run's config against the one it started with."""
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from emorec.errors import EmorecError
+from emorec.metrics import METRICS
+from emorec.model import quantization_config
+
+
+# Checked before anything loads: (key, test, what it must be). Keys absent from the composed
+# config (an adapter without a rank) are skipped.
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+CHECKS = [
+    *[
+        (key, lambda v: _int(v) and v > 0, "a positive integer")
+        for key in (
+            "trainer.batch_size",
+            "trainer.eval_batch_size",
+            "fast.eval_streams",
+            "fast.train_streams",
+            "trainer.grad_accum",
+            "trainer.epochs",
+            "trainer.max_length",
+            "trainer.log_every",
+            "trainer.keep_checkpoints",
+            "adapter.r",
+            "adapter.num_virtual_tokens",
+        )
+    ],
+    *[
+        (key, lambda v: v is None or (_int(v) and v > 0), "a positive integer or null")
+        for key in (
+            "trainer.max_steps",
+            "trainer.num_threads",
+            "trainer.max_pass_tokens",
+            "dataset.max_train",
+            "dataset.max_eval",
+        )
+    ],
+    *[
+        (key, lambda v: _int(v) and v >= 0, "an integer >= 0")
+        for key in ("trainer.checkpoint_every", "dataset.context_window", "seed")
+    ],
+    ("optimizer.lr", lambda v: _num(v) and v > 0, "a number > 0"),
+    ("adapter.alpha", lambda v: _num(v) and v > 0, "a number > 0"),
+    ("adapter.dropout", lambda v: _num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("trainer.warmup_ratio", lambda v: _num(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    ("trainer.max_grad_norm", lambda v: v is None or (_num(v) and v > 0), "a number > 0 or null"),
+    ("trainer.predict", lambda v: v in ("score", "generate"), "score or generate"),
+    ("trainer.scoring", lambda v: v in ("auto", "answer", "first_token"), "auto, answer or first_token"),
+    ("trainer.precision", lambda v: v in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
+    *[
+        (f"fast.{key}", lambda v: isinstance(v, bool), "true or false")
+        for key in ("share_prefix", "pack", "head_at", "bf16_base", "merge_adapter", "token_batches")
+    ],
+    ("resume", lambda v: isinstance(v, (bool, str)), "true, false or a run directory"),
+]
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Types and ranges of the settings, and the prompt's fields, before any data or model loads."""
+    tree = flatten(OmegaConf.to_container(cfg, resolve=False))
+    missing = [k for k, v in tree.items() if v == "???" and not k.startswith("hydra")]
+    if missing:
+        raise EmorecError(f"{missing[0]} is required and has no value; set it with {missing[0]}=...")
+    for key, ok, what in CHECKS:
+        value = OmegaConf.select(cfg, key, default=KeyError)
+        if value is not KeyError and not ok(value):
+            raise EmorecError(f"{key}={value!r} is not valid; it must be {what}")
+    check_metric(cfg.dataset.metric, cfg.dataset.neutral_label)
+    if cfg.dataset.labels is not None:
+        check_labels(list(cfg.dataset.labels), cfg.dataset.neutral_label)
+    classifier = OmegaConf.select(cfg, "model.task_type", default="CAUSAL_LM") == "SEQ_CLS"
+    if classifier and cfg.trainer.predict == "generate":
+        raise EmorecError(
+            f"model={cfg.model.name} is a sequence classifier and cannot generate; use trainer.predict=score"
+        )
+    try:
+        cfg.prompt.template.format(labels="", text="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise EmorecError(
+            f"prompt.template has an unknown field or a stray brace ({e}); use only {{labels}} and {{text}}"
+        ) from None
+    if "{text}" not in cfg.prompt.template:
+        raise EmorecError("prompt.template has no {text} field; the utterance would not reach the model")
+    device = cfg.trainer.device
+    if device != "auto":
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:
+            raise EmorecError(f"trainer.device={device!r} is not a device; use auto, cpu or cuda") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise EmorecError(f"trainer.device={device!r} but CUDA is not available; use trainer.device=auto or cpu")
+    quantization_config(OmegaConf.select(cfg, "model.quantization", default=None))  # bitsandbytes and a GPU
+
+
+# Settings a resumed run may change: they do not change what is computed.
+RESUME_MAY_CHANGE = {"resume", "output_dir", "logger", "trainer.checkpoint_every", "trainer.keep_checkpoints"}
+RESUME_MAY_CHANGE |= {"trainer.num_threads", "dataset.data_dir", "sweep_name"}
+
+
+def check_resume_config(cfg: DictConfig, checkpoint: Path) -> None:
+    """A run continues only with the config it started with: anything else would silently mix
+    two experiments."""
+    saved_path = checkpoint.parent.parent / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=False))
+    now = flatten(OmegaConf.to_container(cfg, resolve=True))
+    changed = [
+        k
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k) and not any(k == m or k.startswith(m + ".") for m in RESUME_MAY_CHANGE)
+    ]
+    if changed:
+        k = changed[0]
+        raise EmorecError(
+            f"resume: {k} is {now.get(k)!r} but the checkpoint's run used {saved.get(k)!r}"
+            f"{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''}; "
+            f"rerun with the overrides in {saved_path}"
+        )
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def check_metric(metric: str, neutral_label: str | None) -> None:
+    if metric not in METRICS:
+        raise EmorecError(f"dataset.metric={metric!r}; use one of {', '.join(METRICS)}")
+    if metric == "micro_f1_no_neutral" and not neutral_label:
+        raise EmorecError("dataset.metric=micro_f1_no_neutral needs dataset.neutral_label, the label to leave out")
+
+
+def check_labels(labels: list[str], neutral_label: str | None) -> None:
+    """The label settings against the labels (the config's, or those the data has)."""
+    if len(set(labels)) != len(labels):
+        raise EmorecError(f"dataset.labels {list(labels)} has duplicates; list each label once")
+    if neutral_label and neutral_label not in labels:
+        raise EmorecError(f"dataset.neutral_label={neutral_label!r} is not one of dataset.labels {list(labels)}")
