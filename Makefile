@@ -48,7 +48,7 @@ paper: setup ## the paper's study: zero-shot, P-Tuning v2 and LoRA on every data
 	$(BIN)/python -m emorec +sweep=paper $(PAPER_BUDGET) hydra.sweep.dir=$(PAPER_RUNS)/grid $(ARGS)
 	$(BIN)/python -m emorec +sweep=paper_baseline $(PAPER_BUDGET) hydra.sweep.dir=$(PAPER_RUNS)/baseline $(ARGS)
 	$(BIN)/python -m emorec +sweep=paper_context $(PAPER_BUDGET) hydra.sweep.dir=$(PAPER_RUNS)/context $(ARGS)
-	$(BIN)/emorec report --paper experiments/paper/paper_numbers.yaml --out experiments/paper --readme README.md \
+	$(BIN)/python experiments/paper/paper_report.py --numbers experiments/paper/paper_numbers.yaml --out experiments/paper --readme README.md \
 		$(PAPER_RUNS)/grid $(PAPER_RUNS)/baseline $(PAPER_RUNS)/context
 
 lint: setup ## ruff lint and format check

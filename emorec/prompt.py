@@ -26,10 +26,7 @@ def render_context(turns, context_template: str) -> str:
     if not turns:
         return ""
     lines = "\n".join(f"{speaker}: {text}" if speaker else text for speaker, text in turns)
-    try:
-        return context_template.format(context=lines)
-    except (KeyError, IndexError) as e:
-        raise EmorecError(f"prompt.context has an unknown field {e}; use only {{context}}") from None
+    return context_template.format(context=lines)
 
 
 def render_prompt(
@@ -43,10 +40,7 @@ def render_prompt(
 ) -> str:
     """The prompt of one utterance; `context` (rendered earlier turns) goes before the
     instruction. Without a chat template, `cue` ends the prompt where the answer follows."""
-    try:
-        user = context + template.format(labels=join_labels(labels), text=text)
-    except (KeyError, IndexError) as e:
-        raise EmorecError(f"prompt.template has an unknown field {e}; use only {{labels}} and {{text}}") from None
+    user = context + template.format(labels=join_labels(labels), text=text)
     if tokenizer.chat_template is None:
         return user + cue
     return tokenizer.apply_chat_template(_messages(user, system), tokenize=False, add_generation_prompt=True)
@@ -70,8 +64,6 @@ def encode_prompts(
     no context is left does the utterance itself lose words from its end. The instruction and
     the template always stay whole.
     """
-    if context_window < 0:
-        raise EmorecError(f"dataset.context_window={context_window}; use 0 (no context) or more")
     special = tokenizer.chat_template is None  # the chat template writes its own special tokens
 
     def render(text: str, turns) -> str:

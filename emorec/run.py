@@ -46,7 +46,7 @@ def run(cfg: DictConfig) -> dict:
     if env.checkpoint is not None:
         check_resume_config(cfg, env.checkpoint)
     data = load_splits(cfg.dataset, cfg.seed)
-    logger = make_logger(cfg, env.main)
+    logger = make_logger(cfg.logger, OmegaConf.to_container(cfg, resolve=True), env.out, env.main)
     try:
         fast = Fast(**cfg.fast)
         model, tokenizer, load_s = build_model(cfg.model, cfg.adapter, fast, env, data.labels)
@@ -189,15 +189,14 @@ def load_splits(dataset: DictConfig, seed: int) -> Data:
     return Data(dataset.name, dataset.metric, labels, neutral, train, dev, test, stats)
 
 
-def make_logger(cfg: DictConfig, main: bool):
+def make_logger(logger: DictConfig, run_config: dict, out: Path, main: bool):
+    """The run's logger (the first process only), and the resolved config saved beside it."""
     if not main:
         return NullLogger()
-    out = Path(cfg.output_dir)
-    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    OmegaConf.save(OmegaConf.create(run_config), out / "config.yaml")
     # A partial, so the run's config reaches the logger as a plain dict (instantiate would turn
     # keyword arguments into DictConfig nodes and instantiate the _target_s inside them).
-    make = instantiate(cfg.logger, _partial_=True)
-    return make(run_config=OmegaConf.to_container(cfg, resolve=True), dir=str(out))
+    return instantiate(logger, _partial_=True)(run_config=run_config, dir=str(out))
 
 
 def is_classifier(model_cfg: DictConfig) -> bool:
@@ -376,16 +375,10 @@ def describe(model, task, engine: Engine, env: Env, data: Data) -> dict:
     """What ran: the task, precision, parameter counts and the speed components."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    if isinstance(task, SequenceClassifier):
-        predict_mode, scoring = "classify", None
-    else:
-        predict_mode = "score" if task.tokenizer is None else "generate"
-        scoring = ("first_token" if task.first_token else "answer") if predict_mode == "score" else None
     return {
         "dataset": data.name,
         "metric": data.metric,
-        "predict": predict_mode,
-        "scoring": scoring,
+        **task.describe(),
         "precision": "bf16" if env.bf16 else "fp32",
         "trainable_params": trainable,
         "total_params": total,

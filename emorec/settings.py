@@ -93,6 +93,10 @@ def check_config(cfg: DictConfig) -> None:
         raise EmorecError(
             f"prompt.template has an unknown field or a stray brace ({e}); use only {{labels}} and {{text}}"
         ) from None
+    try:
+        cfg.prompt.context.format(context="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise EmorecError(f"prompt.context has an unknown field or a stray brace ({e}); use only {{context}}") from None
     if "{text}" not in cfg.prompt.template:
         raise EmorecError("prompt.template has no {text} field; the utterance would not reach the model")
     device = cfg.trainer.device

@@ -25,6 +25,11 @@ class LabelWords:
         self.first_token, self.impl, self.tokenizer = first_token, impl, tokenizer
         self.streams = tokenizer is None  # generation keeps one stream
 
+    def describe(self) -> dict:
+        if self.tokenizer is not None:
+            return {"predict": "generate", "scoring": None}
+        return {"predict": "score", "scoring": "first_token" if self.first_token else "answer"}
+
     def lengths(self, prompts: list[list[int]], targets: list[int]) -> list[int]:
         return [len(p) + len(self.answers[t]) for p, t in zip(prompts, targets)]
 
@@ -58,6 +63,9 @@ class SequenceClassifier:
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
+
+    def describe(self) -> dict:
+        return {"predict": "classify", "scoring": None}
 
     def lengths(self, prompts: list[list[int]], targets: list[int]) -> list[int]:
         return [len(p) + 1 for p in prompts]  # the label counts as the one-step answer

