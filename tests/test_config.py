@@ -10,7 +10,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 CONF = Path(__file__).parent.parent / "conf"
-GROUPS = ["model", "adapter", "dataset", "optimizer", "trainer", "logger"]
+GROUPS = ["model", "adapter", "dataset", "optimizer", "trainer", "fast", "logger"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
@@ -32,6 +32,12 @@ def test_every_option_composes(group, option):
         cfg = compose("config", overrides=[f"{group}={option}", "model.name_or_path=x" if option == "hf" else "seed=1"])
     node = OmegaConf.to_container(cfg[group], resolve=True)
     assert node, f"{group}={option} composed to an empty node"
+    if group == "fast":  # every switch of the group is a field of emorec.fast.Fast, and back
+        from dataclasses import fields
+
+        from emorec.fast import Fast
+
+        assert set(node) == {f.name for f in fields(Fast)} and Fast(**node)
 
 
 def test_lora_config_instantiates_as_peft_dataclass():

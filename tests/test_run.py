@@ -115,3 +115,22 @@ def test_steps_per_epoch_matches_batches():
     for n, bs, acc in [(30, 4, 1), (1000, 16, 1), (1000, 16, 3), (801, 16, 2)]:
         batches = train_batches(list(range(n)), bs, torch.Generator().manual_seed(0))
         assert steps_per_epoch(n, bs, acc) == len(batches) // acc
+
+
+def test_the_reference_path_trains_and_predicts_as_the_fast_one(make_cfg, tmp_path):
+    """fast=off runs the whole job on emorec.reference: in fp32 the same losses (up to rounding)
+    and the same predictions as the default components, which the run names."""
+    fast = run(make_cfg(f"output_dir={tmp_path / 'fast'}"))
+    plain = run(make_cfg("fast=off", f"output_dir={tmp_path / 'plain'}"))
+    assert fast["fast"]["answers"] == "packed pass" and fast["fast"]["train streams"] == 2
+    assert plain["fast"] == {
+        "answers": "reference",
+        "merged adapter": False,
+        "token batches": False,
+        "eval streams": 1,
+        "train streams": 1,
+    }
+    assert plain["train"]["losses"] == pytest.approx(fast["train"]["losses"], abs=1e-4)
+    assert plain["train"]["computed_tokens"] == plain["train"]["tokens"] > fast["train"]["computed_tokens"]
+    for split in ("val", "test"):
+        assert plain[split]["confusion_matrix"] == fast[split]["confusion_matrix"]
