@@ -115,6 +115,20 @@ RESUME_MAY_CHANGE = {"resume", "output_dir", "logger", "trainer.checkpoint_every
 RESUME_MAY_CHANGE |= {"trainer.num_threads", "dataset.data_dir", "sweep_name"}
 
 
+# Settings that moved from trainer to the fast group (issue 19): a run checkpointed before the
+# move resumes with the same settings under their new names. Switches added with the group were
+# always on then.
+MOVED = {
+    "trainer.share_prefix": "fast.share_prefix",
+    "trainer.pack_prefix": "fast.pack",
+    "trainer.bf16_base": "fast.bf16_base",
+    "trainer.merge_adapter": "fast.merge_adapter",
+    "trainer.eval_streams": "fast.eval_streams",
+    "trainer.train_streams": "fast.train_streams",
+}
+ADDED_WITH_FAST = {"fast.head_at": True, "fast.token_batches": True}
+
+
 def check_resume_config(cfg: DictConfig, checkpoint: Path) -> None:
     """A run continues only with the config it started with: anything else would silently mix
     two experiments."""
@@ -122,6 +136,8 @@ def check_resume_config(cfg: DictConfig, checkpoint: Path) -> None:
     if not saved_path.is_file():
         return
     saved = flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=False))
+    if any(k in saved for k in MOVED):
+        saved = {MOVED.get(k, k): v for k, v in saved.items()} | ADDED_WITH_FAST
     now = flatten(OmegaConf.to_container(cfg, resolve=True))
     changed = [
         k

@@ -133,3 +133,27 @@ def test_nan_stops_with_the_last_good_checkpoint(tiny_model, tmp_path, overrides
         weights = load_file(run_dir / "checkpoints" / k / "adapter.safetensors")
         assert weights and all(w.isfinite().all() for w in weights.values())
     assert not (run_dir / "metrics.json").exists()
+
+
+def test_a_run_checkpointed_before_the_fast_group_resumes_under_the_new_names(tmp_path):
+    from omegaconf import OmegaConf
+
+    from emorec.errors import EmorecError
+    from emorec.settings import check_resume_config
+    from tests.conftest import compose_run
+
+    cfg = compose_run(tmp_path / "run")
+    old = OmegaConf.to_container(cfg, resolve=True)
+    fast = old.pop("fast")
+    names = {"share_prefix": "share_prefix", "pack": "pack_prefix", "bf16_base": "bf16_base"}
+    names |= {"merge_adapter": "merge_adapter", "eval_streams": "eval_streams", "train_streams": "train_streams"}
+    for new, before in names.items():
+        old["trainer"][before] = fast[new]
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000003"
+    checkpoint.mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(old), tmp_path / "run" / "config.yaml")
+    check_resume_config(cfg, checkpoint)  # the same settings, under their new names: no error
+    old["trainer"]["pack_prefix"] = False
+    OmegaConf.save(OmegaConf.create(old), tmp_path / "run" / "config.yaml")
+    with pytest.raises(EmorecError, match="resume: fast.pack is True but the checkpoint's run used False"):
+        check_resume_config(cfg, checkpoint)
