@@ -33,7 +33,7 @@ from emorec.outputs import atomic, plot_confusion, prediction_columns, predictio
 from emorec.predict import predict
 from emorec.prompt import encode_answers, encode_prompts, scoring_answers
 from emorec.reference import base_of, first_tokens_differ
-from emorec.settings import check_config, check_labels, check_resume_config
+from emorec.settings import check_config, check_labels, check_resume_config, is_classifier
 from emorec.tasks import LabelWords, SequenceClassifier
 from emorec.train import Checkpointer, KeepBest, LogLoss, Passes, Plan, train
 
@@ -197,12 +197,6 @@ def make_logger(logger: DictConfig, run_config: dict, out: Path, main: bool):
     # A partial, so the run's config reaches the logger as a plain dict (instantiate would turn
     # keyword arguments into DictConfig nodes and instantiate the _target_s inside them).
     return instantiate(logger, _partial_=True)(run_config=run_config, dir=str(out))
-
-
-def is_classifier(model_cfg: DictConfig) -> bool:
-    """A sequence classifier (model.task_type=SEQ_CLS, e.g. model=minilm_l6) gets a new head over
-    the labels; a causal LM answers with label words."""
-    return model_cfg.get("task_type", "CAUSAL_LM") == "SEQ_CLS"
 
 
 def build_model(model_cfg: DictConfig, adapter: DictConfig, fast: Fast, env: Env, labels: list[str]):

@@ -82,8 +82,7 @@ def check_config(cfg: DictConfig) -> None:
     check_metric(cfg.dataset.metric, cfg.dataset.neutral_label)
     if cfg.dataset.labels is not None:
         check_labels(list(cfg.dataset.labels), cfg.dataset.neutral_label)
-    classifier = OmegaConf.select(cfg, "model.task_type", default="CAUSAL_LM") == "SEQ_CLS"
-    if classifier and cfg.trainer.predict == "generate":
+    if is_classifier(cfg.model) and cfg.trainer.predict == "generate":
         raise EmorecError(
             f"model={cfg.model.name} is a sequence classifier and cannot generate; use trainer.predict=score"
         )
@@ -157,6 +156,12 @@ def flatten(tree, prefix: str = "") -> dict:
     if isinstance(tree, dict):
         return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
     return {prefix[:-1]: tree}
+
+
+def is_classifier(model_cfg: DictConfig) -> bool:
+    """A sequence classifier (model.task_type=SEQ_CLS, e.g. model=minilm_l6) gets a new head over
+    the labels; a causal LM answers with label words."""
+    return model_cfg.get("task_type", "CAUSAL_LM") == "SEQ_CLS"
 
 
 def check_metric(metric: str, neutral_label: str | None) -> None:

@@ -12,6 +12,12 @@ import torch
 from emorec import reference
 
 
+def ranked(scores: torch.Tensor) -> tuple[list[int], list[list[float]]]:
+    """(the best label of each row, the label-set probabilities) from (batch, labels) scores."""
+    probs = torch.softmax(scores, -1)
+    return probs.argmax(-1).tolist(), probs.tolist()
+
+
 class LabelWords:
     """A causal LM that answers with label words. Training: the answer's negative
     log-likelihood (`answers[label]`, ending with the end-of-turn token). Prediction: the label
@@ -47,9 +53,7 @@ class LabelWords:
         prefix = self.impl.open(model, prompts)
 
         def run(chunk: list[list[int]]):
-            scores = self.impl.scores(model, chunk, self.scored, self.pad_id, self.first_token, prefix)
-            probs = torch.softmax(scores, -1)
-            return probs.argmax(-1).tolist(), probs.tolist()
+            return ranked(self.impl.scores(model, chunk, self.scored, self.pad_id, self.first_token, prefix))
 
         return (prefix[0] if prefix else 0), run
 
@@ -78,7 +82,6 @@ class SequenceClassifier:
 
     def predictor(self, model, prompts: list[list[int]]):
         def run(chunk: list[list[int]]):
-            probs = torch.softmax(reference.classifier_scores(model, chunk, self.pad_id), -1)
-            return probs.argmax(-1).tolist(), probs.tolist()
+            return ranked(reference.classifier_scores(model, chunk, self.pad_id))
 
         return 0, run

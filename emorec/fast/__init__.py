@@ -79,18 +79,22 @@ def dispatch_reference(model, fast: Fast, head: HeadAt):
 ANSWERS = [dispatch_packed, dispatch_prefix_cache, dispatch_head_at, dispatch_reference]
 
 
-def candidates(model, fast: Fast = Fast()) -> list[tuple[str, object]]:
-    """Every answer component that could serve `model`, in dispatch order (the tests compare
-    each with the reference)."""
+def answer_components(model, fast: Fast):
+    """(name, component) of each answer component that could serve `model`, in dispatch order,
+    built as they are asked for (dispatch takes the first; the tests compare each with the
+    reference)."""
     head = HeadAt(model)
-    return [found for d in ANSWERS if (found := d(model, fast, head))]
+    return (found for d in ANSWERS if (found := d(model, fast, head)))
+
+
+def candidates(model, fast: Fast = Fast()) -> list[tuple[str, object]]:
+    return list(answer_components(model, fast))
 
 
 def dispatch(model, fast: Fast, device: torch.device) -> Engine:
     """The components for `model` (after its adapter) on `device`. Thread streams are a CPU
     lever: on a GPU they would serialise on one CUDA stream."""
-    head = HeadAt(model)
-    name, answers = next(found for d in ANSWERS if (found := d(model, fast, head)))
+    name, answers = next(answer_components(model, fast))
     cpu = device.type == "cpu"
     merge = fast.merge_adapter and can_merge(model)
     engine = Engine(

@@ -6,6 +6,7 @@ A CPU lever: on a GPU the streams would serialise on one CUDA stream.
 """
 
 import concurrent.futures
+import threading
 from contextlib import contextmanager
 
 import torch
@@ -24,6 +25,11 @@ def streamed(fn, items: list, streams: int):
         yield map(fn, items)
         return
     pool = concurrent.futures.ThreadPoolExecutor(streams, thread_name_prefix="emorec-stream")
+    # The pool starts threads lazily and hands new work to an idle one: a thread that finished
+    # its first item before the second was submitted would take both, one after the other on
+    # a share of the cores. Every stream's thread starts, and waits for the others, first.
+    ready = threading.Barrier(streams)
+    list(pool.map(lambda _: ready.wait(), range(streams)))
     torch.set_num_threads(max(1, threads // streams))
     try:
         yield pool.map(fn, items)
