@@ -15,7 +15,7 @@ PAPER_RUNS ?= multirun/paper/$(PAPER_STAMP)
 PAPER_BUDGET ?= +experiment=cpu_budget
 ARGS ?=
 
-.PHONY: help setup run test test-fast bench paper lint format clean
+.PHONY: help setup run test test-fast bench gpu-check paper lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -43,6 +43,10 @@ test-fast: setup ## run the tests that take seconds (no slow marker)
 
 bench: setup ## benchmark emorec against the naive peer (HF Trainer recipe); writes experiments/bench/results.json
 	$(BIN)/python experiments/bench/bench.py $(ARGS)
+
+gpu-check: setup ## on a CUDA GPU (under 8 min on one H200): the gpu tests, then the main job against the CPU and the bench against the peer (experiments/gpu)
+	$(BIN)/python -m pytest -m gpu tests/test_gpu.py tests/test_engine.py $(ARGS)
+	$(BIN)/python experiments/gpu/gpu_check.py --out experiments/gpu/results.json
 
 paper: setup ## the paper's study: zero-shot, P-Tuning v2 and LoRA on every dataset, with dialogue context, and the MiniLM baseline; then the table (experiments/paper)
 	$(BIN)/python -m emorec +sweep=paper $(PAPER_BUDGET) hydra.sweep.dir=$(PAPER_RUNS)/grid $(ARGS)

@@ -33,13 +33,14 @@ def row_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [list(range(s, min(s + batch_size, len(lengths)))) for s in range(0, len(lengths), batch_size)]
 
 
-def token_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+def token_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
     """Longest first (a too-large batch fails at once), cut by tokens: each batch holds about
-    as many padded tokens as `batch_size` rows of the mean length, so long rows come a few at a
-    time and short rows many at a time. A fixed row count would pad a batch of the long tail
-    to its longest row (21 % waste at 32 rows on MELD) and run short rows in small matmuls."""
+    as many padded tokens as `batch_size` rows of the mean length (or `max_tokens`, a budget
+    sized to the device), so long rows come a few at a time and short rows many at a time. A
+    fixed row count would pad a batch of the long tail to its longest row (21 % waste at 32
+    rows on MELD) and run short rows in small matmuls."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    budget = batch_size * sum(lengths) / max(len(lengths), 1)
+    budget = max_tokens or batch_size * sum(lengths) / max(len(lengths), 1)
     batches: list[list[int]] = []
     for i in order:
         # Sorted longest first, so a batch's width is its first row's length.

@@ -94,7 +94,9 @@ def load_checkpoint(path: Path) -> dict:
         state = json.loads((path / "state.json").read_text())
         weights = load_file(path / "adapter.safetensors")
         best = load_file(path / "best.safetensors") if (path / "best.safetensors").is_file() else None
-        tensors = torch.load(path / "trainer.pt", weights_only=True)
+        # On the host whatever device saved them: optimizer.load_state_dict moves each state to
+        # its parameter's device, and a checkpoint from a GPU run then resumes anywhere.
+        tensors = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - whatever a damaged file raises, the answer is the same
         raise EmorecError(
             f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
@@ -108,12 +110,25 @@ def numpy_state() -> list:
     return [name, keys.tolist(), pos, has_gauss, gauss]
 
 
-def restore_rng(state: dict, torch_rng: torch.Tensor) -> None:
+def torch_rng_state() -> dict:
+    """torch's generators: the CPU's, and each CUDA device's where CUDA is in use."""
+    state = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict, tensors: dict) -> None:
+    """Python's, numpy's and torch's generators as saved. CUDA generators are restored when the
+    run has as many devices as the saved one (a resume on another machine draws afresh there)."""
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy_rng"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch_rng)
+    torch.set_rng_state(tensors["torch_rng"])
+    cuda = tensors.get("cuda_rng")
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)
 
 
 class StopSignals:

@@ -50,11 +50,13 @@ def load_pretrained(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     quantization: str | None = None,
+    device: torch.device | str | None = None,
 ):
-    """A hub name or a local folder. Weights load from safetensors only: a pickled .bin file can
-    run code on load. trust_remote_code stays off unless the model config opts in.
-    attn_implementation: eager, sdpa, ... (None: the transformers default). quantization: 4bit
-    or 8bit for QLoRA (see quantization_config)."""
+    """A hub name or a local folder, its weights read straight onto `device` (None: the CPU).
+    Weights load from safetensors only: a pickled .bin file can run code on load.
+    trust_remote_code stays off unless the model config opts in. attn_implementation: eager,
+    sdpa, ... (None: the transformers default). quantization: 4bit or 8bit for QLoRA (see
+    quantization_config)."""
     quantized = quantization_config(quantization)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
@@ -66,6 +68,7 @@ def load_pretrained(
             trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation,
             quantization_config=quantized,
+            device_map=device_map(device),
         )
     except ValueError as e:
         if "attn_implementation" not in str(e) and "attention" not in str(e):
@@ -84,6 +87,42 @@ def load_pretrained(
     return model, tokenizer
 
 
+def device_map(device) -> dict | None:
+    """Every weight straight onto `device` as it is read: no full copy on the host first (15 GB
+    at 7 B parameters in bf16), and a quantised base is placed where bitsandbytes needs it."""
+    return None if device is None else {"": torch.device(device)}
+
+
+def random_model(
+    architecture: dict,
+    tokenizer: str,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+    device: torch.device | str | None = None,
+    draw_on_device: bool = False,
+):
+    """A randomly initialised causal LM of a given architecture (a transformers config as a dict,
+    `model_type` first) with a tokenizer from a folder (or a GGUF-embedding package's converted
+    cache, see load_gguf_from_package): the shape of a large model without its download, for
+    benchmarks. The weights are drawn from `seed` on the CPU, the same on every device, or with
+    `draw_on_device` on `device` (seconds instead of minutes at 7 B parameters)."""
+    from transformers import AutoConfig
+
+    spec = dict(architecture)
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    if config.vocab_size < (tok := AutoTokenizer.from_pretrained(tokenizer)).vocab_size:
+        raise EmorecError(
+            f"the architecture's vocab_size {config.vocab_size} is below the tokenizer's {tok.vocab_size}"
+        )
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    torch.manual_seed(seed)
+    with torch.device(device if draw_on_device and device is not None else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    return model.to(device or "cpu"), tok
+
+
 def package_path(package: str, file: str, install: str) -> str:
     """A file or folder shipped inside an installed Python package (a model embedded in a wheel)."""
     spec = importlib.util.find_spec(package)
@@ -95,7 +134,9 @@ def package_path(package: str, file: str, install: str) -> str:
     return str(path)
 
 
-def load_classifier(name_or_path: str, labels: list[str], dtype: torch.dtype = torch.float32, revision=None):
+def load_classifier(
+    name_or_path: str, labels: list[str], dtype: torch.dtype = torch.float32, revision=None, device=None
+):
     """An encoder (a hub name or a folder) with a new sequence-classification head over `labels`:
     the "specialised model" of the emotion-recognition literature. The head starts from the
     seeded random state, so a run's seed fixes it. Weights load from safetensors only."""
@@ -109,6 +150,7 @@ def load_classifier(name_or_path: str, labels: list[str], dtype: torch.dtype = t
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
+            device_map=device_map(device),
         )
     except OSError as e:
         raise EmorecError(
@@ -124,15 +166,26 @@ def load_gguf_from_package(
     install: str,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = None,
+    device: torch.device | str | None = None,
 ):
     """A GGUF file shipped inside an installed Python package. Dequantising a GGUF takes
     seconds, so the first load converts it into a plain safetensors folder in the cache and
     every later load reads that folder."""
+    return load_pretrained(
+        str(converted_gguf(package, gguf_file, install)),
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        device=device,
+    )
+
+
+def converted_gguf(package: str, gguf_file: str, install: str) -> Path:
+    """The safetensors folder of a GGUF shipped in a package, converted on first use."""
     source = Path(package_path(package, gguf_file, install))
     target = cache_dir() / "models" / f"{source.stem}-{source.stat().st_size}"
     if not (target / "model.safetensors").is_file():
         convert_gguf(source, target)
-    return load_pretrained(str(target), dtype=dtype, attn_implementation=attn_implementation)
+    return target
 
 
 def convert_gguf(source: Path, target: Path) -> None:

@@ -28,15 +28,32 @@ def base_of(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def is_quantized(model) -> bool:
+    """Whether the base's weights are 4/8-bit (a bitsandbytes base for QLoRA): transformers keeps
+    its quantiser on the model."""
+    base = base_of(model)
+    return getattr(base, "hf_quantizer", None) is not None or bool(getattr(base, "is_quantized", False))
+
+
 def device_of(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def on_device(data: list, device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A tensor of `data` (indices, token ids) on `device`. A plain copy to a GPU waits for
+    everything queued there; this one goes through pinned memory, asynchronously, so building a
+    batch's indices never stalls the GPU's work."""
+    host = torch.tensor(data, dtype=dtype)  # on the host: the one tensor here built there
+    if device is not None and torch.device(device).type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def right_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids and attention_mask of right-padded sequences."""
     width = max(map(len, seqs))
-    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
+    ids = on_device([s + [pad_id] * (width - len(s)) for s in seqs], device)
+    mask = on_device([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device)
     return ids, mask
 
 
@@ -48,8 +65,8 @@ def answer_logprobs(model, prompts: list[list[int]], answers: list[list[int]], p
     # A prompt-learning adapter's virtual tokens come first: the last positions are the input's.
     logits = model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1] :]
     # Answer token j of row r sits at len(prompt) + j; the position before it predicts it.
-    row = torch.tensor([r for r, a in enumerate(answers) for _ in a], device=device)
-    col = torch.tensor([len(p) + j for p, a in zip(prompts, answers) for j in range(len(a))], device=device)
+    row = on_device([r for r, a in enumerate(answers) for _ in a], device)
+    col = on_device([len(p) + j for p, a in zip(prompts, answers) for j in range(len(a))], device)
     logp = torch.log_softmax(logits[row, col - 1].float(), dim=-1).gather(-1, ids[row, col][:, None])[:, 0]
     return torch.zeros(len(prompts), device=device).index_add(0, row, logp)
 
@@ -93,8 +110,8 @@ def generate_labels(
     """Greedy generation parsed into labels. Left-padded, as `generate` expects."""
     width = max(map(len, prompts))
     device = device_of(model)
-    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    ids = on_device([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device)
+    mask = on_device([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device)
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -110,7 +127,7 @@ def classifier_loss(model, prompts: list[list[int]], targets: list[int], pad_id:
     """A sequence classifier's loss: mean cross-entropy of its head over the labels."""
     ids, mask = right_pad(prompts, pad_id, device_of(model))
     logits = model(input_ids=ids, attention_mask=mask).logits
-    return torch.nn.functional.cross_entropy(logits.float(), torch.tensor(targets, device=ids.device))
+    return torch.nn.functional.cross_entropy(logits.float(), on_device(targets, ids.device))
 
 
 @torch.no_grad()

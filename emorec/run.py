@@ -17,7 +17,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
-from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import get_scheduler
 
@@ -26,13 +26,13 @@ from emorec.checkpoint import Interrupted, StopSignals, checkpoints, find_checkp
 from emorec.data import subsample
 from emorec.distributed import end, from_slurm, gather_predictions, make_accelerator, rank_and_world
 from emorec.errors import EmorecError
-from emorec.fast import Engine, Fast, dispatch, dispatch_backward
+from emorec.fast import Engine, Fast, dispatch, dispatch_attention, dispatch_backward, optimizer_options
 from emorec.loggers import NullLogger
 from emorec.metrics import METRICS, classification_metrics
 from emorec.outputs import atomic, plot_confusion, prediction_columns, prediction_rows, write_json, write_predictions
 from emorec.predict import predict
 from emorec.prompt import encode_answers, encode_prompts, scoring_answers
-from emorec.reference import base_of, first_tokens_differ
+from emorec.reference import base_of, first_tokens_differ, is_quantized
 from emorec.settings import check_config, check_labels, check_resume_config, is_classifier
 from emorec.tasks import LabelWords, SequenceClassifier
 from emorec.train import Checkpointer, KeepBest, LogLoss, Passes, Plan, train
@@ -50,7 +50,7 @@ def run(cfg: DictConfig) -> dict:
     try:
         fast = Fast(**cfg.fast)
         model, tokenizer, load_s = build_model(cfg.model, cfg.adapter, fast, env, data.labels)
-        engine = dispatch(model, fast, env.device)
+        engine = dispatch(model, fast, env.device, cfg.trainer.max_pass_tokens)
         log.info("speed components: %s", engine.chosen)
         task = build_task(tokenizer, cfg.prompt, cfg.trainer, data.labels, engine, classifier=is_classifier(cfg.model))
         ids = encode(tokenizer, cfg.prompt, data, cfg.trainer.max_length, cfg.dataset.context_window)
@@ -126,6 +126,8 @@ def setup(trainer: DictConfig, seed: int, out: Path, resume) -> Env:
     if env.main:  # several processes (torchrun, accelerate launch): only the first writes and logs
         prepare_output_dir(out)
     seed_everything(seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the run's own peak, in a process that ran others
     if trainer.num_threads:
         torch.set_num_threads(trainer.num_threads)
     return env
@@ -144,12 +146,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 autocast where the hardware computes bf16 natively (AVX-512 BF16/AMX on CPUs):
-    elsewhere it would be emulated and slower than fp32."""
+    """bf16 autocast where the hardware computes bf16 natively (tensor cores from Ampere, compute
+    capability 8.0, on; AVX-512 BF16/AMX on CPUs): elsewhere it is emulated and slower than
+    fp32 (torch.cuda.is_bf16_supported() counts emulation on a V100 or T4 as support)."""
     if precision != "auto":
         return precision == "bf16"
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
@@ -211,14 +214,15 @@ def build_model(model_cfg: DictConfig, adapter: DictConfig, fast: Fast, env: Env
     # optimizer updates are not rounded away. A classifier's new head trains too (PEFT copies
     # it in the base's dtype), so a classifier stays fp32.
     dtype = torch.bfloat16 if env.bf16 and fast.bf16_base and not full and not classifier else torch.float32
-    model, tokenizer = instantiate(model_cfg.load, dtype=dtype, **({"labels": list(labels)} if classifier else {}))
+    options = {"dtype": dtype, "device": env.device, **({"labels": list(labels)} if classifier else {})}
+    if "attn_implementation" in model_cfg.load:
+        options["attn_implementation"] = dispatch_attention(model_cfg.load.attn_implementation, env.device, dtype)
+    model, tokenizer = instantiate(model_cfg.load, **options)
     load_seconds = time.perf_counter() - start
+    # A 4/8-bit base (QLoRA) stays as loaded: its norms and embeddings in the compute dtype
+    # (PEFT's prepare_model_for_kbit_training would copy them to fp32, 2 GB at 8 B; RMSNorm
+    # computes in fp32 anyway), and never trained whole (settings refuse adapter=full on it).
     model.requires_grad_(full)
-    # A 4/8-bit base (model.quantization, QLoRA) is placed on its GPU by the loader and cannot move.
-    quantized = getattr(model, "is_quantized", False)
-    if quantized:
-        # PEFT's recipe for k-bit bases: norms in fp32, gradients enabled at the inputs.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if adapter.peft is not None:
         try:
             model = get_peft_model(model, instantiate(adapter.peft))
@@ -235,8 +239,8 @@ def build_model(model_cfg: DictConfig, adapter: DictConfig, fast: Fast, env: Env
             for module in model.modules():
                 if isinstance(module, BaseTunerLayer):
                     module.cast_input_dtype_enabled = False
-    if not quantized:
-        model.to(env.device)
+    if not is_quantized(model):  # bitsandbytes placed a quantised base, which cannot move
+        model.to(env.device)  # the weights came there; a prompt-learning adapter's new ones may not have
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info(
@@ -306,7 +310,9 @@ def fit(model, task, engine: Engine, training: tuple, trainer: DictConfig, make_
     if not prompts:
         raise EmorecError("no training examples; check dataset.max_train or the train split")
     steps = trainer.max_steps or trainer.epochs * steps_per_epoch(len(prompts), trainer.batch_size, trainer.grad_accum)
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+    optimizer = make_optimizer(
+        [p for p in model.parameters() if p.requires_grad], **optimizer_options(make_optimizer, env.device)
+    )
     warmup = round(trainer.warmup_ratio * steps)
     scheduler = get_scheduler(trainer.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     trained = model
@@ -324,7 +330,7 @@ def fit(model, task, engine: Engine, training: tuple, trainer: DictConfig, make_
     def shared_length(rows: list[int]) -> int:
         return task.shared_length(trained, [prompts[j] for j in rows])
 
-    passes = Passes(loss_of, task.lengths(prompts, targets), shared_length, trainer.max_pass_tokens)
+    passes = Passes(loss_of, task.lengths(prompts, targets), shared_length, engine.max_pass_tokens)
     backward = dispatch_backward(trained, passes, engine.train_streams, env.accelerator)
     signals = StopSignals()
     checkpointer = Checkpointer(
@@ -412,6 +418,8 @@ def write_metrics(out: Path, metrics: dict, val: tuple, test: tuple, logger, sta
     """metrics.json, and its headline figures as the logger's summary."""
     metrics.update(val_examples_per_s=val[0]["examples_per_s"], test_examples_per_s=test[0]["examples_per_s"])
     metrics["peak_rss_mb"] = peak_rss_mb()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     train_stats = metrics["train"] or {}
     summary = {f"{s}/{k}": metrics[s][k] for s in ("val", "test") for k in (*METRICS, "invalid") if k in metrics[s]}
     summary.update({f"train/{k}": v for k, v in train_stats.items() if k != "losses"})

@@ -44,7 +44,6 @@ CHECKS = [
         for key in (
             "trainer.max_steps",
             "trainer.num_threads",
-            "trainer.max_pass_tokens",
             "dataset.max_train",
             "dataset.max_eval",
         )
@@ -53,6 +52,11 @@ CHECKS = [
         (key, lambda v: _int(v) and v >= 0, "an integer >= 0")
         for key in ("trainer.checkpoint_every", "dataset.context_window", "seed")
     ],
+    (
+        "trainer.max_pass_tokens",
+        lambda v: v is None or v == "auto" or (_int(v) and v > 0),
+        "auto, a positive integer or null",
+    ),
     ("optimizer.lr", lambda v: _num(v) and v > 0, "a number > 0"),
     ("adapter.alpha", lambda v: _num(v) and v > 0, "a number > 0"),
     ("adapter.dropout", lambda v: _num(v) and 0 <= v < 1, "a number in [0, 1)"),
@@ -106,12 +110,22 @@ def check_config(cfg: DictConfig) -> None:
             raise EmorecError(f"trainer.device={device!r} is not a device; use auto, cpu or cuda") from None
         if kind == "cuda" and not torch.cuda.is_available():
             raise EmorecError(f"trainer.device={device!r} but CUDA is not available; use trainer.device=auto or cpu")
-    quantization_config(OmegaConf.select(cfg, "model.quantization", default=None))  # bitsandbytes and a GPU
+    quantized = OmegaConf.select(cfg, "model.quantization", default=None)
+    if quantized and cfg.adapter.train and cfg.adapter.peft is None:
+        raise EmorecError(
+            f"adapter={cfg.adapter.name} trains every weight, and a {quantized} base cannot train; "
+            "use a PEFT adapter (adapter=lora: QLoRA) or model.quantization=null"
+        )
+    quantization_config(quantized)  # bitsandbytes and a GPU
 
 
 # Settings a resumed run may change: they do not change what is computed.
 RESUME_MAY_CHANGE = {"resume", "output_dir", "logger", "trainer.checkpoint_every", "trainer.keep_checkpoints"}
 RESUME_MAY_CHANGE |= {"trainer.num_threads", "dataset.data_dir", "sweep_name"}
+# A batch split into passes gives the same update (batches.passes): memory only.
+RESUME_MAY_CHANGE |= {"trainer.max_pass_tokens"}
+# The same attention by another kernel (auto chooses eager on a CPU, as runs before auto did).
+RESUME_MAY_CHANGE |= {"model.attn_implementation", "model.load.attn_implementation"}
 
 
 # Settings that moved from trainer to the fast group (issue 19): a run checkpointed before the

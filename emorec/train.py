@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from emorec.batches import passes, train_batches
-from emorec.checkpoint import Interrupted, load_checkpoint, restore_rng, save_checkpoint
+from emorec.checkpoint import Interrupted, load_checkpoint, restore_rng, save_checkpoint, torch_rng_state
 from emorec.errors import EmorecError
 from emorec.metrics import METRICS
 
@@ -41,9 +41,35 @@ class TrainingProgress:
     losses: list[float] = field(default_factory=list)  # one per optimizer step
     running: list[float] = field(default_factory=list)  # batch losses since the last log
     seconds: float = 0.0  # training time, without validation
+    # Steps not read yet: (step, batch losses, gradient norm), still on the device. Reading a
+    # value from a GPU waits for all its queued work, so the loop reads once per log interval
+    # (settle), not at every pass.
+    pending: list = field(default_factory=list, repr=False)
 
     def state_dict(self) -> dict:
-        return asdict(self)
+        self.settle()
+        state = asdict(self)
+        del state["pending"]
+        return state
+
+    def settle(self) -> None:
+        """Read the pending steps' losses (one host sync for all), and stop at the first that is
+        not finite: the weights after it are broken, the last checkpoint (never written from
+        broken weights) holds those before it."""
+        if not self.pending:
+            return
+        steps = [s for s, _, _ in self.pending]
+        values = torch.stack([torch.cat([lo, norm.reshape(1).to(lo)]) for _, lo, norm in self.pending]).tolist()
+        self.pending = []
+        for step, row in zip(steps, values):
+            *batch_losses, norm = row
+            loss = sum(batch_losses) / len(batch_losses)
+            if not math.isfinite(loss):
+                raise numerical_fault(f"loss is {loss} at step {step}")
+            if not math.isfinite(norm):
+                raise numerical_fault(f"gradient norm is {norm} at step {step}")
+            self.losses.append(loss)
+            self.running += batch_losses
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
@@ -97,20 +123,23 @@ class OnePass:
     def __init__(self, passes: Passes):
         self.passes = passes
 
-    def step(self, batches: list[list[int]], progress: TrainingProgress) -> list[float]:
-        """Forward and backward of one optimizer step; each batch's mean loss."""
+    def step(self, batches: list[list[int]], progress: TrainingProgress) -> torch.Tensor:
+        """Forward and backward of one optimizer step; each batch's mean loss, on the device
+        (not read here: see TrainingProgress.pending)."""
         work = self.plan(batches, progress)
-        group = [0.0] * len(batches)
+        group: list = [None] * len(batches)
         for k, (b, rows, share) in enumerate(work):
             # Each pass's mean loss, weighted by its share of the batch: the gradients add up to
             # those of the batch's mean loss (times N, as a data-parallel engine averages them).
-            group[b] += self.backward(rows, share * self.world / len(batches), k == len(work) - 1) * share
-        return self.agree(group)
+            loss = self.backward(rows, share * self.world / len(batches), k == len(work) - 1) * share
+            group[b] = loss if group[b] is None else group[b] + loss
+        some = next(g for g in group if g is not None)  # a process has one pass per step at least
+        return self.agree(torch.stack([torch.zeros_like(some) if g is None else g for g in group]))
 
-    def backward(self, rows: list[int], scale: float, last: bool) -> float:
+    def backward(self, rows: list[int], scale: float, last: bool) -> torch.Tensor:
         loss = self.passes.loss_of(rows)
         (loss * scale).backward()
-        return loss.item()
+        return loss.detach().float()
 
     def plan(self, batches: list[list[int]], progress: TrainingProgress) -> list[tuple[int, list[int], float]]:
         """This process's passes of the step, as (batch in the group, rows, share of the batch);
@@ -134,7 +163,7 @@ class OnePass:
         """The parts of a pass that run separately (for the count of tokens run)."""
         return [rows]
 
-    def agree(self, values: list[float]) -> list[float]:
+    def agree(self, values: torch.Tensor) -> torch.Tensor:
         """Sums over processes (each holds its rows' share of a loss, or a signal flag)."""
         return values
 
@@ -152,16 +181,15 @@ class DataParallel(OnePass):
         self.accelerator, self.model = accelerator, model
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
 
-    def backward(self, rows: list[int], scale: float, last: bool) -> float:
+    def backward(self, rows: list[int], scale: float, last: bool) -> torch.Tensor:
         # Gradients are exchanged once per step, on each process's last pass.
         with nullcontext() if last else self.accelerator.no_sync(self.model):
             loss = self.passes.loss_of(rows)
             self.accelerator.backward(loss * scale)
-        return loss.item()
+        return loss.detach().float()
 
-    def agree(self, values: list[float]) -> list[float]:
-        device = self.accelerator.device
-        return self.accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=device), "sum").tolist()
+    def agree(self, values: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(values.to(self.accelerator.device, torch.float64), "sum")
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
@@ -197,26 +225,24 @@ def train(model, backward: OnePass, optimizer, scheduler, plan: Plan, callbacks=
             usable = len(batches) - len(batches) % plan.grad_accum
             for i in range(p.batch, usable, plan.grad_accum):
                 losses = backward.step(batches[i : i + plan.grad_accum], p)
-                loss = sum(losses) / plan.grad_accum
-                if not math.isfinite(loss):
-                    # Before the update: the weights, and the last checkpoint, stay good.
-                    raise numerical_fault(f"loss is {loss} at step {p.step + 1}")
-                if plan.max_grad_norm:
-                    norm = torch.nn.utils.clip_grad_norm_(params, plan.max_grad_norm)
-                    if not torch.isfinite(norm):
-                        raise numerical_fault(f"gradient norm is {norm.item()} at step {p.step + 1}")
+                # No host sync in a step: losses and the norm are read at the log interval.
+                norm = (
+                    torch.nn.utils.clip_grad_norm_(params, plan.max_grad_norm)
+                    if plan.max_grad_norm
+                    else torch.zeros((), device=losses.device)
+                )
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 p.step, p.batch = p.step + 1, i + plan.grad_accum
-                p.losses.append(loss)
-                p.running += losses
+                p.pending.append((p.step, losses, norm.detach()))
                 now = time.perf_counter()
                 p.seconds, clock = p.seconds + now - clock, now
                 for callback in callbacks:
                     callback.on_step(p, p.epoch + i / usable)
                 if p.step >= plan.steps:
                     break
+            p.settle()
             p.epoch, p.batch, p.generator = p.epoch + 1, 0, generator.get_state()
             p.seconds += time.perf_counter() - clock
             for callback in callbacks:
@@ -250,6 +276,7 @@ class LogLoss(Callback):
     def on_step(self, progress: TrainingProgress, epoch: float) -> None:
         self.bar.update()
         if progress.step % self.every == 0 or progress.step == self.steps:
+            progress.settle()
             mean = sum(progress.running) / len(progress.running)
             progress.running = []
             self.bar.set_postfix(loss=f"{mean:.4f}")
@@ -309,7 +336,8 @@ class Checkpointer(Callback):
 
     def on_step(self, progress: TrainingProgress, epoch: float) -> None:
         signal_name = self.stop()
-        if self.backward.world > 1 and self.backward.agree([float(signal_name is not None)])[0]:
+        flag = torch.tensor([float(signal_name is not None)])  # on the host: agree moves it
+        if self.backward.world > 1 and self.backward.agree(flag)[0]:
             signal_name = signal_name or "SIGTERM"  # a signal may reach the processes at different steps
         if signal_name or (self.every and progress.step % self.every == 0):
             path = self.save(progress)
@@ -320,12 +348,12 @@ class Checkpointer(Callback):
         self.save(progress)
 
     def save(self, progress: TrainingProgress) -> Path | None:
+        state = progress.state_dict()  # reads the pending losses: a non-finite one stops here
         check_finite(self.trainable().values(), progress.step)  # never a checkpoint of broken weights
-        state = progress.state_dict()
         tensors = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            **torch_rng_state(),
             "generator": state.pop("generator"),
         }
         path = None
@@ -359,7 +387,7 @@ class Checkpointer(Callback):
         state = saved["state"]
         # The best epoch's validation is recomputed from its weights at the end (deterministic).
         self.best.value, self.best.epoch, self.best.state = state["best_value"], state["best_epoch"], saved["best"]
-        restore_rng(state, saved["tensors"]["torch_rng"])
+        restore_rng(state, saved["tensors"])
         progress = TrainingProgress()
         progress.load_state_dict({**state["progress"], "generator": saved["tensors"]["generator"]})
         return progress

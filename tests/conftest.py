@@ -16,6 +16,24 @@ CHATML = (
 )
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu need CUDA: without it they are skipped, saying so."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (make gpu-check on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fake_device():
+    """The second device of test_device, registered before any test runs a backward pass."""
+    from tests.fake_device import register
+
+    register()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path, monkeypatch):
     """No test sees the user's cache, W&B account or data folder unless it asks for them."""

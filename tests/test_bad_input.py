@@ -37,6 +37,16 @@ BEFORE_MODEL = [
     ("unknown metric", ["dataset.metric=f2"], "dataset.metric='f2'; use one of accuracy"),
     ("neutral not a label", ["dataset.neutral_label=calm"], "dataset.neutral_label='calm' is not one of"),
     ("duplicate labels", ["dataset.labels=[joy,joy,anger]"], "has duplicates; list each label once"),
+    (
+        "full fine-tuning of a quantised base",
+        ["adapter=full", "model=qwen2_5_7b_instruct", "model.quantization=4bit"],
+        "adapter=full trains every weight, and a 4bit base cannot train; use a PEFT adapter",
+    ),
+    (
+        "pass tokens text",
+        ["trainer.max_pass_tokens=many"],
+        "trainer.max_pass_tokens='many' is not valid; it must be auto",
+    ),
     ("precision fp16", ["trainer.precision=fp16"], "trainer.precision='fp16' is not valid; it must be auto, bf16"),
     ("predict mode", ["trainer.predict=classify"], "trainer.predict='classify' is not valid; it must be score or"),
     ("scoring mode", ["trainer.scoring=best"], "trainer.scoring='best' is not valid"),

@@ -129,6 +129,8 @@ def test_the_reference_path_trains_and_predicts_as_the_fast_one(make_cfg, tmp_pa
         "token batches": False,
         "eval streams": 1,
         "train streams": 1,
+        "max pass tokens": 1024,
+        "eval batch tokens": None,
     }
     assert plain["train"]["losses"] == pytest.approx(fast["train"]["losses"], abs=1e-4)
     assert plain["train"]["computed_tokens"] == plain["train"]["tokens"] > fast["train"]["computed_tokens"]

@@ -19,7 +19,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from emorec.errors import EmorecError
 from emorec.fast.head import HeadAt
 from emorec.fast.prefix import PrefixCache, can_share_prefix
-from emorec.reference import base_of, device_of, right_pad
+from emorec.reference import base_of, device_of, on_device, right_pad
 
 
 class Packing(NamedTuple):
@@ -30,16 +30,20 @@ class Packing(NamedTuple):
     those after the prefix, padded by repeating its last one (padding comes after every real
     token of its row, so the causal mask alone hides it), and `keep` one place of every token
     in the (rows x width) layout, in token order. `prefix`: per layer, the (key, value) of a
-    prefix computed before, each (kv heads, length, dim)."""
+    prefix computed before, each (kv heads, length, dim). `mask`: for packed_sdpa_attention,
+    which keys each token sees, (tokens, cached prefix + tokens), True where it attends."""
 
     n: int
     rows: int
     index: torch.Tensor | None = None
     keep: torch.Tensor | None = None
     prefix: list | None = None
+    mask: torch.Tensor | None = None
 
 
-def shared_rows(seqs: list[list[int]], prefix: list | None = None) -> tuple[list[int], list[int], list[int], Packing]:
+def shared_rows(
+    seqs: list[list[int]], prefix: list | None = None, device=None
+) -> tuple[list[int], list[int], list[int], Packing]:
     """Rows as a token tree (a trie): (tokens, their positions within their row, each row's
     last token, the shared Packing layout). A token depends only on the tokens before it, so
     rows that start alike ("Oh, ...", "Yeah, ...", repeated utterances) compute their common
@@ -61,8 +65,8 @@ def shared_rows(seqs: list[list[int]], prefix: list | None = None) -> tuple[list
             path.append(node)
         paths.append(path)
     width = max(map(len, paths))
-    index = torch.tensor([p + p[-1:] * (width - len(p)) for p in paths])
-    places = torch.tensor([r * width + j for r, j in keep])
+    index = on_device([p + p[-1:] * (width - len(p)) for p in paths], device)
+    places = on_device([r * width + j for r, j in keep], device)
     return tokens, depth, [p[-1] for p in paths], Packing(0, len(seqs), index, places, prefix)
 
 
@@ -76,7 +80,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling, dropout
     (1, tokens, heads, dim)."""
     if kwargs.get("sliding_window") or kwargs.get("softcap") or (dropout and module.training):
         raise EmorecError("this model's attention has a window, soft-capping or dropout; set fast.pack=false")
-    n, rows, index, keep, cached = packed
+    n, rows, index, keep, cached, _ = packed
     kv, total, dim = key.shape[1:]
     groups = query.shape[1] // kv
     low = torch.finfo(query.dtype).min
@@ -117,6 +121,42 @@ def packed_attention(module, query, key, value, attention_mask, scaling, dropout
     return out.flatten(0, 1).transpose(0, 1).unsqueeze(0), None
 
 
+def padded_mask(n: int, rows: int, width: int, device) -> torch.Tensor:
+    """The packed pass's attention in the padded layout as a mask: every token sees the keys
+    before it that are in the prefix or in its own row."""
+    row = torch.cat([torch.full((n,), -1, device=device), torch.arange(rows, device=device).repeat_interleave(width)])
+    at = torch.arange(len(row), device=device)
+    return (at[None] <= at[:, None]) & ((row[None] == -1) | (row[None] == row[:, None]))
+
+
+def shared_mask(prefix: int, index: torch.Tensor, tokens: int) -> torch.Tensor:
+    """... in the shared layout after a cached prefix: every token sees the prefix, itself and
+    the tokens before it on its row's path (index: each row's tokens, see Packing)."""
+    mask = torch.zeros(tokens, prefix + tokens, dtype=torch.bool, device=index.device)
+    mask[:, :prefix] = True
+    # Each row's (query, key) pairs with the key at or before the query: index pairs, not a
+    # boolean selection, whose size the host would have to wait for.
+    query, key = torch.tril_indices(index.shape[1], index.shape[1], device=index.device)
+    mask[index[:, query], prefix + index[:, key]] = True
+    return mask
+
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, packed=None, **kwargs):
+    """packed_attention through torch's fused scaled_dot_product_attention and `packed.mask`,
+    for GPUs: one kernel per layer, where the grouped matmuls of packed_attention are many small
+    launches. Its masked-out blocks (rows against each other) cost little at emorec's lengths:
+    the attention's FLOPs are a few percent of the projections'. Same shapes as packed_attention."""
+    if kwargs.get("sliding_window") or kwargs.get("softcap") or (dropout and module.training):
+        raise EmorecError("this model's attention has a window, soft-capping or dropout; set fast.pack=false")
+    if packed.prefix is not None:
+        kp, vp = packed.prefix[module.layer_idx]
+        key, value = torch.cat([kp[None].to(key.dtype), key], 2), torch.cat([vp[None].to(value.dtype), value], 2)
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=packed.mask, scale=scaling)
+    return out.transpose(1, 2), None
+
+
 def can_pack(model) -> bool:
     """Whether `packed_attention` computes this model's attention: a transformers model that
     dispatches attention through AttentionInterface, without windows, soft-capping or attention
@@ -138,8 +178,8 @@ class PackedAttention:
     and the model's own implementation comes back when the last one leaves; threads may enter
     together (evaluation and training streams)."""
 
-    def __init__(self, model):
-        self.config = base_of(model).config
+    def __init__(self, model, function=packed_attention):
+        self.config, self.function = base_of(model).config, function
         self.name = f"emorec_packed_{id(self)}"
         self.lock = threading.Lock()
         self.inside, self.before = 0, None
@@ -148,7 +188,7 @@ class PackedAttention:
     def packed(self):
         with self.lock:
             if self.inside == 0:
-                AttentionInterface.register(self.name, packed_attention)
+                AttentionInterface.register(self.name, self.function)
                 self.before, self.config._attn_implementation = self.config._attn_implementation, self.name
             self.inside += 1
         try:
@@ -163,10 +203,12 @@ class PackedAttention:
 
 class Packed:
     """The answer loss and first-token scores through the packed pass. Batches whose prompts
-    share no prefix take `fallback` (the batch-of-one prefix path)."""
+    share no prefix take `fallback` (the batch-of-one prefix path). `fused`: attention through
+    packed_sdpa_attention (GPUs) instead of packed_attention (CPUs)."""
 
-    def __init__(self, model, head: HeadAt, fallback: PrefixCache):
-        self.attention, self.head, self.fallback = PackedAttention(model), head, fallback
+    def __init__(self, model, head: HeadAt, fallback: PrefixCache, fused: bool = False):
+        self.attention = PackedAttention(model, packed_sdpa_attention if fused else packed_attention)
+        self.head, self.fallback, self.fused = head, fallback, fused
 
     def shared_length(self, model, prompts: list[list[int]]) -> int:
         return self.fallback.shared_length(model, prompts)
@@ -183,15 +225,16 @@ class Packed:
         seqs = [p[n:] + a for p, a in zip(prompts, answers)]
         ids, _ = right_pad(seqs, pad_id, device)
         rows, width = ids.shape
-        flat = torch.cat([torch.tensor(prompts[0][:n], device=device), ids.flatten()])[None]
+        flat = torch.cat([on_device(prompts[0][:n], device), ids.flatten()])[None]
         positions = torch.cat([torch.arange(n, device=device), n + torch.arange(width, device=device).repeat(rows)])
         # Every answer token, as (row, column); the token before it predicts it (a row keeps at
         # least one token of its prompt after the prefix, see common_prefix).
-        row = torch.tensor([r for r, a in enumerate(answers) for _ in a], device=device)
-        col = torch.tensor([len(s) - len(a) + j for s, a in zip(seqs, answers) for j in range(len(a))], device=device)
+        row = on_device([r for r, a in enumerate(answers) for _ in a], device)
+        col = on_device([len(s) - len(a) + j for s, a in zip(seqs, answers) for j in range(len(a))], device)
         at = n + row * width + col - 1
+        layout = Packing(n, rows, mask=padded_mask(n, rows, width, device) if self.fused else None)
         with self.attention.packed(), self.head.at(flat.shape[1] - at[None]):
-            logits = model(input_ids=flat, position_ids=positions[None], packed=Packing(n, rows)).logits[0]
+            logits = model(input_ids=flat, position_ids=positions[None], packed=layout).logits[0]
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[row, col][:, None])
         return -logp.sum() / rows
 
@@ -206,10 +249,11 @@ class Packed:
             return self.fallback.scores(model, prompts, answers, pad_id, first_token, prefix)
         n, cache = prefix
         kv = [(layer.keys[0], layer.values[0]) for layer in cache.layers]
-        tokens, depth, last, layout = shared_rows([p[n:] for p in prompts], kv)
         device = device_of(model)
-        flat, positions = torch.tensor([tokens], device=device), n + torch.tensor([depth], device=device)
-        layout = layout._replace(index=layout.index.to(device), keep=layout.keep.to(device))
-        with self.attention.packed(), self.head.at(len(tokens) - torch.tensor(last, device=device)[:, None]):
+        tokens, depth, last, layout = shared_rows([p[n:] for p in prompts], kv, device)
+        flat, positions = on_device([tokens], device), n + on_device([depth], device)
+        if self.fused:
+            layout = layout._replace(mask=shared_mask(n, layout.index, len(tokens)))
+        with self.attention.packed(), self.head.at(len(tokens) - on_device(last, device)[:, None]):
             logits = model(input_ids=flat, position_ids=positions, packed=layout).logits[:, 0]
         return torch.log_softmax(logits.float(), dim=-1)[:, [a[0] for a in answers]]

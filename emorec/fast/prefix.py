@@ -14,7 +14,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 
 from emorec.fast.head import HeadAt
-from emorec.reference import base_of, device_of, right_pad
+from emorec.reference import base_of, device_of, on_device, right_pad
 
 
 def common_prefix(prompts: list[list[int]]) -> int:
@@ -34,6 +34,18 @@ def can_share_prefix(model) -> bool:
     return config is None or not config.is_prompt_learning
 
 
+def copied(cache):
+    """A copy of a key/value cache, its tensors cloned (a forward pass extends a cache's layers
+    in place). Layer by layer rather than copy.deepcopy, which copies a tensor's storage outside
+    the tensor's own operations (and fails on fake tensors, test_device)."""
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in new.layers:
+        if getattr(layer, "keys", None) is not None:
+            layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+    return new
+
+
 class PrefixCache:
     """The answer loss and label scores with the shared prefix run once per batch (or per
     evaluation set) at batch size 1, its cache repeated for every row."""
@@ -48,7 +60,7 @@ class PrefixCache:
     def cache(self, model, prefix: list[int]):
         """The key/value cache of `prefix` at batch size 1 (the head runs at one position only)."""
         with self.head.at(torch.ones(1, 1, dtype=torch.long, device=device_of(model))):
-            return model(input_ids=torch.tensor([prefix], device=device_of(model)), use_cache=True).past_key_values
+            return model(input_ids=on_device([prefix], device_of(model)), use_cache=True).past_key_values
 
     def repeated(self, model, prompts: list[list[int]], cached: tuple | None = None) -> tuple[int, dict]:
         """(length of the shared prefix, forward kwargs carrying its cache repeated per row);
@@ -56,7 +68,7 @@ class PrefixCache:
         (inference, where the weights do not change); it is copied, as the forward pass extends
         the cache in place."""
         if cached is not None:
-            n, cache = cached[0], copy.deepcopy(cached[1])
+            n, cache = cached[0], copied(cached[1])
         else:
             n = self.shared_length(model, prompts)
             if n == 0:
@@ -72,14 +84,14 @@ class PrefixCache:
         seqs = [p[n:] + a for p, a in zip(prompts, answers)]
         ids, mask = right_pad(seqs, pad_id, device)
         k = max(map(len, answers))
-        lengths = torch.tensor([len(s) for s in seqs], device=device)
+        lengths = on_device([len(s) for s in seqs], device)
         full_mask = torch.cat([torch.ones(len(seqs), n, dtype=mask.dtype, device=device), mask], 1)
         # The k positions before each row's end predict its last k tokens; only the last
         # len(answer) of them are answer tokens.
         logits, _ = self.head.tail_logits(model, ids, full_mask, lengths - 1, k, **cached)
         span = torch.arange(k, device=device)
         targets = ids[torch.arange(len(seqs), device=device)[:, None], lengths[:, None] - k + span]
-        is_answer = span >= (k - torch.tensor([len(a) for a in answers], device=device))[:, None]
+        is_answer = span >= (k - on_device([len(a) for a in answers], device))[:, None]
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
         return -(logp * is_answer).sum(-1).mean()
 
@@ -96,7 +108,7 @@ class PrefixCache:
         device = device_of(model)
         n, cached = self.repeated(model, prompts, prefix)
         ids, mask = right_pad([p[n:] for p in prompts], pad_id, device)
-        lengths = torch.tensor([len(p) - n for p in prompts], device=device)
+        lengths = on_device([len(p) - n for p in prompts], device)
         full_mask = torch.cat([torch.ones(len(prompts), n, dtype=mask.dtype, device=device), mask], 1)
         rest = 0 if first_token else max(map(len, answers)) - 1
         last, out = self.head.tail_logits(model, ids, full_mask, lengths, 1, use_cache=rest > 0, **cached)
@@ -113,7 +125,7 @@ class PrefixCache:
         cache.batch_repeat_interleave(k)  # row i*k + j: prompt i followed by answer multi[j]
         cont, _ = right_pad([answers[m] + [pad_id] * (rest + 1 - len(answers[m])) for m in multi], pad_id, device)
         cont_in, cont_target = cont[:, :-1].repeat(b, 1), cont[:, 1:].repeat(b, 1)
-        wanted = torch.tensor([len(answers[m]) - 1 for m in multi], device=device)
+        wanted = on_device([len(answers[m]) - 1 for m in multi], device)
         cont_mask = (torch.arange(rest, device=device) < wanted[:, None]).repeat(b, 1)
         # The continuation sits after the padded prompt in the cache: the mask hides the padding
         # and the position ids carry on from each prompt's last real token.

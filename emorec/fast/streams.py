@@ -63,15 +63,15 @@ class Streamed(OnePass):
     def pieces(self, rows: list[int]) -> list[list[int]]:
         return pieces_of(rows, self.streams)
 
-    def backward(self, rows: list[int], scale: float, last: bool) -> float:
+    def backward(self, rows: list[int], scale: float, last: bool) -> torch.Tensor:
         pieces = self.pieces(rows)
         total = sum(map(len, pieces))
 
-        def run(piece: list[int]) -> tuple[float, tuple]:
+        def run(piece: list[int]) -> tuple[torch.Tensor, tuple]:
             weight = len(piece) / total
             loss = self.passes.loss_of(piece)
             grads = torch.autograd.grad(loss * (scale * weight), self.params, allow_unused=True)
-            return loss.item() * weight, grads
+            return loss.detach().float() * weight, grads
 
         with streamed(run, pieces, len(pieces)) as results:
             results = list(results)
@@ -79,4 +79,4 @@ class Streamed(OnePass):
             for _, grads in results:
                 if grads[i] is not None:
                     p.grad = grads[i] if p.grad is None else p.grad + grads[i]
-        return sum(loss for loss, _ in results)
+        return sum(loss for loss, _ in results)  # a CPU lever: the tensors are on the host

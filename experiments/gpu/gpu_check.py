@@ -1,0 +1,242 @@
+"""`make gpu-check`, second half (the first is `pytest -m gpu`): emorec on one CUDA GPU.
+
+1. The main job (LoRA on MELD, the embedded model's shape and tokenizer, randomly initialised:
+   the weights are drawn on the CPU, so both runs start alike) on a MELD-sized subset, on the
+   CPU in fp32 and on the GPU in fp32 and in its default precision: losses finite and falling,
+   metrics within a tolerance of the CPU run.
+2. The benchmark on the same GPU: emorec against the naive peer (HF Trainer + PEFT, bf16
+   autocast, generate + parse; experiments/bench/naive_peer.py) on a SmolLM2-135M-shaped and a
+   Qwen2.5-7B-shaped model (randomly initialised on the GPU, no download), with emorec's prefix
+   sharing variants (packed pass through SDPA, prefix cache, none) and emorec's own generation
+   as the evaluation baseline. Examples/s, tokens/s, MFU against a bf16 matmul peak measured
+   here (4 x non-embedding parameters per trained token: LoRA, frozen base), peak GPU memory.
+
+Each section's result is written as it finishes (--out, JSON), so a run cut short keeps what it
+did; --quick runs tiny sizes (to try the script on a CPU: --device cpu --quick).
+
+    EMOREC_DATA_DIR=... python experiments/gpu/gpu_check.py --out gpu_check.json
+"""
+
+import argparse
+import gc
+import importlib.util
+import json
+import math
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from emorec.run import instantiate, run
+
+REPO = Path(__file__).resolve().parent.parent.parent
+_spec = importlib.util.spec_from_file_location("naive_peer", REPO / "experiments/bench/naive_peer.py")
+naive_peer = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(naive_peer)
+
+
+def matmul_peak(device: str) -> float:
+    """TFLOP/s of a dense 8192^3 bf16 matmul on `device` (the mean of 10 after 3 warm-ups)."""
+    n = 8192 if device != "cpu" else 1024
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync(device)
+    return 10 * 2 * n**3 / (time.perf_counter() - start) / 1e12
+
+
+def sync(device: str) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize()
+
+
+def free(device: str) -> None:
+    gc.collect()
+    if device != "cpu":
+        torch.cuda.empty_cache()
+
+
+def emorec_run(overrides: list[str]) -> dict:
+    """One run through the real config and run(), in this process."""
+    with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["logger=none", f"output_dir={tmp}", *overrides])
+        metrics = run(cfg)
+    free("cuda" if torch.cuda.is_available() else "cpu")
+    return metrics
+
+
+def figures(m: dict, nonembedding: int, peak: float) -> dict:
+    t = m["train"]
+    return {
+        "train_examples_per_s": t["examples_per_s"],
+        "train_tokens_per_s": t["tokens_per_s"],
+        "mfu": 4 * nonembedding * t["tokens_per_s"] / 1e12 / peak,
+        "eval_examples_per_s": m["test_examples_per_s"],
+        "val_weighted_f1": m["val"]["weighted_f1"],
+        "val_accuracy": m["val"]["accuracy"],
+        "invalid": m["val"]["invalid"],
+        "peak_gpu_mb": m.get("peak_gpu_mb"),
+        "precision": m["precision"],
+        "fast": m["fast"],
+        "first_losses": t["losses"][:3],
+        "last_losses": t["losses"][-3:],
+    }
+
+
+def main_job(device: str, sizes: list[str], tokenizer: list[str]) -> dict:
+    """CPU fp32, GPU fp32, GPU default precision; the checks."""
+    base = ["adapter=lora", "dataset=meld", "model=random_smollm2_135m", *tokenizer, *sizes]
+    runs = {
+        "cpu fp32": emorec_run([*base, "trainer.device=cpu", "trainer.precision=fp32"]),
+        f"{device} fp32": emorec_run([*base, f"trainer.device={device}", "trainer.precision=fp32"]),
+        f"{device} default": emorec_run([*base, f"trainer.device={device}"]),
+    }
+    cpu = runs["cpu fp32"]
+    out = {"runs": {}, "checks": {}}
+    for name, m in runs.items():
+        losses = m["train"]["losses"]
+        k = max(1, len(losses) // 5)
+        tol = 0.02 if "fp32" in name else 0.05
+        checks = {
+            "losses finite": all(math.isfinite(x) for x in losses),
+            "losses fall": sum(losses[-k:]) / k < sum(losses[:k]) / k,
+            f"test accuracy within {tol} of the CPU's": abs(m["test"]["accuracy"] - cpu["test"]["accuracy"]) <= tol,
+            f"test weighted F1 within {tol} of the CPU's": abs(m["test"]["weighted_f1"] - cpu["test"]["weighted_f1"])
+            <= tol,
+            "final loss within 2 % of the CPU's": abs(losses[-1] - cpu["train"]["losses"][-1])
+            <= 0.02 * abs(cpu["train"]["losses"][-1]),
+        }
+        out["checks"][name] = checks
+        out["runs"][name] = {
+            "test_accuracy": m["test"]["accuracy"],
+            "test_weighted_f1": m["test"]["weighted_f1"],
+            "losses": losses,
+            "train_examples_per_s": m["train"]["examples_per_s"],
+            "eval_examples_per_s": m["test_examples_per_s"],
+            "precision": m["precision"],
+            "fast": m["fast"],
+        }
+    out["passed"] = all(all(c.values()) for c in out["checks"].values())
+    return out
+
+
+def bench(model: str, device: str, n_train: int, n_eval: int, peak: float, tokenizer: list[str]) -> dict:
+    """The peer and emorec's variants on one model shape."""
+    sizes = [f"dataset.max_train={n_train}", f"dataset.max_dev={n_eval}", f"dataset.max_eval={n_eval}"]
+    base = ["adapter=lora", "dataset=meld", f"model={model}", *tokenizer, *sizes, f"trainer.device={device}"]
+    base += ["trainer.val_every_epoch=false", "trainer.log_every=10", "trainer.checkpoint_every=0"]
+    variants = {
+        "emorec default": [],
+        "prefix cache (fast.pack=false)": ["fast.pack=false"],
+        "no prefix sharing (fast.share_prefix=false)": ["fast.share_prefix=false"],
+        "reference path (fast=off)": ["fast=off"],
+    }
+    rows = {}
+    nonembedding = None
+    for name, extra in variants.items():
+        print(f"[gpu_check] {model}: {name}", flush=True)
+        m = emorec_run([*base, *extra])
+        nonembedding = m["total_params"] - m["trainable_params"] - m["embedding_params"]
+        rows[name] = figures(m, nonembedding, peak)
+    # Generate-then-parse with emorec's model and engine: the evaluation baseline on this GPU.
+    print(f"[gpu_check] {model}: generate", flush=True)
+    m = emorec_run([*base, "trainer.predict=generate", "dataset.max_train=16"])
+    rows["emorec generate + parse (evaluation only)"] = {
+        "eval_examples_per_s": m["test_examples_per_s"],
+        "invalid": m["val"]["invalid"],
+        "val_weighted_f1": m["val"]["weighted_f1"],
+    }
+    print(f"[gpu_check] {model}: naive peer", flush=True)
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"model={model}", *tokenizer])
+
+    def load():
+        # The peer's own way: fp32 weights (bf16 autocast), transformers' default attention (SDPA).
+        return instantiate(cfg.model.load, dtype=torch.float32, device=device, attn_implementation="sdpa")
+
+    p = naive_peer.peer(load, n_train, n_eval, device=device)
+    free(device)
+    p["mfu"] = 4 * nonembedding * p["train_tokens_per_s"] / 1e12 / peak
+    rows["naive peer"] = p
+    best = rows["emorec default"]
+    ratios = {
+        "train_vs_peer": best["train_examples_per_s"] / p["train_examples_per_s"],
+        "eval_vs_peer_generate": best["eval_examples_per_s"] / p["eval_examples_per_s"],
+        "eval_vs_emorec_generate": best["eval_examples_per_s"]
+        / rows["emorec generate + parse (evaluation only)"]["eval_examples_per_s"],
+    }
+    return {"nonembedding_params": nonembedding, "rows": rows, "ratios": ratios}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tokenizer", help="a tokenizer folder for the random models (default: the embedded one)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, to try the script")
+    parser.add_argument("--skip", nargs="*", default=[], help="sections to skip: main, small, large")
+    args = parser.parse_args()
+    tokenizer = [f"model.tokenizer={args.tokenizer}"] if args.tokenizer else []
+    q = args.quick
+    result = {"device": torch.cuda.get_device_name() if args.device != "cpu" else "cpu", "torch": torch.__version__}
+    result["bf16_peak_tflops"] = peak = matmul_peak(args.device)
+    print(f"[gpu_check] {result['device']}: bf16 matmul {peak:.0f} TFLOP/s", flush=True)
+    main_sizes = ["dataset.max_train=64", "dataset.max_dev=16", "dataset.max_eval=32"] if q else []
+    main_sizes = main_sizes or ["dataset.max_train=768", "dataset.max_dev=300", "dataset.max_eval=400"]
+    sections = {
+        "main": lambda: main_job(args.device, [*main_sizes, "trainer.val_every_epoch=false"], tokenizer),
+        "small": lambda: bench("random_smollm2_135m", args.device, 64 if q else 640, 32 if q else 400, peak, tokenizer),
+        "large": lambda: bench("random_qwen2_5_7b", args.device, 32 if q else 256, 16 if q else 160, peak, tokenizer),
+    }
+    failed = False
+    for name, section in sections.items():
+        if name in args.skip:
+            continue
+        start = time.perf_counter()
+        try:
+            result[name] = section()
+        except Exception:  # noqa: BLE001 - a section's failure is reported; the others still run
+            result[name] = {"error": traceback.format_exc()}
+            failed = True
+        result[name]["seconds"] = time.perf_counter() - start
+        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"[gpu_check] {name} done in {result[name]['seconds']:.0f} s", flush=True)
+    print_summary(result)
+    failed = failed or not result.get("main", {}).get("passed", True)
+    sys.exit(1 if failed else 0)
+
+
+def print_summary(result: dict) -> None:
+    if "main" in result and "checks" in result["main"]:
+        for name, checks in result["main"]["checks"].items():
+            bad = [k for k, ok in checks.items() if not ok]
+            print(f"main job, {name}: {'all checks pass' if not bad else 'FAILED: ' + ', '.join(bad)}")
+    for section in ("small", "large"):
+        if "rows" not in result.get(section, {}):
+            continue
+        print(f"\n{section} model ({result[section]['nonembedding_params'] / 1e6:.0f} M non-embedding parameters)")
+        print("| system | train ex/s | train tok/s | MFU | eval ex/s | val wF1 | invalid | peak GPU GB |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, r in result[section]["rows"].items():
+            cells = [r.get(k) for k in ("train_examples_per_s", "train_tokens_per_s", "mfu", "eval_examples_per_s")]
+            cells += [r.get("val_weighted_f1"), r.get("invalid", r.get("val_invalid")), r.get("peak_gpu_mb")]
+            text = ["-" if c is None else f"{c:.3g}" for c in cells]
+            if r.get("mfu") is not None:
+                text[2] = f"{r['mfu']:.0%}"
+            if r.get("peak_gpu_mb") is not None:
+                text[6] = f"{r['peak_gpu_mb'] / 1024:.1f}"
+            print(f"| {name} | " + " | ".join(text) + " |")
+        print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in result[section]["ratios"].items()))
+
+
+if __name__ == "__main__":
+    main()
