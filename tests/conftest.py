@@ -28,10 +28,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def _fake_device():
-    """The second device of test_device, registered before any test runs a backward pass."""
-    from tests.fake_device import register
+    """The second device of test_device, registered before any test runs a backward pass; only
+    where there is no GPU (with one, test_gpu runs the engine on it, and a registered
+    privateuse1 backend would take over pinned memory from CUDA)."""
+    if not torch.cuda.is_available():
+        from tests.fake_device import register
 
-    register()
+        register()
 
 
 @pytest.fixture(autouse=True)

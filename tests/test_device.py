@@ -30,6 +30,8 @@ REPO = Path(__file__).parent.parent
 
 @pytest.fixture
 def fake_mode() -> FakeTensorMode:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: test_gpu and test_engine run the engine on it")
     return register()  # registered at the session's start (conftest); this returns its mode
 
 

@@ -269,7 +269,7 @@ def test_predict_reuses_one_prefix_cache_across_batches_exactly(model, first_tok
     # lengths in one batch (packed, for first-token scoring). streams=2: two batches at a time,
     # in two threads.
     threads, attention = torch.get_num_threads(), model.config._attn_implementation
-    engine = dispatch(model, Fast(eval_streams=streams), CPU)
+    engine = dispatch(model, Fast(eval_streams=streams), model.device)
     task = LabelWords(ANSWERS, ANSWERS, ["a", "b", "c", "d"], 2, first_token, engine.answers)
     out = predict(model, task, prompts, engine, batch_size=batch_size, autocast=False)
     assert torch.get_num_threads() == threads and model.config._attn_implementation == attention
@@ -370,8 +370,8 @@ def test_head_positions_and_attention_choice_belong_to_one_thread_and_leave_no_t
 
     from emorec.fast.head import HeadAt
 
-    head, ids, seen = HeadAt(model), torch.tensor([[5, 9, 30, 41, 7]]), []
-    with head.at(torch.ones(1, 1, dtype=torch.long)), torch.no_grad():
+    head, ids, seen = HeadAt(model), torch.tensor([[5, 9, 30, 41, 7]], device=model.device), []
+    with head.at(torch.ones(1, 1, dtype=torch.long, device=model.device)), torch.no_grad():
         assert model(input_ids=ids).logits.shape[1] == 1
         other = threading.Thread(target=lambda: seen.append(model(input_ids=ids).logits.shape[1]))
         other.start()
@@ -411,8 +411,10 @@ def test_training_streams_give_the_update_of_one_pass_and_repeat_exactly(tiny_mo
     # Gradients are summed in piece order, whichever thread finishes first.
     assert again["losses"] == two["losses"] and torch.equal(again_weights, two_weights)
     assert two["tokens"] == one["tokens"]
-    # Batches of 4 ran in two threads of their own (and the epoch's last row, a batch of 1, here).
-    assert two["threads"] == {"emorec-stream_0", "emorec-stream_1", threading.current_thread().name}
+    # Batches of 4 ran in the streams' threads (and the epoch's last row, a batch of 1, here).
+    # Which of the two threads takes which piece is the OS's choice: one may take both.
+    streams = two["threads"] - {threading.current_thread().name}
+    assert streams and streams <= {"emorec-stream_0", "emorec-stream_1"}
     assert one["threads"] == {threading.current_thread().name}
 
 

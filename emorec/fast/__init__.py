@@ -65,16 +65,18 @@ class Engine:
     chosen: dict
 
 
+def packs(model, fast: Fast) -> bool:
+    return fast.share_prefix and fast.pack and fast.head_at and can_pack(model)
+
+
 def dispatch_packed_fused(model, fast: Fast, head: HeadAt, device: torch.device):
-    if device.type == "cuda" and fast.share_prefix and fast.pack and fast.head_at and can_pack(model):
+    if device.type == "cuda" and packs(model, fast):
         return "packed pass (SDPA)", Packed(model, head, PrefixCache(head), fused=True)
     return None
 
 
 def dispatch_packed(model, fast: Fast, head: HeadAt, device: torch.device):
-    if fast.share_prefix and fast.pack and fast.head_at and can_pack(model):
-        return "packed pass", Packed(model, head, PrefixCache(head))
-    return None
+    return ("packed pass", Packed(model, head, PrefixCache(head))) if packs(model, fast) else None
 
 
 def dispatch_prefix_cache(model, fast: Fast, head: HeadAt, device: torch.device):

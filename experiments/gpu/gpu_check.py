@@ -129,8 +129,8 @@ def main_job(device: str, sizes: list[str], tokenizer: list[str]) -> dict:
     return out
 
 
-def bench(model: str, device: str, n_train: int, n_eval: int, peak: float, tokenizer: list[str]) -> dict:
-    """The peer and emorec's variants on one model shape."""
+def bench(model: str, device: str, n_train: int, n_eval: int, peak: float, tokenizer: list[str], rounds=2) -> dict:
+    """The peer and emorec's variants on one model shape, each measured warm (see below)."""
     sizes = [f"dataset.max_train={n_train}", f"dataset.max_dev={n_eval}", f"dataset.max_eval={n_eval}"]
     base = ["adapter=lora", "dataset=meld", f"model={model}", *tokenizer, *sizes, f"trainer.device={device}"]
     base += ["trainer.val_every_epoch=false", "trainer.log_every=10", "trainer.checkpoint_every=0"]
@@ -140,13 +140,20 @@ def bench(model: str, device: str, n_train: int, n_eval: int, peak: float, token
         "no prefix sharing (fast.share_prefix=false)": ["fast.share_prefix=false"],
         "reference path (fast=off)": ["fast=off"],
     }
-    rows = {}
+    rows, cold = {}, {}
     nonembedding = None
-    for name, extra in variants.items():
-        print(f"[gpu_check] {model}: {name}", flush=True)
-        m = emorec_run([*base, *extra])
-        nonembedding = m["total_params"] - m["trainable_params"] - m["embedding_params"]
-        rows[name] = figures(m, nonembedding, peak)
+    # Two rounds, the second in reverse order, and the second's figures kept: a run's first
+    # meeting with each batch shape pays one-off costs (cuBLAS heuristics, cuDNN attention
+    # plans, lazily loaded kernels) that a short run would otherwise count as training time,
+    # for whichever variant happens to run first.
+    for round_ in range(rounds):
+        for name, extra in list(variants.items())[:: 1 if round_ % 2 == 0 else -1]:
+            print(f"[gpu_check] {model}: {name} (round {round_ + 1})", flush=True)
+            m = emorec_run([*base, *extra])
+            nonembedding = m["total_params"] - m["trainable_params"] - m["embedding_params"]
+            if name in rows:
+                cold[name] = rows[name]["train_examples_per_s"]
+            rows[name] = figures(m, nonembedding, peak)
     # Generate-then-parse with emorec's model and engine: the evaluation baseline on this GPU.
     print(f"[gpu_check] {model}: generate", flush=True)
     m = emorec_run([*base, "trainer.predict=generate", "dataset.max_train=16"])
@@ -163,8 +170,9 @@ def bench(model: str, device: str, n_train: int, n_eval: int, peak: float, token
         # The peer's own way: fp32 weights (bf16 autocast), transformers' default attention (SDPA).
         return instantiate(cfg.model.load, dtype=torch.float32, device=device, attn_implementation="sdpa")
 
-    p = naive_peer.peer(load, n_train, n_eval, device=device)
-    free(device)
+    for _ in range(rounds):  # the peer too is measured warm
+        p = naive_peer.peer(load, n_train, n_eval, device=device)
+        free(device)
     p["mfu"] = 4 * nonembedding * p["train_tokens_per_s"] / 1e12 / peak
     rows["naive peer"] = p
     best = rows["emorec default"]
@@ -174,7 +182,77 @@ def bench(model: str, device: str, n_train: int, n_eval: int, peak: float, token
         "eval_vs_emorec_generate": best["eval_examples_per_s"]
         / rows["emorec generate + parse (evaluation only)"]["eval_examples_per_s"],
     }
-    return {"nonembedding_params": nonembedding, "rows": rows, "ratios": ratios}
+    return {"nonembedding_params": nonembedding, "rows": rows, "ratios": ratios, "cold_train_examples_per_s": cold}
+
+
+def profiled(overrides: list[str], wait: int = 3, active: int = 5) -> dict:
+    """One run's training steps under torch.profiler (after `wait` + 2 warm-up steps, `active`
+    steps): wall and GPU-busy milliseconds per step, kernels per step, and the host operations
+    that take the most time. The profiler steps with the loop through a LogLoss that also waits
+    for the GPU at each step (so wall times are the GPU's too)."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    import emorec.run as emorec_run_module
+
+    marks: list[float] = []
+    prof = profile(
+        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=schedule(wait=wait, warmup=2, active=active)
+    )
+    real = emorec_run_module.LogLoss
+
+    class Stepping(real):
+        def on_step(self, progress, epoch):
+            super().on_step(progress, epoch)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+            prof.step()
+
+    emorec_run_module.LogLoss = Stepping
+    try:
+        with prof:
+            m = emorec_run(overrides)
+    finally:
+        emorec_run_module.LogLoss = real
+    first = wait + 2
+    walls = [b - a for a, b in zip(marks[first - 1 :], marks[first : first + active])]
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    ops = [e for e in events if not e.key.startswith("ProfilerStep")]
+    host = sorted(ops, key=lambda e: -e.self_cpu_time_total)[:12]
+    busiest = sorted(kernels, key=lambda e: -e.self_device_time_total)[:10]
+    return {
+        "fast": m["fast"],
+        "wall_ms_per_step": 1e3 * sum(walls) / len(walls),
+        "gpu_busy_ms_per_step": sum(e.self_device_time_total for e in kernels) / 1e3 / active,
+        "kernels_per_step": sum(e.count for e in kernels) / active,
+        "top_host_ops": [(e.key, round(e.self_cpu_time_total / 1e3 / active, 2), e.count // active) for e in host],
+        "top_kernels": [
+            (e.key[:80], round(e.self_device_time_total / 1e3 / active, 2), e.count // active) for e in busiest
+        ],
+    }
+
+
+def profile_section(device: str, tokenizer: list[str], models: tuple[str, ...], variants: int = 4) -> dict:
+    """Where a training step's time goes, per answer component (the first `variants`), on each
+    model shape."""
+    out = {}
+    for model in models:
+        base = ["adapter=lora", "dataset=meld", f"model={model}", *tokenizer, f"trainer.device={device}"]
+        base += ["dataset.max_train=192", "dataset.max_dev=16", "dataset.max_eval=16", "trainer.val_every_epoch=false"]
+        base += ["trainer.log_every=10", "trainer.checkpoint_every=0"]
+        cases = {
+            "packed pass (SDPA)": [],
+            "head at positions": ["fast.share_prefix=false"],
+            "reference, bf16 base": ["fast=off", "fast.bf16_base=true"],
+            "reference (fast=off)": ["fast=off"],
+        }
+        for name, extra in list(cases.items())[:variants]:
+            print(f"[gpu_check] profile {model}: {name}", flush=True)
+            emorec_run([*base, *extra])  # warm: the same batch shapes once before, unprofiled
+            out[f"{model}: {name}"] = profiled([*base, *extra])
+            print_profile({f"{model}: {name}": out[f"{model}: {name}"]})  # now: a run cut short keeps it
+    return out
 
 
 def main() -> None:
@@ -183,7 +261,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tokenizer", help="a tokenizer folder for the random models (default: the embedded one)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to try the script")
-    parser.add_argument("--skip", nargs="*", default=[], help="sections to skip: main, small, large")
+    parser.add_argument(
+        "--sections",
+        nargs="*",
+        default=["main", "small", "large"],
+        help="main, small, large, profile (where time goes)",
+    )
+    parser.add_argument("--profile-model", default="random_qwen2_5_7b", help="the model shape the profile runs")
+    parser.add_argument("--profile-variants", type=int, default=4, help="how many of the profile's variants run")
     args = parser.parse_args()
     tokenizer = [f"model.tokenizer={args.tokenizer}"] if args.tokenizer else []
     q = args.quick
@@ -191,16 +276,16 @@ def main() -> None:
     result["bf16_peak_tflops"] = peak = matmul_peak(args.device)
     print(f"[gpu_check] {result['device']}: bf16 matmul {peak:.0f} TFLOP/s", flush=True)
     main_sizes = ["dataset.max_train=64", "dataset.max_dev=16", "dataset.max_eval=32"] if q else []
-    main_sizes = main_sizes or ["dataset.max_train=768", "dataset.max_dev=300", "dataset.max_eval=400"]
+    main_sizes = main_sizes or ["dataset.max_train=512", "dataset.max_dev=300", "dataset.max_eval=400"]
     sections = {
         "main": lambda: main_job(args.device, [*main_sizes, "trainer.val_every_epoch=false"], tokenizer),
-        "small": lambda: bench("random_smollm2_135m", args.device, 64 if q else 640, 32 if q else 400, peak, tokenizer),
-        "large": lambda: bench("random_qwen2_5_7b", args.device, 32 if q else 256, 16 if q else 160, peak, tokenizer),
+        "small": lambda: bench("random_smollm2_135m", args.device, 64 if q else 480, 32 if q else 300, peak, tokenizer),
+        "large": lambda: bench("random_qwen2_5_7b", args.device, 32 if q else 192, 16 if q else 128, peak, tokenizer),
+        "profile": lambda: profile_section(args.device, tokenizer, (args.profile_model,), args.profile_variants),
     }
     failed = False
-    for name, section in sections.items():
-        if name in args.skip:
-            continue
+    for name in args.sections:
+        section = sections[name]
         start = time.perf_counter()
         try:
             result[name] = section()
@@ -215,7 +300,21 @@ def main() -> None:
     sys.exit(1 if failed else 0)
 
 
+def print_profile(profiles: dict) -> None:
+    for name, p in profiles.items():
+        if isinstance(p, dict) and "wall_ms_per_step" in p:
+            print(
+                f"profile {name}: {p['wall_ms_per_step']:.1f} ms/step wall, "
+                f"{p['gpu_busy_ms_per_step']:.1f} ms GPU busy, "
+                f"{p['kernels_per_step']:.0f} kernels; host: "
+                + "; ".join(f"{k} {ms} ms x{n}" for k, ms, n in p["top_host_ops"][:8])
+                + "\n  GPU: "
+                + "; ".join(f"{k} {ms} ms x{n}" for k, ms, n in p.get("top_kernels", [])[:8])
+            )
+
+
 def print_summary(result: dict) -> None:
+    print_profile(result.get("profile", {}))
     if "main" in result and "checks" in result["main"]:
         for name, checks in result["main"]["checks"].items():
             bad = [k for k, ok in checks.items() if not ok]
