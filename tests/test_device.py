@@ -14,7 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    FakeTensorDeviceMismatchError,
+    FakeTensorMode,
+)
 from transformers import AutoModelForCausalLM
 
 import emorec.reference
@@ -112,7 +116,9 @@ def test_prompt_learning_adapters_on_the_device(fake_mode, tiny_model, kind):
 
 def test_a_training_step_and_the_merged_adapter_on_the_device(on_fake):
     """The loop's step (its losses stay on the device until read), clipping, AdamW, and the
-    adapter merged for evaluation with the weights restored from host copies."""
+    adapter merged for evaluation with the weights restored from host copies. Fake tensors have
+    no values, so reading one (.item(), .tolist(), a bool of a tensor) raises here: the step
+    provably reads nothing back from the device."""
     model = on_fake
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
@@ -120,6 +126,8 @@ def test_a_training_step_and_the_merged_adapter_on_the_device(on_fake):
         [[0, 1], [2, 3]], TrainingProgress()
     )
     assert here(losses) and losses.shape == (2,)
+    with pytest.raises(DataDependentOutputException):  # what a read inside the step would meet
+        losses.tolist()
     assert here(torch.nn.utils.clip_grad_norm_(params, 1.0))
     optimizer.step()
     engine = dispatch(model, Fast(), torch.device(DEVICE))
