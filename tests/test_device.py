@@ -277,3 +277,12 @@ def test_merged_weights_are_restored_from_host_copies(tiny_model):
     w = torch.ones(3)
     copy = host_copy(w)
     assert copy.device.type == "cpu" and torch.equal(copy, w) and copy.data_ptr() != w.data_ptr()
+
+
+def test_models_load_straight_to_a_gpu():
+    """A device map puts each weight on the GPU as it is read (no host copy of the model); the
+    CPU keeps the plain load."""
+    from emorec.model import device_map
+
+    assert device_map(None) is None and device_map("cpu") is None
+    assert device_map("cuda") == {"": CUDA} and device_map(torch.device("cuda", 1)) == {"": torch.device("cuda", 1)}
