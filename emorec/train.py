@@ -21,6 +21,7 @@ from emorec.batches import passes, train_batches
 from emorec.checkpoint import Interrupted, load_checkpoint, restore_rng, save_checkpoint, torch_rng_state
 from emorec.errors import EmorecError
 from emorec.metrics import METRICS
+from emorec.reference import host_copy
 
 log = logging.getLogger(__name__)
 
@@ -290,8 +291,9 @@ class LogLoss(Callback):
 
 class KeepBest(Callback):
     """Validation at each epoch's end (`evaluate(desc)` returns (predictions, metrics)); the
-    trainable weights of the best epoch by the metric of record stay in memory (adapters are
-    small) and `restore` puts them back."""
+    trainable weights of the best epoch by the metric of record stay in host memory (adapters are
+    small; a fully fine-tuned model then takes no second copy on the GPU) and `restore` puts them
+    back."""
 
     def __init__(self, model, evaluate, metric: str, log):
         self.model, self.evaluate, self.metric, self.log = model, evaluate, metric, log
@@ -309,7 +311,7 @@ class KeepBest(Callback):
             m["accuracy"],
         )
         if m[self.metric] > self.value:
-            state = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+            state = {n: host_copy(p) for n, p in self.model.named_parameters() if p.requires_grad}
             self.value, self.epoch, self.state, self.val = m[self.metric], progress.epoch, state, (result, m)
 
     def restore(self) -> None:

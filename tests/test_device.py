@@ -267,7 +267,7 @@ def test_a_quantised_base_is_never_merged(tiny_model):
 
 
 def test_merged_weights_are_restored_from_host_copies(tiny_model):
-    from emorec.fast.merge import host_copy
+    from emorec.reference import host_copy
 
     model = lora_model(tiny_model, dtype=torch.bfloat16)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}

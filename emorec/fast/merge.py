@@ -8,21 +8,13 @@ from contextlib import contextmanager
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
-from emorec.reference import is_quantized
+from emorec.reference import host_copy, is_quantized
 
 
 def can_merge(model) -> bool:
     """A LoRA-style adapter on a plain base. Not on a 4/8-bit base (QLoRA): bitsandbytes' merge
     writes new quantised tensors, so neither restoring the weights nor unmerging is exact."""
     return isinstance(getattr(model, "base_model", None), BaseTuner) and not is_quantized(model)
-
-
-def host_copy(p: torch.Tensor) -> torch.Tensor:
-    """A copy of `p` in host memory: on a GPU the saved weights (2.7 GB of q/k/v/o projections
-    at 8 B parameters) do not take device memory; pinned, so the copies run at full speed."""
-    if p.device.type == "cuda":
-        return torch.empty(p.shape, dtype=p.dtype, pin_memory=True).copy_(p.detach())  # on the host
-    return p.detach().to("cpu", copy=True)
 
 
 @contextmanager
