@@ -286,3 +286,21 @@ def test_models_load_straight_to_a_gpu():
 
     assert device_map(None) is None and device_map("cpu") is None
     assert device_map("cuda") == {"": CUDA} and device_map(torch.device("cuda", 1)) == {"": torch.device("cuda", 1)}
+
+
+def test_remote_code_models_keep_their_own_attention():
+    """auto would ask a remote-code model (ChatGLM) for an attention kernel its code does not
+    declare; those configs leave the choice to the model."""
+    from hydra import compose, initialize_config_dir
+
+    from emorec.fast import dispatch_attention
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        for option in ("chatglm2_6b", "chatglm3_6b", "qwen2_5_7b_instruct", "smollm2_135m"):
+            model = compose("config", overrides=[f"model={option}"]).model
+            chosen = dispatch_attention(model.load.attn_implementation, CUDA, torch.bfloat16)
+            if model.get("trust_remote_code"):
+                assert chosen is None, option
+            else:
+                assert chosen in ("sdpa", "flash_attention_2"), option
