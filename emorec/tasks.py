@@ -14,8 +14,8 @@ from emorec import reference
 
 def ranked(scores: torch.Tensor) -> tuple[list[int], list[list[float]]]:
     """(the best label of each row, the label-set probabilities) from (batch, labels) scores."""
-    probs = torch.softmax(scores, -1)
-    return probs.argmax(-1).tolist(), probs.tolist()
+    probs = torch.softmax(scores, -1).tolist()  # one read from the device per batch
+    return [max(range(len(row)), key=row.__getitem__) for row in probs], probs
 
 
 class LabelWords:

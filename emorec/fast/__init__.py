@@ -169,18 +169,24 @@ def dispatch(model, fast: Fast, device: torch.device, max_pass_tokens="auto") ->
     cpu = device.type == "cpu"
     merge = fast.merge_adapter and can_merge(model)
     pass_tokens, eval_tokens = token_budgets(model, device, max_pass_tokens)
-    engine = Engine(
+    eval_streams, train_streams = (fast.eval_streams, fast.train_streams) if cpu else (1, 1)
+    return Engine(
         answers=answers,
         eval_batches=partial(token_batches, max_tokens=eval_tokens) if fast.token_batches else row_batches,
-        eval_streams=fast.eval_streams if cpu else 1,
+        eval_streams=eval_streams,
         merge=merged_adapter if merge else lambda model: nullcontext(),
-        train_streams=fast.train_streams if cpu else 1,
+        train_streams=train_streams,
         max_pass_tokens=pass_tokens,
-        chosen={"answers": name, "merged adapter": merge, "token batches": fast.token_batches},
+        chosen={
+            "answers": name,
+            "merged adapter": merge,
+            "token batches": fast.token_batches,
+            "eval streams": eval_streams,
+            "train streams": train_streams,
+            "max pass tokens": pass_tokens,
+            "eval batch tokens": eval_tokens,
+        },
     )
-    engine.chosen.update({"eval streams": engine.eval_streams, "train streams": engine.train_streams})
-    engine.chosen.update({"max pass tokens": pass_tokens, "eval batch tokens": eval_tokens})
-    return engine
 
 
 def dispatch_backward(model, passes: Passes, streams: int, accelerator=None) -> OnePass:

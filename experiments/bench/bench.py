@@ -63,17 +63,25 @@ def levers() -> list[tuple[str, list[str]]]:
     return rows
 
 
-def matmul_peak(dtype: torch.dtype, seconds: float = 2.0) -> float:
-    """GFLOP/s of the best square matmul size, dense, on the threads torch uses."""
+def matmul_peak(dtype: torch.dtype, seconds: float = 2.0, device: str = "cpu", sizes=(1024, 2048, 3072)) -> float:
+    """GFLOP/s of the best square matmul size, dense, on `device` (on a CPU, on the threads torch
+    uses; on a GPU, waiting for the device before the clock is read)."""
+
+    def sync():
+        if device != "cpu":
+            torch.cuda.synchronize(device)
+
     best = 0.0
-    for n in (1024, 2048, 3072):
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    for n in sizes:
+        a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
         for _ in range(2):
             a @ b
+        sync()
         reps, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / 3:
+        while time.perf_counter() - start < seconds / len(sizes):
             a @ b
             reps += 1
+        sync()
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - start) / 1e9)
     return best
 

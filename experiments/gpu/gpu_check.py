@@ -34,29 +34,23 @@ from hydra import compose, initialize_config_dir
 from emorec.run import instantiate, run
 
 REPO = Path(__file__).resolve().parent.parent.parent
-_spec = importlib.util.spec_from_file_location("naive_peer", REPO / "experiments/bench/naive_peer.py")
-naive_peer = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(naive_peer)
+
+
+def bench_module(name: str):
+    """A script of experiments/bench/ as a module (they are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments/bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+naive_peer, bench_script = bench_module("naive_peer"), bench_module("bench")
 
 
 def matmul_peak(device: str) -> float:
-    """TFLOP/s of a dense 8192^3 bf16 matmul on `device` (the mean of 10 after 3 warm-ups)."""
-    n = 8192 if device != "cpu" else 1024
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    sync(device)
-    return 10 * 2 * n**3 / (time.perf_counter() - start) / 1e12
-
-
-def sync(device: str) -> None:
-    if device != "cpu":
-        torch.cuda.synchronize()
+    """TFLOP/s of dense bf16 matmuls on `device` (8192^3 on a GPU), as the CPU bench measures."""
+    sizes = (8192,) if device != "cpu" else (1024,)
+    return bench_script.matmul_peak(torch.bfloat16, seconds=1.0, device=device, sizes=sizes) / 1e3
 
 
 def free(device: str) -> None:
