@@ -6,8 +6,31 @@ turn holding that label's word (e.g. "sadness<|im_end|>"). Training teaches the 
 prediction ranks the label set by the likelihood of each answer.
 """
 
+from dataclasses import dataclass
+
 from emorec.data import Example
 from emorec.errors import EmorecError
+
+
+@dataclass(frozen=True)
+class Context:
+    """How the earlier turns of a dialogue reach the prompt (dataset.context_window > 0), as
+    "Speaker: utterance" lines. layout before: the `before` block ({context}: the lines) goes
+    ahead of the instruction; the prompts of a batch then share only the chat template's first
+    tokens. layout after: the instruction and label list come first and `after` takes the
+    utterance's place ({context}: the lines, each ending with a newline; {current}: "Speaker:
+    utterance" of the one to classify), so the long shared prefix stays shared."""
+
+    before: str = "{context}\n\n"
+    layout: str = "before"
+    after: str = "\nDialogue:\n{context}Sentence: {current}"
+
+    def place(self, text: str, speaker: str | None, turns) -> tuple[str, str]:
+        """(the block before the instruction, what fills the template's {text})."""
+        if self.layout == "before":
+            return render_context(turns, self.before), text
+        lines = "".join(f"{line}\n" for line in _lines(turns))
+        return "", self.after.format(context=lines, current=_lines([(speaker, text)])[0])
 
 
 def join_labels(labels: list[str]) -> str:
@@ -23,10 +46,11 @@ def _messages(user: str, system: str | None) -> list[dict]:
 def render_context(turns, context_template: str) -> str:
     """Earlier turns as "Speaker: utterance" lines (just the utterance where the speaker is
     unknown), in context_template's {context} field; "" without turns."""
-    if not turns:
-        return ""
-    lines = "\n".join(f"{speaker}: {text}" if speaker else text for speaker, text in turns)
-    return context_template.format(context=lines)
+    return context_template.format(context="\n".join(_lines(turns))) if turns else ""
+
+
+def _lines(turns) -> list[str]:
+    return [f"{speaker}: {text}" if speaker else text for speaker, text in turns]
 
 
 def render_prompt(
@@ -54,37 +78,40 @@ def encode_prompts(
     labels: list[str],
     max_length: int,
     context_window: int = 0,
-    context_template: str = "{context}\n\n",
+    context: Context = Context(),
     cue: str = "\nAnswer:",
 ) -> list[list[int]]:
     """Token ids of each example's prompt, at most max_length long.
 
-    With context_window=k, the k previous turns of the dialogue come first. A prompt that does
-    not fit loses its oldest turns first, so the utterance to classify stays whole; only when
-    no context is left does the utterance itself lose words from its end. The instruction and
-    the template always stay whole.
+    With context_window=k, the k previous turns of the dialogue join the prompt as `context`
+    lays them out. A prompt that does not fit loses its oldest turns first, so the utterance to
+    classify stays whole; only when no context is left does the utterance itself lose words
+    from its end. The instruction and the template always stay whole.
     """
     special = tokenizer.chat_template is None  # the chat template writes its own special tokens
 
-    def render(text: str, turns) -> str:
-        return render_prompt(tokenizer, template, system, labels, text, render_context(turns, context_template), cue)
+    def render(ex: Example, text: str, turns) -> str:
+        if not context_window:
+            return render_prompt(tokenizer, template, system, labels, text, "", cue)
+        block, text = context.place(text, ex.speaker, turns)
+        return render_prompt(tokenizer, template, system, labels, text, block, cue)
 
-    def encode(text: str, turns) -> list[int]:
-        return tokenizer(render(text, turns), add_special_tokens=special)["input_ids"]
+    def encode(ex: Example, text: str, turns) -> list[int]:
+        return tokenizer(render(ex, text, turns), add_special_tokens=special)["input_ids"]
 
     contexts = [ex.context[-context_window:] if context_window else () for ex in examples]
-    prompts = [render(ex.text, turns) for ex, turns in zip(examples, contexts)]
+    prompts = [render(ex, ex.text, turns) for ex, turns in zip(examples, contexts)]
     ids = tokenizer(prompts, add_special_tokens=special)["input_ids"]  # one batched call for all
     for i, ex in enumerate(examples):
         turns, words = contexts[i], ex.text.split()
         while len(ids[i]) > max_length and turns:
             turns = turns[1:]
-            ids[i] = encode(ex.text, turns)
+            ids[i] = encode(ex, ex.text, turns)
         while len(ids[i]) > max_length:
             if len(words) <= 1:
                 raise EmorecError(f"the prompt alone is longer than trainer.max_length={max_length}; raise it")
             words = words[: max(1, len(words) - max(1, (len(ids[i]) - max_length) // 2))]
-            ids[i] = encode(" ".join(words), ())
+            ids[i] = encode(ex, " ".join(words), ())
     return ids
 
 

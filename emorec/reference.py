@@ -15,6 +15,7 @@ with these functions.
 """
 
 import re
+import threading
 
 import torch
 from accelerate.utils import extract_model_from_parallel
@@ -33,6 +34,49 @@ def is_quantized(model) -> bool:
     its quantiser on the model."""
     base = base_of(model)
     return getattr(base, "hf_quantizer", None) is not None or bool(getattr(base, "is_quantized", False))
+
+
+def pools(model) -> bool:
+    """Whether the model is a decoder with a classification head over the labels (head=classifier,
+    emorec.head): transformers' sequence classifier, whose forward keeps its head's logits at
+    each row's last token only."""
+    base = base_of(model)
+    return base.get_output_embeddings() is None and isinstance(getattr(base, "score", None), torch.nn.Module)
+
+
+def output_head(model) -> torch.nn.Module:
+    """The module that turns final hidden states into logits: the LM head over the vocabulary,
+    or a decoder classifier's head over the labels."""
+    base = base_of(model)
+    return base.score if pools(model) else base.get_output_embeddings()
+
+
+def all_logits(model, **inputs) -> torch.Tensor:
+    """Logits at every position of the model's output (batch, positions, vocabulary or labels).
+    A decoder classifier's forward pools them at the last position that is not the pad token
+    (the last position at all under a soft prompt), so a hook on its head reads them all; they
+    then mean for it what they mean for a causal LM: position t's logits see tokens up to t."""
+    if not pools(model):
+        return model(**inputs).logits
+    taken, me = [], threading.get_ident()
+
+    def take(module, args, output):
+        if threading.get_ident() == me:  # evaluation streams run the model in other threads too
+            taken.append(output)
+
+    handle = output_head(model).register_forward_hook(take)
+    try:
+        model(**inputs)
+    finally:
+        handle.remove()
+    return taken[-1]
+
+
+def weighted_mean(losses: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The examples' mean loss, each example's weighted (class-balanced training; None: equal).
+    The weights average 1 over the training set, so the sum over a batch is divided by its rows,
+    not by the weights' sum: a batch split into passes still adds up to the batch's loss."""
+    return losses.mean() if weights is None else (losses * weights.to(losses)).sum() / len(losses)
 
 
 def device_of(model) -> torch.device:
@@ -73,7 +117,7 @@ def answer_logprobs(model, prompts: list[list[int]], answers: list[list[int]], p
     device = device_of(model)
     ids, mask = right_pad([p + a for p, a in zip(prompts, answers)], pad_id, device)
     # A prompt-learning adapter's virtual tokens come first: the last positions are the input's.
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1] :]
+    logits = all_logits(model, input_ids=ids, attention_mask=mask)[:, -ids.shape[1] :]
     # Answer token j of row r sits at len(prompt) + j; the position before it predicts it.
     row = on_device([r for r, a in enumerate(answers) for _ in a], device)
     col = on_device([len(p) + j for p, a in zip(prompts, answers) for j in range(len(a))], device)
@@ -81,10 +125,10 @@ def answer_logprobs(model, prompts: list[list[int]], answers: list[list[int]], p
     return torch.zeros(len(prompts), device=device).index_add(0, row, logp)
 
 
-def answer_loss(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> torch.Tensor:
+def answer_loss(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int, weights=None) -> torch.Tensor:
     """Mean over examples of the answer's negative log-likelihood: the loss sees the answer only,
-    and it is the quantity that scoring ranks."""
-    return -answer_logprobs(model, prompts, answers, pad_id).mean()
+    and it is the quantity that scoring ranks. `weights`: see weighted_mean."""
+    return weighted_mean(-answer_logprobs(model, prompts, answers, pad_id), weights)
 
 
 @torch.no_grad()
@@ -96,7 +140,7 @@ def score_labels(
     after each prompt). Whole answers: one pass per label, each prompt followed by it."""
     if first_token:
         ids, mask = right_pad(prompts, pad_id, device_of(model))
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1] :]
+        logits = all_logits(model, input_ids=ids, attention_mask=mask)[:, -ids.shape[1] :]
         last = logits[torch.arange(len(prompts), device=ids.device), mask.sum(1) - 1]
         return torch.log_softmax(last.float(), dim=-1)[:, [a[0] for a in answers]]
     return torch.stack([answer_logprobs(model, prompts, [a] * len(prompts), pad_id) for a in answers], 1)
@@ -133,16 +177,17 @@ def generate_labels(
     return [parse_label(t, labels) for t in texts], texts
 
 
-def classifier_loss(model, prompts: list[list[int]], targets: list[int], pad_id: int) -> torch.Tensor:
-    """A sequence classifier's loss: mean cross-entropy of its head over the labels."""
+def classifier_loss(model, prompts: list[list[int]], targets: list[int], pad_id: int, weights=None) -> torch.Tensor:
+    """An encoder classifier's loss: mean cross-entropy of its head over the labels."""
     ids, mask = right_pad(prompts, pad_id, device_of(model))
     logits = model(input_ids=ids, attention_mask=mask).logits
-    return torch.nn.functional.cross_entropy(logits.float(), on_device(targets, ids.device))
+    losses = torch.nn.functional.cross_entropy(logits.float(), on_device(targets, ids.device), reduction="none")
+    return weighted_mean(losses, weights)
 
 
 @torch.no_grad()
 def classifier_scores(model, prompts: list[list[int]], pad_id: int) -> torch.Tensor:
-    """(batch, labels) log-probabilities from a sequence classifier's head."""
+    """(batch, labels) log-probabilities from an encoder classifier's head."""
     ids, mask = right_pad(prompts, pad_id, device_of(model))
     return torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
 
@@ -154,8 +199,8 @@ class Reference:
     def shared_length(self, model, prompts: list[list[int]]) -> int:
         return 0
 
-    def loss(self, model, prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> torch.Tensor:
-        return answer_loss(model, prompts, answers, pad_id)
+    def loss(self, model, prompts, answers, pad_id: int, weights=None) -> torch.Tensor:
+        return answer_loss(model, prompts, answers, pad_id, weights)
 
     def open(self, model, prompts: list[list[int]]) -> None:
         return None

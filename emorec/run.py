@@ -9,6 +9,7 @@ import logging
 import random
 import resource
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,20 +22,22 @@ from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import get_scheduler
 
+from emorec.adapters import init_from_text, prepare
 from emorec.batches import steps_per_epoch
 from emorec.checkpoint import Interrupted, StopSignals, checkpoints, find_checkpoint
 from emorec.data import subsample
 from emorec.distributed import end, from_slurm, gather_predictions, make_accelerator, rank_and_world
 from emorec.errors import EmorecError
 from emorec.fast import Engine, Fast, dispatch, dispatch_attention, dispatch_backward, optimizer_options
+from emorec.head import decoder_classifier, head_parameters
 from emorec.loggers import NullLogger
 from emorec.metrics import METRICS, classification_metrics
 from emorec.outputs import atomic, plot_confusion, prediction_columns, prediction_rows, write_json, write_predictions
 from emorec.predict import predict
-from emorec.prompt import encode_answers, encode_prompts, scoring_answers
+from emorec.prompt import Context, encode_answers, encode_prompts, join_labels, scoring_answers
 from emorec.reference import base_of, first_tokens_differ, is_quantized
-from emorec.settings import check_config, check_labels, check_resume_config, is_classifier
-from emorec.tasks import LabelWords, SequenceClassifier
+from emorec.settings import check_config, check_labels, check_resume_config, is_encoder
+from emorec.tasks import Balance, LabelHead, LabelWords, SequenceClassifier
 from emorec.train import Checkpointer, KeepBest, LogLoss, Passes, Plan, train
 
 log = logging.getLogger(__name__)
@@ -49,25 +52,35 @@ def run(cfg: DictConfig) -> dict:
     logger = make_logger(cfg.logger, OmegaConf.to_container(cfg, resolve=True), env.out, env.main)
     try:
         fast = Fast(**cfg.fast)
-        model, tokenizer, load_s = build_model(cfg.model, cfg.adapter, fast, env, data.labels)
+        model, tokenizer, load_s = build_model(cfg.model, cfg.adapter, cfg.head, cfg.prompt, fast, env, data.labels)
         engine = dispatch(model, fast, env.device, cfg.trainer.max_pass_tokens)
         log.info("speed components: %s", engine.chosen)
-        task = build_task(tokenizer, cfg.prompt, cfg.trainer, data.labels, engine, classifier=is_classifier(cfg.model))
+        targets = [ex.label for ex in data.train]
+        balance = Balance.of(targets, len(data.labels), cfg.trainer.balance, cfg.trainer.logit_adjust)
+        kind = "encoder" if is_encoder(cfg.model) else cfg.head.name
+        task = build_task(tokenizer, cfg.prompt, cfg.trainer, data.labels, engine, kind, balance)
         ids = encode(tokenizer, cfg.prompt, data, cfg.trainer.max_length, cfg.dataset.context_window)
         evaluate = evaluator(model, task, engine, env, cfg.trainer.eval_batch_size, data)
         validate = (lambda desc: evaluate(ids["dev"], data.dev, desc)) if data.dev else None
         best = KeepBest(model, validate, data.metric, logger.log)
-        training = (ids["train"], [ex.label for ex in data.train])
+        training = (ids["train"], targets)
         train_stats = None
         if cfg.adapter.train:
-            train_stats = fit(model, task, engine, training, cfg.trainer, instantiate(cfg.optimizer), env, logger, best)
+            optimizer = Optimizer(instantiate(cfg.optimizer), cfg.head.get("lr"))
+            train_stats = fit(model, task, engine, training, cfg.trainer, optimizer, env, logger, best)
         val = best.val or evaluate(ids["dev"], data.dev, "val")
         test = evaluate(ids["test"], data.test, "test")
         m = test[1]
         log.info(
             "test %s %.4f, accuracy %.4f, macro F1 %.4f", data.metric, m[data.metric], m["accuracy"], m["macro_f1"]
         )
-        metrics = {"model": cfg.model.name, "adapter": cfg.adapter.name, **describe(model, task, engine, env, data)}
+        metrics = {
+            "model": cfg.model.name,
+            "adapter": cfg.adapter.name,
+            "head": cfg.head.name,
+            "encoder": kind == "encoder",
+        }
+        metrics.update(describe(model, task, engine, env, data))
         metrics.update(val=val[1], test=test[1], best_epoch=best.epoch, train=train_stats, model_load_s=load_s)
         if env.main:
             export(env.out, model, tokenizer, data, val, test, logger, cfg.adapter)
@@ -189,6 +202,7 @@ def load_splits(dataset: DictConfig, seed: int) -> Data:
     log.info("%s: %d train, %d dev, %d test examples", dataset.name, len(train), len(dev), len(test))
     stats = {"labels": labels, "context_window": dataset.context_window, "skipped_rows": splits.skipped}
     stats["left_out"] = splits.left_out
+    stats["train_counts"] = {labels[i]: n for i, n in sorted(Counter(ex.label for ex in train).items())}
     return Data(dataset.name, dataset.metric, labels, neutral, train, dev, test, stats)
 
 
@@ -202,43 +216,37 @@ def make_logger(logger: DictConfig, run_config: dict, out: Path, main: bool):
     return instantiate(logger, _partial_=True)(run_config=run_config, dir=str(out))
 
 
-def build_model(model_cfg: DictConfig, adapter: DictConfig, fast: Fast, env: Env, labels: list[str]):
-    """(model with its adapter on its device, tokenizer, load seconds). Without an adapter
-    (adapter=full) the whole model trains; otherwise the base is frozen."""
+def build_model(model_cfg, adapter, head, prompt, fast: Fast, env: Env, labels: list[str]):
+    """(model with its head and adapter on its device, tokenizer, load seconds). Without an
+    adapter (adapter=full) the whole model trains; otherwise the base is frozen."""
     start = time.perf_counter()
     full = bool(adapter.train and adapter.peft is None)
-    classifier = is_classifier(model_cfg)
+    encoder = is_encoder(model_cfg)
     # A frozen base is stored in bf16: autocast would otherwise cast every weight at every
     # forward (15 % of a training step here), and it halves the memory. Weights that train stay
-    # fp32 (PEFT keeps adapter weights fp32; full fine-tuning keeps the model fp32), so
-    # optimizer updates are not rounded away. A classifier's new head trains too (PEFT copies
-    # it in the base's dtype), so a classifier stays fp32.
-    dtype = torch.bfloat16 if env.bf16 and fast.bf16_base and not full and not classifier else torch.float32
-    options = {"dtype": dtype, "device": env.device, **({"labels": list(labels)} if classifier else {})}
+    # fp32 (PEFT keeps adapter weights fp32, emorec.head makes a decoder's head fp32; full
+    # fine-tuning keeps the model fp32), so optimizer updates are not rounded away. An encoder's
+    # new head trains too and PEFT copies it in the base's dtype, so an encoder stays fp32.
+    dtype = torch.bfloat16 if env.bf16 and fast.bf16_base and not full and not encoder else torch.float32
+    options = {"dtype": dtype, "device": env.device, **({"labels": list(labels)} if encoder else {})}
     if "attn_implementation" in model_cfg.load:
         options["attn_implementation"] = dispatch_attention(model_cfg.load.attn_implementation, env.device, dtype)
     model, tokenizer = instantiate(model_cfg.load, **options)
     load_seconds = time.perf_counter() - start
+    decoder_head = head.name == "classifier" and not encoder
+    if decoder_head:
+        model = decoder_classifier(
+            model, labels, tokenizer.pad_token_id, head.init, label_tokens(tokenizer, prompt, labels)
+        )
     # A 4/8-bit base (QLoRA) stays as loaded: its norms and embeddings in the compute dtype
     # (PEFT's prepare_model_for_kbit_training would copy them to fp32, 2 GB at 8 B; RMSNorm
     # computes in fp32 anyway), and never trained whole (settings refuse adapter=full on it).
     model.requires_grad_(full)
     if adapter.peft is not None:
-        try:
-            model = get_peft_model(model, instantiate(adapter.peft))
-        except ValueError as e:
-            raise EmorecError(
-                f"adapter={adapter.name} does not fit model {model_cfg.name} ({str(e).splitlines()[0]}); "
-                "check adapter.target_modules (or model.lora_target_modules) against the model's module names"
-            ) from None
-        if env.bf16:
-            # PEFT casts each adapter's input to the adapter's fp32 weights, and autocast casts
-            # it back: two copies per adapter call (8 % of a step here). Every forward of this
-            # run is under autocast, so the input can stay bf16 (as with PEFT's
-            # helpers.disable_input_dtype_casting).
-            for module in model.modules():
-                if isinstance(module, BaseTunerLayer):
-                    module.cast_input_dtype_enabled = False
+        model = add_adapter(model, adapter, decoder_head, env.bf16, model_cfg.name)
+        if adapter.get("init") == "text":
+            text = adapter.init_text or prompt.template.format(labels=join_labels(labels), text="").strip()
+            init_from_text(model, tokenizer(text, add_special_tokens=False)["input_ids"])
     if not is_quantized(model):  # bitsandbytes placed a quantised base, which cannot move
         model.to(env.device)  # the weights came there; a prompt-learning adapter's new ones may not have
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -253,9 +261,45 @@ def build_model(model_cfg: DictConfig, adapter: DictConfig, fast: Fast, env: Env
     return model, tokenizer, load_seconds
 
 
-def build_task(tokenizer, prompt: DictConfig, trainer: DictConfig, labels: list[str], engine: Engine, classifier: bool):
-    if classifier:
-        return SequenceClassifier(tokenizer.pad_token_id)
+def label_tokens(tokenizer, prompt: DictConfig, labels: list[str]) -> list[int]:
+    """Each label's first answer token: the head's rows under head.init=labels."""
+    first = [a[0] for a in scoring_answers(encode_answers(tokenizer, prompt.template, prompt.system, labels))]
+    if len(set(first)) < len(first):
+        raise EmorecError(
+            "head.init=labels needs labels whose answers start with different tokens; "
+            "reword dataset.labels or use head.init=random"
+        )
+    return first
+
+
+def add_adapter(model, adapter: DictConfig, decoder_head: bool, bf16: bool, model_name: str):
+    """The model under its PEFT adapter (its base frozen)."""
+    try:
+        model = get_peft_model(model, prepare(instantiate(adapter.peft), adapter.get("init"), decoder_head))
+    except ValueError as e:
+        raise EmorecError(
+            f"adapter={adapter.name} does not fit model {model_name} ({str(e).splitlines()[0]}); "
+            "check adapter.target_modules (or model.lora_target_modules) against the model's module names"
+        ) from None
+    if bf16:
+        # PEFT casts each adapter's input to the adapter's fp32 weights, and autocast casts it
+        # back: two copies per adapter call (8 % of a step here). Every forward of this run is
+        # under autocast, so the input can stay bf16 (as with PEFT's
+        # helpers.disable_input_dtype_casting).
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = False
+    return model
+
+
+def build_task(
+    tokenizer, prompt: DictConfig, trainer: DictConfig, labels: list[str], engine: Engine, kind: str, balance
+):
+    """The task of a `kind` of model: lm (label words), classifier (a decoder's head) or encoder."""
+    if kind == "encoder":
+        return SequenceClassifier(tokenizer.pad_token_id, balance)
+    if kind == "classifier":
+        return LabelHead(labels, tokenizer.pad_token_id, engine.answers, balance)
     answers = encode_answers(tokenizer, prompt.template, prompt.system, labels)
     scored = scoring_answers(answers)
     first_token = trainer.scoring == "first_token" or (trainer.scoring == "auto" and first_tokens_differ(scored))
@@ -265,11 +309,12 @@ def build_task(tokenizer, prompt: DictConfig, trainer: DictConfig, labels: list[
             "use trainer.scoring=answer (or auto)"
         )
     generate = tokenizer if trainer.predict == "generate" else None
-    return LabelWords(answers, scored, labels, tokenizer.pad_token_id, first_token, engine.answers, generate)
+    return LabelWords(answers, scored, labels, tokenizer.pad_token_id, first_token, engine.answers, generate, balance)
 
 
 def encode(tokenizer, prompt: DictConfig, data: Data, max_length: int, context_window: int) -> dict:
     """Each split's prompts as token ids."""
+    context = Context(prompt.context, prompt.context_layout, prompt.context_after)
     return {
         split: encode_prompts(
             tokenizer,
@@ -279,7 +324,7 @@ def encode(tokenizer, prompt: DictConfig, data: Data, max_length: int, context_w
             data.labels,
             max_length,
             context_window,
-            prompt.context,
+            context,
             prompt.cue,
         )
         for split in ("train", "dev", "test")
@@ -303,16 +348,33 @@ def evaluator(model, task, engine: Engine, env: Env, batch_size: int, data: Data
     return evaluate
 
 
-def fit(model, task, engine: Engine, training: tuple, trainer: DictConfig, make_optimizer, env: Env, logger, best):
+@dataclass(frozen=True)
+class Optimizer:
+    """The optimizer of a run: `make` (conf/optimizer's partial) over the trainable parameters, a
+    classifier head's in a group of its own learning rate where head.lr sets one."""
+
+    make: object
+    head_lr: float | None = None
+
+    def build(self, model, device: torch.device):
+        params = [p for p in model.parameters() if p.requires_grad]
+        head = {id(p) for p in head_parameters(model)} if self.head_lr else set()
+        groups = [{"params": [p for p in params if id(p) not in head]}]
+        if head:
+            groups.append({"params": [p for p in params if id(p) in head], "lr": self.head_lr})
+        return self.make(groups, **optimizer_options(self.make, device))
+
+
+def fit(
+    model, task, engine: Engine, training: tuple, trainer: DictConfig, optimizer: Optimizer, env: Env, logger, best
+):
     """Train (continuing from env.checkpoint), validating at epoch ends through `best` (KeepBest),
     then put back the best epoch's weights; returns the training figures."""
     prompts, targets = training
     if not prompts:
         raise EmorecError("no training examples; check dataset.max_train or the train split")
     steps = trainer.max_steps or trainer.epochs * steps_per_epoch(len(prompts), trainer.batch_size, trainer.grad_accum)
-    optimizer = make_optimizer(
-        [p for p in model.parameters() if p.requires_grad], **optimizer_options(make_optimizer, env.device)
-    )
+    optimizer = optimizer.build(model, env.device)
     warmup = round(trainer.warmup_ratio * steps)
     scheduler = get_scheduler(trainer.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     trained = model

@@ -58,6 +58,11 @@ CHECKS = [
         "auto, a positive integer or null",
     ),
     ("optimizer.lr", lambda v: _num(v) and v > 0, "a number > 0"),
+    ("head.lr", lambda v: v is None or (_num(v) and v > 0), "a number > 0 or null"),
+    ("head.init", lambda v: v in ("labels", "random"), "labels or random"),
+    ("trainer.balance", lambda v: _num(v) and v >= 0, "a number >= 0"),
+    ("trainer.logit_adjust", lambda v: _num(v) and v >= 0, "a number >= 0"),
+    ("prompt.context_layout", lambda v: v in ("before", "after"), "before or after"),
     ("adapter.alpha", lambda v: _num(v) and v > 0, "a number > 0"),
     ("adapter.dropout", lambda v: _num(v) and 0 <= v < 1, "a number in [0, 1)"),
     ("trainer.warmup_ratio", lambda v: _num(v) and 0 <= v <= 1, "a number in [0, 1]"),
@@ -86,10 +91,8 @@ def check_config(cfg: DictConfig) -> None:
     check_metric(cfg.dataset.metric, cfg.dataset.neutral_label)
     if cfg.dataset.labels is not None:
         check_labels(list(cfg.dataset.labels), cfg.dataset.neutral_label)
-    if is_classifier(cfg.model) and cfg.trainer.predict == "generate":
-        raise EmorecError(
-            f"model={cfg.model.name} is a sequence classifier and cannot generate; use trainer.predict=score"
-        )
+    check_head(cfg)
+    check_adapter_init(cfg.adapter)
     try:
         cfg.prompt.template.format(labels="", text="")
     except (KeyError, IndexError, ValueError) as e:
@@ -100,6 +103,12 @@ def check_config(cfg: DictConfig) -> None:
         cfg.prompt.context.format(context="")
     except (KeyError, IndexError, ValueError) as e:
         raise EmorecError(f"prompt.context has an unknown field or a stray brace ({e}); use only {{context}}") from None
+    try:
+        cfg.prompt.context_after.format(context="", current="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise EmorecError(
+            f"prompt.context_after has an unknown field or a stray brace ({e}); use only {{context}} and {{current}}"
+        ) from None
     if "{text}" not in cfg.prompt.template:
         raise EmorecError("prompt.template has no {text} field; the utterance would not reach the model")
     device = cfg.trainer.device
@@ -127,6 +136,18 @@ RESUME_MAY_CHANGE |= {"trainer.max_pass_tokens"}
 # The same attention by another kernel (auto chooses eager on a CPU, as runs before auto did).
 RESUME_MAY_CHANGE |= {"model.attn_implementation", "model.load.attn_implementation"}
 
+# Settings added since (issue 21), at the values that reproduce runs from before them: a run
+# checkpointed then resumes, or is told which to set.
+ADDED_SINCE = {
+    "head.name": "lm",
+    "trainer.balance": 0.0,
+    "trainer.logit_adjust": 0.0,
+    "prompt.context_layout": "before",
+    "prompt.context_after": "\nDialogue:\n{context}Sentence: {current}",  # unused with before
+    "adapter.init": "random",
+    "adapter.init_text": None,
+}
+
 
 # Settings that moved from trainer to the fast group (issue 19): a run checkpointed before the
 # move resumes with the same settings under their new names. Switches added with the group were
@@ -152,6 +173,8 @@ def check_resume_config(cfg: DictConfig, checkpoint: Path) -> None:
     if any(k in saved for k in MOVED):
         saved = {MOVED.get(k, k): v for k, v in saved.items()} | ADDED_WITH_FAST
     now = flatten(OmegaConf.to_container(cfg, resolve=True))
+    if "head.name" not in saved:
+        saved = {k: v for k, v in ADDED_SINCE.items() if k in now} | saved
     changed = [
         k
         for k in sorted(set(saved) | set(now))
@@ -172,10 +195,41 @@ def flatten(tree, prefix: str = "") -> dict:
     return {prefix[:-1]: tree}
 
 
-def is_classifier(model_cfg: DictConfig) -> bool:
-    """A sequence classifier (model.task_type=SEQ_CLS, e.g. model=minilm_l6) gets a new head over
-    the labels; a causal LM answers with label words."""
+def is_encoder(model_cfg: DictConfig) -> bool:
+    """An encoder (model.task_type=SEQ_CLS, e.g. model=minilm_l6) loads as a sequence classifier
+    with a new head over the labels; a decoder loads as a causal LM (and head=classifier makes it
+    a sequence classifier: emorec.head)."""
     return model_cfg.get("task_type", "CAUSAL_LM") == "SEQ_CLS"
+
+
+def check_head(cfg: DictConfig) -> None:
+    classifier = cfg.head.name == "classifier"
+    if is_encoder(cfg.model) and not classifier:
+        raise EmorecError(f"model={cfg.model.name} is an encoder and has no LM head; use head=classifier")
+    if classifier and cfg.trainer.predict == "generate":
+        raise EmorecError("head=classifier predicts with its head and cannot generate; use trainer.predict=score")
+    if cfg.trainer.logit_adjust and cfg.trainer.predict == "generate":
+        raise EmorecError(
+            "trainer.logit_adjust adjusts label scores, and generation has none; use trainer.predict=score"
+        )
+
+
+# adapter.init: the choices each adapter offers.
+ADAPTER_INITS = {"ptuning_v2": ("random", "zero", "text"), "prompt_tuning": ("random", "vocab", "text")}
+
+
+def check_adapter_init(adapter: DictConfig) -> None:
+    init = adapter.get("init")
+    if init is None:
+        return
+    kind = adapter.peft.get("_target_", "").rsplit(".", 1)[-1] if adapter.get("peft") else None
+    choices = {"PrefixTuningConfig": ADAPTER_INITS["ptuning_v2"], "PromptTuningConfig": ADAPTER_INITS["prompt_tuning"]}
+    if init not in choices.get(kind, (init,)):
+        raise EmorecError(f"adapter.init={init!r} is not valid for adapter={adapter.name}; use one of {choices[kind]}")
+    if init == "text" and adapter.get("prefix_projection"):
+        raise EmorecError(
+            "adapter.init=text sets the prefix's keys and values, which prefix_projection=true computes; choose one"
+        )
 
 
 def check_metric(metric: str, neutral_label: str | None) -> None:

@@ -7,9 +7,48 @@ returns (tokens of each prompt computed once for all, a function from a batch of
 (predicted label indices, per-example extras)).
 """
 
+import math
+from collections import Counter
+from dataclasses import dataclass
+
 import torch
 
 from emorec import reference
+
+
+@dataclass(frozen=True)
+class Balance:
+    """Class-balanced training and prediction, for rare classes that a model otherwise never
+    predicts. `weights[label]`: each training example's loss is weighted by its label's (1 /
+    share of the training set) ** trainer.balance, the weights averaging 1 over the training
+    set. `adjust[label]`: trainer.logit_adjust * log(share), subtracted from every label score
+    before the argmax (post-hoc logit adjustment, Menon et al. 2021). None: off."""
+
+    weights: tuple[float, ...] | None = None
+    adjust: tuple[float, ...] | None = None
+
+    @classmethod
+    def of(cls, targets: list[int], labels: int, power: float, tau: float) -> "Balance":
+        counts = Counter(targets)
+        # A label absent from training counts once: finite weights and adjustments.
+        share = [max(counts[i], 1) / max(len(targets), 1) for i in range(labels)]
+        weights = None
+        if power and targets:
+            raw = [s**-power for s in share]
+            mean = sum(raw[t] for t in targets) / len(targets)
+            weights = tuple(w / mean for w in raw)
+        adjust = tuple(tau * math.log(s) for s in share) if tau else None
+        return cls(weights, adjust)
+
+    def of_targets(self, targets: list[int], device) -> torch.Tensor | None:
+        return (
+            None
+            if self.weights is None
+            else reference.on_device([self.weights[t] for t in targets], device, torch.float32)
+        )
+
+    def adjusted(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores if self.adjust is None else scores - scores.new_tensor(self.adjust)
 
 
 def ranked(scores: torch.Tensor) -> tuple[list[int], list[list[float]]]:
@@ -24,11 +63,13 @@ class LabelWords:
     whose answer (`scored[label]`, see prompt.scoring_answers) is most likely after the prompt,
     or its first token only (`first_token`); or, with `tokenizer`, greedy generation parsed into a
     label (-1 when it names none), as the paper evaluated. `impl` computes the loss and scores:
-    one of emorec.fast's answer components, or reference.Reference."""
+    one of emorec.fast's answer components, or reference.Reference. `balance`: see Balance."""
 
-    def __init__(self, answers, scored, labels, pad_id: int, first_token: bool, impl, tokenizer=None):
+    def __init__(
+        self, answers, scored, labels, pad_id: int, first_token: bool, impl, tokenizer=None, balance=Balance()
+    ):
         self.answers, self.scored, self.labels, self.pad_id = answers, scored, labels, pad_id
-        self.first_token, self.impl, self.tokenizer = first_token, impl, tokenizer
+        self.first_token, self.impl, self.tokenizer, self.balance = first_token, impl, tokenizer, balance
         self.streams = tokenizer is None  # generation keeps one stream
 
     def describe(self) -> dict:
@@ -43,7 +84,8 @@ class LabelWords:
         return self.impl.shared_length(model, prompts)
 
     def loss(self, model, prompts: list[list[int]], targets: list[int]) -> torch.Tensor:
-        return self.impl.loss(model, prompts, [self.answers[t] for t in targets], self.pad_id)
+        weights = self.balance.of_targets(targets, reference.device_of(model))
+        return self.impl.loss(model, prompts, [self.answers[t] for t in targets], self.pad_id, weights)
 
     def predictor(self, model, prompts: list[list[int]]):
         if self.tokenizer is not None:
@@ -53,20 +95,38 @@ class LabelWords:
         prefix = self.impl.open(model, prompts)
 
         def run(chunk: list[list[int]]):
-            return ranked(self.impl.scores(model, chunk, self.scored, self.pad_id, self.first_token, prefix))
+            scores = self.impl.scores(model, chunk, self.scored, self.pad_id, self.first_token, prefix)
+            return ranked(self.balance.adjusted(scores))
 
         return (prefix[0] if prefix else 0), run
 
 
+class LabelHead(LabelWords):
+    """A decoder with a classification head over the labels (head=classifier, emorec.head): the
+    head's logits at the prompt's last token are what a causal LM's next-token logits are there,
+    over the labels instead of the vocabulary. So it is label scoring with one-token answers,
+    label i's "token" being i: trained with cross-entropy, predicting the argmax, through the
+    same engine components (shared prefix, packed pass). In training the label's index follows
+    the prompt as an answer's last token does, an input whose output nothing reads."""
+
+    def __init__(self, labels: list[str], pad_id: int, impl, balance=Balance()):
+        answers = [[i] for i in range(len(labels))]
+        super().__init__(answers, answers, labels, pad_id, True, impl, balance=balance)
+
+    def describe(self) -> dict:
+        return {"predict": "classify", "scoring": None}
+
+
 class SequenceClassifier:
-    """A model with a classification head over the labels (model.task_type=SEQ_CLS): trained with
-    cross-entropy on the head, predicting its most probable label. An encoder attends both ways,
-    so no part of a prompt is computed independently of what follows it: nothing is shared."""
+    """An encoder with a classification head over the labels (model=minilm_l6, head=classifier):
+    trained with cross-entropy on the head, predicting its most probable label. An encoder
+    attends both ways, so no part of a prompt is computed independently of what follows it:
+    nothing is shared."""
 
     streams = True
 
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int, balance=Balance()):
+        self.pad_id, self.balance = pad_id, balance
 
     def describe(self) -> dict:
         return {"predict": "classify", "scoring": None}
@@ -78,10 +138,11 @@ class SequenceClassifier:
         return 0
 
     def loss(self, model, prompts: list[list[int]], targets: list[int]) -> torch.Tensor:
-        return reference.classifier_loss(model, prompts, targets, self.pad_id)
+        weights = self.balance.of_targets(targets, reference.device_of(model))
+        return reference.classifier_loss(model, prompts, targets, self.pad_id, weights)
 
     def predictor(self, model, prompts: list[list[int]]):
         def run(chunk: list[list[int]]):
-            return ranked(reference.classifier_scores(model, chunk, self.pad_id))
+            return ranked(self.balance.adjusted(reference.classifier_scores(model, chunk, self.pad_id)))
 
         return 0, run

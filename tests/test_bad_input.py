@@ -61,6 +61,30 @@ BEFORE_MODEL = [
     ("missing data", ["dataset.data_dir=/nonexistent/meld"], "dataset.data_dir=/nonexistent/meld"),
     ("unwritable output", ["output_dir=/proc/emorec-run"], "cannot write to output_dir=/proc/emorec-run"),
     ("resume from nowhere", ["resume=/nonexistent/run"], "resume=/nonexistent/run: no checkpoint there"),
+    (
+        "encoder with the LM head",
+        ["model=minilm_l6", "head=lm"],
+        "model=minilm_l6 is an encoder and has no LM head; use head=classifier",
+    ),
+    (
+        "classifier generating",
+        ["head=classifier", "trainer.predict=generate"],
+        "head=classifier predicts with its head and cannot generate; use trainer.predict=score",
+    ),
+    (
+        "logit adjustment of generations",
+        ["trainer.logit_adjust=1", "trainer.predict=generate"],
+        "trainer.logit_adjust adjusts label scores, and generation has none",
+    ),
+    (
+        "head init",
+        ["head=classifier", "head.init=vocab"],
+        "head.init='vocab' is not valid; it must be labels or random",
+    ),
+    ("head lr 0", ["head=classifier", "head.lr=0"], "head.lr=0 is not valid; it must be a number > 0 or null"),
+    ("balance negative", ["trainer.balance=-1"], "trainer.balance=-1 is not valid; it must be a number >= 0"),
+    ("context layout", ["prompt.context_layout=middle"], "prompt.context_layout='middle' is not valid"),
+    ("context after field", ["prompt.context_after='{turns}'"], "prompt.context_after has an unknown field"),
 ]
 
 

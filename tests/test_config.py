@@ -10,7 +10,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 CONF = Path(__file__).parent.parent / "conf"
-GROUPS = ["model", "adapter", "dataset", "optimizer", "trainer", "fast", "logger"]
+GROUPS = ["model", "adapter", "head", "dataset", "optimizer", "trainer", "fast", "logger"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
@@ -24,6 +24,16 @@ def test_defaults():
     assert cfg.logger._target_ == "emorec.loggers.WandbLogger"
     assert cfg.trainer.batch_size == 16
     assert cfg.prompt.system == ""  # from the model config
+    assert cfg.head.name == "lm" and cfg.prompt.context_layout == "after"
+    assert cfg.adapter.peft.task_type == "CAUSAL_LM"
+
+
+def test_an_encoder_chooses_the_classifier_head():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        encoder = compose("config", overrides=["model=minilm_l6"])
+        decoder_head = compose("config", overrides=["head=classifier", "adapter=ptuning_v2"])
+    assert encoder.head.name == "classifier" and encoder.adapter.peft.task_type == "SEQ_CLS"
+    assert decoder_head.head.init == "labels" and decoder_head.adapter.init == "text"
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -64,12 +74,13 @@ def test_cli_help_lists_groups_and_options():
         "dataset: chsims, csv, dailydialog, emorynlp, friends, iemocap, jsonl, m3ed, mastodon, meld, meld_sentiment, "
         "mosi2, mosi3, sst2, sst5",
         "experiment: cpu_budget",
+        "head: classifier, lm",
         "launcher: joblib, submitit_local, submitit_slurm",
         "logger: none, wandb",
         "model: chatglm2_6b, chatglm3_6b, glm4_9b_chat, hf, llama3_1_8b_instruct, minilm_l6, qwen2_5_7b_instruct, "
         "random_qwen2_5_7b, random_smollm2_135m, smollm2_135m",
         "optimizer: adamw",
-        "sweep: lora_rank, optuna, paper, paper_baseline, paper_context, prefix_length",
+        "sweep: lora_rank, optuna, paper, paper_baseline, paper_context, prefix_length, ptuning_v2_init",
     ]:
         assert line in out.stdout
 

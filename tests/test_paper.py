@@ -119,7 +119,9 @@ def test_lora_classifier_trains_its_head_and_reloads(tmp_path):
 
 
 def test_classifier_refuses_generation(tmp_path):
-    with pytest.raises(EmorecError, match="sequence classifier and cannot generate; use trainer.predict=score"):
+    with pytest.raises(
+        EmorecError, match="head=classifier predicts with its head and cannot generate; use trainer.predict=score"
+    ):
         run(classifier_cfg(tmp_path, "adapter=full", "trainer.predict=generate"))
 
 

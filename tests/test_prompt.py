@@ -5,7 +5,8 @@ from transformers import AutoTokenizer
 
 from emorec.data import Example
 from emorec.errors import EmorecError
-from emorec.prompt import encode_answers, encode_prompts, join_labels, render_prompt, scoring_answers
+from emorec.fast.prefix import common_prefix
+from emorec.prompt import Context, encode_answers, encode_prompts, join_labels, render_prompt, scoring_answers
 
 TEMPLATE = "Classify the sentiment of the sentence to {labels}: {text}"
 LABELS = ["neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear"]
@@ -60,7 +61,8 @@ def test_truncation_keeps_template_whole(tokenizer):
         encode_prompts(tokenizer, [long], TEMPLATE, None, LABELS, 10)
 
 
-CONTEXT = "Conversation so far:\n{context}\n\n"
+CONTEXT = Context(before="Conversation so far:\n{context}\n\n", layout="before")
+AFTER = Context(layout="after")
 TURNS = (("Ann", "first thing said"), (None, "second thing said"), ("Cal", "third thing said"))
 
 
@@ -101,3 +103,37 @@ def test_context_truncation_drops_oldest_turns_and_keeps_the_utterance_whole(tok
     # Only below that does the utterance lose words.
     shorter = encode_prompts(tokenizer, [ex], TEMPLATE, None, LABELS, len(bare) - 2, 3, CONTEXT)[0]
     assert len(shorter) <= len(bare) - 2 and "stays whole" not in tokenizer.decode(shorter)
+
+
+def test_context_after_the_instruction_keeps_the_shared_prefix(tokenizer):
+    """Layout after: the instruction and label list first, then the turns with their speakers,
+    then the utterance to classify, marked: the prompts of a batch share everything up to the
+    label list, where the layout before shares only the chat header."""
+    ids = encode_prompts(tokenizer, [_with_context()], TEMPLATE, None, LABELS, 256, 2, AFTER)
+    assert tokenizer.decode(ids[0]) == (
+        "<|im_start|>user\nClassify the sentiment of the sentence to neutral, joy, surprise, anger, sadness, "
+        "disgust or fear: \nDialogue:\nsecond thing said\nCal: third thing said\nSentence: Bob: what now?"
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
+    batch = [_with_context(), _with_context("something else", (("Dee", "other words"),)), _with_context(context=())]
+    plain = encode_prompts(tokenizer, batch, TEMPLATE, None, LABELS, 256)
+    after = encode_prompts(tokenizer, batch, TEMPLATE, None, LABELS, 256, 3, AFTER)
+    before = encode_prompts(tokenizer, batch, TEMPLATE, None, LABELS, 256, 3, CONTEXT)
+    instruction = tokenizer(
+        "<|im_start|>user\nClassify the sentiment of the sentence to neutral, joy, surprise, anger, sadness, "
+        "disgust or fear:",
+        add_special_tokens=False,
+    )["input_ids"]
+    assert common_prefix(after) >= len(instruction) and after[0][: len(instruction)] == instruction
+    assert common_prefix(after) >= common_prefix(plain) - 1  # at most the space before the utterance
+    assert common_prefix(before) < len(instruction) // 2
+
+
+def test_context_after_truncates_the_oldest_turns_first(tokenizer):
+    ex = _with_context(text="the utterance to classify stays whole")
+    full = encode_prompts(tokenizer, [ex], TEMPLATE, None, LABELS, 10_000, 3, AFTER)[0]
+    two = encode_prompts(tokenizer, [_with_context(ex.text, TURNS[1:])], TEMPLATE, None, LABELS, 10_000, 3, AFTER)[0]
+    assert encode_prompts(tokenizer, [ex], TEMPLATE, None, LABELS, len(full) - 1, 3, AFTER)[0] == two
+    none = encode_prompts(tokenizer, [_with_context(ex.text, ())], TEMPLATE, None, LABELS, 10_000, 3, AFTER)[0]
+    assert encode_prompts(tokenizer, [ex], TEMPLATE, None, LABELS, len(none), 3, AFTER)[0] == none
+    assert "Sentence: Bob: the utterance to classify stays whole" in tokenizer.decode(none)

@@ -158,3 +158,29 @@ def test_a_run_checkpointed_before_the_fast_group_resumes_under_the_new_names(tm
     OmegaConf.save(OmegaConf.create(old), tmp_path / "run" / "config.yaml")
     with pytest.raises(EmorecError, match="resume: fast.pack is True but the checkpoint's run used False"):
         check_resume_config(cfg, checkpoint)
+
+
+def test_a_run_checkpointed_before_heads_and_context_layouts_resumes_as_it_ran(tmp_path):
+    """A run from before head, balance and the context layout had settings ran as head=lm,
+    unbalanced, context before the instruction and P-Tuning v2 from a random prefix: it resumes
+    with those values, and is told which to set otherwise."""
+    from omegaconf import OmegaConf
+
+    from emorec.errors import EmorecError
+    from emorec.settings import check_resume_config
+    from tests.conftest import compose_run
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000003"
+    checkpoint.mkdir(parents=True)
+    old = OmegaConf.to_container(compose_run(tmp_path / "run", "adapter=ptuning_v2"), resolve=True)
+    del old["head"], old["trainer"]["balance"], old["trainer"]["logit_adjust"], old["adapter"]["init"]
+    del old["adapter"]["init_text"], old["prompt"]["context_layout"], old["prompt"]["context_after"]
+    OmegaConf.save(OmegaConf.create(old), tmp_path / "run" / "config.yaml")
+    as_it_ran = ["adapter=ptuning_v2", "adapter.init=random", "prompt.context_layout=before"]
+    check_resume_config(compose_run(tmp_path / "run", *as_it_ran), checkpoint)
+    with pytest.raises(EmorecError, match="resume: adapter.init is 'zero' but the checkpoint's run used 'random'"):
+        check_resume_config(
+            compose_run(tmp_path / "run", "adapter=ptuning_v2", "prompt.context_layout=before"), checkpoint
+        )
+    with pytest.raises(EmorecError, match="resume: head.init is 'labels' but the checkpoint's run used None"):
+        check_resume_config(compose_run(tmp_path / "run", *as_it_ran, "head=classifier"), checkpoint)

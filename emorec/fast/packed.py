@@ -19,7 +19,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from emorec.errors import EmorecError
 from emorec.fast.head import HeadAt
 from emorec.fast.prefix import PrefixCache, can_share_prefix
-from emorec.reference import base_of, device_of, on_device, right_pad
+from emorec.reference import base_of, device_of, on_device, right_pad, weighted_mean
 
 
 class Packing(NamedTuple):
@@ -213,14 +213,14 @@ class Packed:
     def shared_length(self, model, prompts: list[list[int]]) -> int:
         return self.fallback.shared_length(model, prompts)
 
-    def loss(self, model, prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> torch.Tensor:
+    def loss(self, model, prompts, answers, pad_id: int, weights=None) -> torch.Tensor:
         """reference.answer_loss in one packed pass (padded layout). The head runs only where an
         answer token is predicted. (The shared layout would also drop the few percent of padding
         that length-grouped batches have; it measured slower here, its gathers' backward being
         scatter-adds: experiments/bench/README.md.)"""
         n = self.shared_length(model, prompts)
         if n == 0:
-            return self.fallback.loss(model, prompts, answers, pad_id)
+            return self.fallback.loss(model, prompts, answers, pad_id, weights)
         device = device_of(model)
         seqs = [p[n:] + a for p, a in zip(prompts, answers)]
         ids, _ = right_pad(seqs, pad_id, device)
@@ -233,10 +233,12 @@ class Packed:
         col = on_device([len(s) - len(a) + j for s, a in zip(seqs, answers) for j in range(len(a))], device)
         at = n + row * width + col - 1
         layout = Packing(n, rows, mask=padded_mask(n, rows, width, device) if self.fused else None)
-        with self.attention.packed(), self.head.at(flat.shape[1] - at[None]):
-            logits = model(input_ids=flat, position_ids=positions[None], packed=layout).logits[0]
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[row, col][:, None])
-        return -logp.sum() / rows
+        with self.attention.packed():
+            logits, _ = self.head.run(
+                model, flat.shape[1] - at[None], input_ids=flat, position_ids=positions[None], packed=layout
+            )
+        logp = torch.log_softmax(logits[0].float(), dim=-1).gather(-1, ids[row, col][:, None])[:, 0]
+        return weighted_mean(-torch.zeros(rows, device=device).index_add(0, row, logp), weights)
 
     def open(self, model, prompts: list[list[int]]) -> tuple | None:
         return self.fallback.open(model, prompts)
@@ -254,6 +256,7 @@ class Packed:
         flat, positions = on_device([tokens], device), n + on_device([depth], device)
         if self.fused:
             layout = layout._replace(mask=shared_mask(n, layout.index, len(tokens)))
-        with self.attention.packed(), self.head.at(len(tokens) - on_device(last, device)[:, None]):
-            logits = model(input_ids=flat, position_ids=positions, packed=layout).logits[:, 0]
-        return torch.log_softmax(logits.float(), dim=-1)[:, [a[0] for a in answers]]
+        with self.attention.packed():
+            from_end = len(tokens) - on_device(last, device)[:, None]
+            logits, _ = self.head.run(model, from_end, input_ids=flat, position_ids=positions, packed=layout)
+        return torch.log_softmax(logits[:, 0].float(), dim=-1)[:, [a[0] for a in answers]]

@@ -14,7 +14,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 
 from emorec.fast.head import HeadAt
-from emorec.reference import base_of, device_of, on_device, right_pad
+from emorec.reference import base_of, device_of, on_device, right_pad, weighted_mean
 
 
 def common_prefix(prompts: list[list[int]]) -> int:
@@ -59,8 +59,10 @@ class PrefixCache:
 
     def cache(self, model, prefix: list[int]):
         """The key/value cache of `prefix` at batch size 1 (the head runs at one position only)."""
-        with self.head.at(torch.ones(1, 1, dtype=torch.long, device=device_of(model))):
-            return model(input_ids=on_device([prefix], device_of(model)), use_cache=True).past_key_values
+        one = torch.ones(1, 1, dtype=torch.long, device=device_of(model))
+        return self.head.run(model, one, input_ids=on_device([prefix], device_of(model)), use_cache=True)[
+            1
+        ].past_key_values
 
     def repeated(self, model, prompts: list[list[int]], cached: tuple | None = None) -> tuple[int, dict]:
         """(length of the shared prefix, forward kwargs carrying its cache repeated per row);
@@ -77,7 +79,7 @@ class PrefixCache:
         cache.batch_repeat_interleave(len(prompts))
         return n, {"past_key_values": cache}
 
-    def loss(self, model, prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> torch.Tensor:
+    def loss(self, model, prompts, answers, pad_id: int, weights=None) -> torch.Tensor:
         """reference.answer_loss, the head at the last k positions of each row only."""
         device = device_of(model)
         n, cached = self.repeated(model, prompts)
@@ -93,7 +95,7 @@ class PrefixCache:
         targets = ids[torch.arange(len(seqs), device=device)[:, None], lengths[:, None] - k + span]
         is_answer = span >= (k - on_device([len(a) for a in answers], device))[:, None]
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
-        return -(logp * is_answer).sum(-1).mean()
+        return weighted_mean(-(logp * is_answer).sum(-1), weights)
 
     def open(self, model, prompts: list[list[int]]) -> tuple | None:
         """The (length, cache) of the prefix all of an evaluation set's prompts share, or None."""

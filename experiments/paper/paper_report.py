@@ -24,8 +24,9 @@ PAPER_SYSTEMS = {"none": "zero-shot", "ptuning_v2": "P-Tuning v2", "lora": "LoRA
 
 
 def system_of(metrics: dict) -> str:
-    """A job's column: its adapter for the general LLM, `specialised` for a sequence classifier."""
-    return "specialised" if metrics["predict"] == "classify" else metrics["adapter"]
+    """A job's column: its adapter for the general LLM, `specialised` for the encoder classifier
+    (jobs from before decoders had heads: any classifier)."""
+    return "specialised" if metrics.get("encoder", metrics["predict"] == "classify") else metrics["adapter"]
 
 
 def paper_rows(jobs: list[dict], numbers: dict) -> tuple[list[str], list[list]]:

@@ -1,0 +1,73 @@
+"""Issue 21's comparison on MELD: label scoring against the classification head, LoRA against
+P-Tuning v2 (each initialisation), class balance and dialogue context. Each job is one emorec
+run (seed 42, one epoch of the full training split, the whole test set); they run one after
+another, each resumable, and each finished job's config and metrics (no predictions: they hold
+MELD's text) are copied to runs/<job>/ at once, so a later session continues where this one
+stopped.
+
+    EMOREC_DATA_DIR=../shared/datasets python experiments/classifiers/jobs.py [--only JOB ...]
+    python experiments/classifiers/jobs.py --list
+"""
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+# name -> the run's overrides (every other setting is emorec's default).
+JOBS = {
+    "score-lora": [],
+    "head_labels-lora": ["head=classifier"],
+    "head_labels-ptv2_text": ["head=classifier", "adapter=ptuning_v2"],
+    "head_labels-lora-balance0.5": ["head=classifier", "trainer.balance=0.5"],
+    "head_labels-lora-ctx3": ["head=classifier", "dataset.context_window=3"],
+    "head_labels-lora-ctx6": ["head=classifier", "dataset.context_window=6"],
+    "score-ptv2_text": ["adapter=ptuning_v2"],
+    "head_random-lora": ["head=classifier", "head.init=random"],
+    # A second dataset: SST-2, 4,000 seeded training sentences (250 steps), the whole test set.
+    "sst2-score-lora": ["dataset=sst2", "dataset.max_train=4000"],
+    "sst2-head_labels-lora": ["dataset=sst2", "dataset.max_train=4000", "head=classifier"],
+    "head_labels-lora-ctx3_before": ["head=classifier", "dataset.context_window=3", "prompt.context_layout=before"],
+    "head_labels-lora-ctx12": ["head=classifier", "dataset.context_window=12"],
+    "score-ptv2_random": ["adapter=ptuning_v2", "adapter.init=random", "optimizer.lr=5e-3"],
+    "score-ptv2_zero": ["adapter=ptuning_v2", "adapter.init=zero"],
+    "head_labels-ptv2_zero": ["head=classifier", "adapter=ptuning_v2", "adapter.init=zero"],
+    "head_random-ptv2_text": ["head=classifier", "head.init=random", "adapter=ptuning_v2"],
+    "head_labels-lora-balance1": ["head=classifier", "trainer.balance=1"],
+    "score-lora-balance0.5": ["trainer.balance=0.5"],
+}
+
+
+def run_job(name: str, outputs: Path) -> None:
+    """Run (or continue) one job, then copy its small results here."""
+    out = outputs / name
+    command = [sys.executable, "-m", "emorec", *JOBS[name], f"hydra.run.dir={out}", "resume=true"]
+    print(" ".join(command[2:]), flush=True)
+    subprocess.run(command, check=True)
+    target = HERE / "runs" / name
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy(out / "config.yaml", target / "config.yaml")
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["train"]["losses"] = [round(x, 4) for x in metrics["train"]["losses"]]
+    (target / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", choices=list(JOBS), help="these jobs, in this order (default: all)")
+    parser.add_argument("--outputs", type=Path, default=Path("outputs/classifiers"), help="the runs' own folders")
+    parser.add_argument("--list", action="store_true", help="print each job's state and stop")
+    args = parser.parse_args()
+    for name in args.only or JOBS:
+        done = (HERE / "runs" / name / "metrics.json").is_file()
+        if args.list:
+            print(f"{name:32s} {'done' if done else 'to run'}  {' '.join(JOBS[name])}")
+        elif not done:
+            run_job(name, args.outputs)
+
+
+if __name__ == "__main__":
+    main()

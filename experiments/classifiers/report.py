@@ -1,0 +1,108 @@
+"""The table of experiments/classifiers/runs (jobs.py): per job its head, adapter and
+initialisation, dialogue context, class balance, test and dev metrics, training and job time.
+Post-hoc logit adjustment needs no training: with the jobs' predictions.csv at hand (--outputs),
+it is swept on each job's dev predictions and the dev-best tau applied to test.
+
+    python experiments/classifiers/report.py [--outputs outputs/classifiers] > experiments/classifiers/table.md
+"""
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from emorec.metrics import classification_metrics
+
+HERE = Path(__file__).parent
+TAUS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+
+
+def pct(x) -> str:
+    return "" if x is None else f"{100 * x:.1f}"
+
+
+def describe(config: dict) -> dict:
+    adapter = config["adapter"]
+    head = config["head"]["name"]
+    return {
+        "dataset": config["dataset"]["name"],
+        "head": head if head == "lm" else f"head ({config['head']['init']})",
+        "adapter": adapter["name"] + (f" ({adapter['init']})" if adapter.get("init") else ""),
+        "context": config["dataset"]["context_window"],
+        "layout": config["prompt"].get("context_layout", "before") if config["dataset"]["context_window"] else "",
+        "balance": config["trainer"].get("balance", 0.0),
+    }
+
+
+def adjusted(path: Path, labels: list[str], prior: list[float]) -> dict | None:
+    """Post-hoc logit adjustment from a job's predictions: the dev-best tau, and test metrics under it."""
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def metrics(split: str, tau: float) -> dict:
+        part = [r for r in rows if r["split"] == split]
+        preds = [
+            max(
+                range(len(labels)),
+                key=lambda i: math.log(max(float(r[f"score_{labels[i]}"]), 1e-30)) - tau * math.log(prior[i]),
+            )
+            for r in part
+        ]
+        golds = [labels.index(r["gold"]) for r in part]
+        return classification_metrics(preds, golds, labels, 0)
+
+    best = max(TAUS, key=lambda t: metrics("dev", t)["macro_f1"])
+    return {"tau": best, "test": metrics("test", best)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--outputs", type=Path, default=Path("outputs/classifiers"))
+    args = parser.parse_args()
+    lines = [
+        "| job | head | adapter (init) | context | balance | test wF1 | test acc | test macro F1 | dev wF1 "
+        "| train s | job s | first loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    posthoc = {}
+    for folder in sorted((HERE / "runs").iterdir()):
+        config = OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"))
+        m = json.loads((folder / "metrics.json").read_text())
+        d = describe(config)
+        context = f"{d['context']} ({d['layout']})" if d["context"] else "0"
+        lines.append(
+            f"| {folder.name} | {d['head']} | {d['adapter']} | {context} | {d['balance']:g} | "
+            f"{pct(m['test']['weighted_f1'])} | {pct(m['test']['accuracy'])} | {pct(m['test']['macro_f1'])} | "
+            f"{pct(m['val']['weighted_f1'])} | {m['train']['seconds']:.0f} | {m['wall_time_s']:.0f} | "
+            f"{m['train']['losses'][0]:.2f} |"
+        )
+        labels = m["data"]["labels"]
+        counts = [0] * len(labels)
+        # The training prior, from the training split's label counts as the run saw them.
+        for label, n in (m["data"].get("train_counts") or {}).items():
+            counts[labels.index(label)] = n
+        if sum(counts):
+            result = adjusted(
+                args.outputs / folder.name / "predictions.csv", labels, [max(c, 1) / sum(counts) for c in counts]
+            )
+            if result:
+                posthoc[folder.name] = {
+                    "tau": result["tau"],
+                    **{k: result["test"][k] for k in ("weighted_f1", "accuracy", "macro_f1")},
+                }
+    print("\n".join(lines))
+    if posthoc:
+        print("\nPost-hoc logit adjustment (tau chosen on dev by macro F1, applied to test):\n")
+        print("| job | tau | test wF1 | test acc | test macro F1 |\n|---|---|---|---|---|")
+        for name, r in posthoc.items():
+            print(f"| {name} | {r['tau']:g} | {pct(r['weighted_f1'])} | {pct(r['accuracy'])} | {pct(r['macro_f1'])} |")
+        (HERE / "posthoc.json").write_text(json.dumps(posthoc, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
