@@ -45,7 +45,10 @@ def init_from_text(model: PeftModel, text_ids: list[int]) -> None:
     n = config.num_virtual_tokens
     ids = on_device([filled(text_ids, n)], device_of(model))
     if config.peft_type == "PREFIX_TUNING":
-        cache = base_of(model)(input_ids=ids, use_cache=True).past_key_values
+        # The transformer without its head: a classifier's fp32 head would meet a bf16 base
+        # outside autocast, and no logits are needed.
+        base = base_of(model)
+        cache = getattr(base, base.base_model_prefix)(input_ids=ids, use_cache=True).past_key_values
         initialize_kv_prefix_from_past_key_values(model, past_key_values=cache, num_virtual_tokens=n)
     else:
         embedding = model.prompt_encoder[model.active_adapter].embedding

@@ -189,6 +189,17 @@ def test_every_adapter_trains_the_head(adapter, make_cfg):
     assert head and all(t.shape[0] == len(cfg.dataset.labels) for t in head)
 
 
+@pytest.mark.parametrize("adapter", ["lora", "ptuning_v2"])
+def test_head_trains_over_a_bf16_base(adapter, make_cfg):
+    """With bf16 (a frozen bf16 base, an fp32 head, autocast), P-Tuning v2's prefix from text."""
+    extra = "adapter.num_virtual_tokens=4" if "tuning" in adapter else "seed=42"
+    metrics = run(
+        make_cfg(f"adapter={adapter}", "head=classifier", extra, "trainer.precision=bf16", "trainer.epochs=1")
+    )
+    assert metrics["precision"] == "bf16" and metrics["train"]["steps"] == 4
+    assert all(0 < loss < 5 for loss in metrics["train"]["losses"])
+
+
 def test_zero_shot_head_equals_label_scoring(make_cfg):
     """adapter=none: the untrained head (init=labels) predicts what first-token scoring predicts."""
     scoring = run(make_cfg("adapter=none", "trainer.scoring=first_token"))

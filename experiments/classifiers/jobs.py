@@ -22,6 +22,7 @@ JOBS = {
     "score-lora": [],
     "head_labels-lora": ["head=classifier"],
     "head_labels-ptv2_text": ["head=classifier", "adapter=ptuning_v2"],
+    "head_labels-lora-headlr5e-3": ["head=classifier", "head.lr=5e-3"],
     "head_labels-lora-balance0.5": ["head=classifier", "trainer.balance=0.5"],
     "head_labels-lora-ctx3": ["head=classifier", "dataset.context_window=3"],
     "head_labels-lora-ctx6": ["head=classifier", "dataset.context_window=6"],
