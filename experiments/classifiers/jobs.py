@@ -26,7 +26,9 @@ JOBS = {
     "head_labels-lora-balance0.5": ["head=classifier", "trainer.balance=0.5"],
     "head_labels-lora-ctx3": ["head=classifier", "dataset.context_window=3"],
     "head_labels-lora-ctx6": ["head=classifier", "dataset.context_window=6"],
+    "head_labels-lora-headlr2e-2": ["head=classifier", "head.lr=2e-2"],
     "score-ptv2_text": ["adapter=ptuning_v2"],
+    "head_labels-ptv2_text-ctx3": ["head=classifier", "adapter=ptuning_v2", "dataset.context_window=3"],
     "head_random-lora": ["head=classifier", "head.init=random"],
     # A second dataset: SST-2, 4,000 seeded training sentences (250 steps), the whole test set.
     "sst2-score-lora": ["dataset=sst2", "dataset.max_train=4000"],
