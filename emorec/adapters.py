@@ -2,10 +2,10 @@
 (adapter.init).
 
 P-Tuning v2 (PEFT's prefix tuning) starts by default from a unit-normal embedding: every layer
-then attends to 32 large random keys and values, and the first-step loss on MELD is 34-41
-against LoRA's 5. `zero` starts from keys and values of zero (near-neutral: the prompt's own
-keys keep almost all the attention); `text` from the keys and values the model itself computes
-for a text (Li & Liang 2021), so the prefix starts as real words would.
+then attends to 32 large random keys and values, and the first-step loss on a MELD batch is 36.6
+where the base model's is 9.4. `zero` starts from keys and values of zero (near-neutral: 7.6 on
+that batch); `text` from the keys and values the model itself computes for a text (Li & Liang
+2021), so the prefix starts as real words would (9.0): experiments/classifiers.
 """
 
 import torch

@@ -93,22 +93,8 @@ def check_config(cfg: DictConfig) -> None:
         check_labels(list(cfg.dataset.labels), cfg.dataset.neutral_label)
     check_head(cfg)
     check_adapter_init(cfg.adapter)
-    try:
-        cfg.prompt.template.format(labels="", text="")
-    except (KeyError, IndexError, ValueError) as e:
-        raise EmorecError(
-            f"prompt.template has an unknown field or a stray brace ({e}); use only {{labels}} and {{text}}"
-        ) from None
-    try:
-        cfg.prompt.context.format(context="")
-    except (KeyError, IndexError, ValueError) as e:
-        raise EmorecError(f"prompt.context has an unknown field or a stray brace ({e}); use only {{context}}") from None
-    try:
-        cfg.prompt.context_after.format(context="", current="")
-    except (KeyError, IndexError, ValueError) as e:
-        raise EmorecError(
-            f"prompt.context_after has an unknown field or a stray brace ({e}); use only {{context}} and {{current}}"
-        ) from None
+    for key, fields in TEMPLATES:
+        check_template(key, OmegaConf.select(cfg, key), fields)
     if "{text}" not in cfg.prompt.template:
         raise EmorecError("prompt.template has no {text} field; the utterance would not reach the model")
     device = cfg.trainer.device
@@ -126,6 +112,22 @@ def check_config(cfg: DictConfig) -> None:
             "use a PEFT adapter (adapter=lora: QLoRA) or model.quantization=null"
         )
     quantization_config(quantized)  # bitsandbytes and a GPU
+
+
+# The prompt's templates and the fields each may use.
+TEMPLATES = [
+    ("prompt.template", ("labels", "text")),
+    ("prompt.context", ("context",)),
+    ("prompt.context_after", ("context", "current")),
+]
+
+
+def check_template(key: str, template: str, fields: tuple[str, ...]) -> None:
+    try:
+        template.format(**dict.fromkeys(fields, ""))
+    except (KeyError, IndexError, ValueError) as e:
+        use = " and ".join(f"{{{f}}}" for f in fields)
+        raise EmorecError(f"{key} has an unknown field or a stray brace ({e}); use only {use}") from None
 
 
 # Settings a resumed run may change: they do not change what is computed.
@@ -228,7 +230,8 @@ def check_adapter_init(adapter: DictConfig) -> None:
         raise EmorecError(f"adapter.init={init!r} is not valid for adapter={adapter.name}; use one of {choices[kind]}")
     if init == "text" and adapter.get("prefix_projection"):
         raise EmorecError(
-            "adapter.init=text sets the prefix's keys and values, which prefix_projection=true computes; choose one"
+            "adapter.init=text sets the prefix's keys and values, which prefix_projection=true computes; "
+            "with the projection use adapter.init=zero or random"
         )
 
 

@@ -41,11 +41,10 @@ class Balance:
         return cls(weights, adjust)
 
     def of_targets(self, targets: list[int], device) -> torch.Tensor | None:
-        return (
-            None
-            if self.weights is None
-            else reference.on_device([self.weights[t] for t in targets], device, torch.float32)
-        )
+        """The weights of examples with these labels (None: unweighted)."""
+        if self.weights is None:
+            return None
+        return reference.on_device([self.weights[t] for t in targets], device, torch.float32)
 
     def adjusted(self, scores: torch.Tensor) -> torch.Tensor:
         return scores if self.adjust is None else scores - scores.new_tensor(self.adjust)

@@ -304,3 +304,38 @@ def test_remote_code_models_keep_their_own_attention():
                 assert chosen is None, option
             else:
                 assert chosen in ("sdpa", "flash_attention_2"), option
+
+
+@pytest.mark.parametrize("adapter", ["lora", "prefix_tuning"])
+def test_the_classifier_head_trains_and_scores_on_the_device(fake_mode, tiny_model, adapter):
+    """head=classifier: the head's logits read by a hook, weighted (class-balanced) losses."""
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+
+    from emorec.adapters import prepare
+    from emorec.head import decoder_classifier
+    from emorec.tasks import Balance, LabelHead
+
+    torch.manual_seed(0)
+    model = decoder_classifier(
+        AutoModelForCausalLM.from_pretrained(tiny_model), list("abcd"), 2, "labels", [5, 6, 7, 8]
+    )
+    kind = (
+        LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+        if adapter == "lora"
+        else PrefixTuningConfig(num_virtual_tokens=3)
+    )
+    model = get_peft_model(model, prepare(kind, None, True))
+    balance = Balance.of([0, 0, 1, 2, 3], 4, 1.0, 1.0)
+    with fake_mode:
+        model.to(DEVICE)
+        for name, impl in candidates(model):
+            task = LabelHead(list("abcd"), 2, impl, balance)
+            loss = task.loss(model.train(), PACKED_PROMPTS[:3], [0, 2, 3])
+            assert here(loss) and loss.shape == (), name
+            loss.backward()
+            assert grads_on_device(model), name
+            with torch.no_grad():
+                prefix = impl.open(model.eval(), PACKED_PROMPTS)
+                scores = impl.scores(model, PACKED_PROMPTS, task.scored, 2, True, prefix)
+                assert here(balance.adjusted(scores)) and scores.shape == (len(PACKED_PROMPTS), 4), name
+            model.zero_grad()

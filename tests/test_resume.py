@@ -178,7 +178,7 @@ def test_a_run_checkpointed_before_heads_and_context_layouts_resumes_as_it_ran(t
     OmegaConf.save(OmegaConf.create(old), tmp_path / "run" / "config.yaml")
     as_it_ran = ["adapter=ptuning_v2", "adapter.init=random", "prompt.context_layout=before"]
     check_resume_config(compose_run(tmp_path / "run", *as_it_ran), checkpoint)
-    with pytest.raises(EmorecError, match="resume: adapter.init is 'zero' but the checkpoint's run used 'random'"):
+    with pytest.raises(EmorecError, match="resume: adapter.init is 'text' but the checkpoint's run used 'random'"):
         check_resume_config(
             compose_run(tmp_path / "run", "adapter=ptuning_v2", "prompt.context_layout=before"), checkpoint
         )
