@@ -34,6 +34,7 @@ JOBS = {
     "head_labels-lora-ctx1": ["head=classifier", "dataset.context_window=1"],
     "head_labels-lora-ctx6": ["head=classifier", "dataset.context_window=6"],
     "head_random-lora": ["head=classifier", "head.init=random"],
+    "head_labels-ptv2_text-ctx1": ["head=classifier", "adapter=ptuning_v2", "dataset.context_window=1"],
     "head_labels-ptv2_text-ctx3": ["head=classifier", "adapter=ptuning_v2", "dataset.context_window=3"],
     "head_labels-lora-ctx3_before": ["head=classifier", "dataset.context_window=3", "prompt.context_layout=before"],
     "head_labels-lora-ctx12": ["head=classifier", "dataset.context_window=12"],

@@ -34,6 +34,7 @@ def describe(config: dict) -> dict:
         "context": config["dataset"]["context_window"],
         "layout": config["prompt"].get("context_layout", "before") if config["dataset"]["context_window"] else "",
         "balance": config["trainer"].get("balance", 0.0),
+        "adjust": config["trainer"].get("logit_adjust", 0.0),
     }
 
 
@@ -65,9 +66,9 @@ def main() -> None:
     parser.add_argument("--outputs", type=Path, default=Path("outputs/classifiers"))
     args = parser.parse_args()
     lines = [
-        "| job | head | adapter (init) | context | balance | test wF1 | test acc | test macro F1 | dev wF1 "
-        "| train s | job s | first loss |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| job | data | head | adapter (init) | context | balance | adjust | test wF1 | test acc | test macro F1 "
+        "| dev wF1 | train s | job s | first loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     posthoc = {}
     for folder in sorted((HERE / "runs").iterdir()):
@@ -76,7 +77,8 @@ def main() -> None:
         d = describe(config)
         context = f"{d['context']} ({d['layout']})" if d["context"] else "0"
         lines.append(
-            f"| {folder.name} | {d['head']} | {d['adapter']} | {context} | {d['balance']:g} | "
+            f"| {folder.name} | {d['dataset']} | {d['head']} | {d['adapter']} | {context} | {d['balance']:g} | "
+            f"{d['adjust']:g} | "
             f"{pct(m['test']['weighted_f1'])} | {pct(m['test']['accuracy'])} | {pct(m['test']['macro_f1'])} | "
             f"{pct(m['val']['weighted_f1'])} | {m['train']['seconds']:.0f} | {m['wall_time_s']:.0f} | "
             f"{m['train']['losses'][0]:.2f} |"
@@ -86,7 +88,7 @@ def main() -> None:
         # The training prior, from the training split's label counts as the run saw them.
         for label, n in (m["data"].get("train_counts") or {}).items():
             counts[labels.index(label)] = n
-        if sum(counts):
+        if sum(counts) and not d["adjust"]:  # a job that adjusted its predictions already: not again
             result = adjusted(
                 args.outputs / folder.name / "predictions.csv", labels, [max(c, 1) / sum(counts) for c in counts]
             )
