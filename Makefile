@@ -15,7 +15,7 @@ PAPER_RUNS ?= multirun/paper/$(PAPER_STAMP)
 PAPER_BUDGET ?= +experiment=cpu_budget
 ARGS ?=
 
-.PHONY: help setup run test test-fast bench gpu-check paper lint format clean
+.PHONY: help setup run test test-fast bench gpu-check paper classifiers lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -54,6 +54,10 @@ paper: setup ## the paper's study: zero-shot, P-Tuning v2 and LoRA on every data
 	$(BIN)/python -m emorec +sweep=paper_context $(PAPER_BUDGET) hydra.sweep.dir=$(PAPER_RUNS)/context $(ARGS)
 	$(BIN)/python experiments/paper/paper_report.py --numbers experiments/paper/paper_numbers.yaml --out experiments/paper --readme README.md \
 		$(PAPER_RUNS)/grid $(PAPER_RUNS)/baseline $(PAPER_RUNS)/context
+
+classifiers: setup ## label scoring vs the classification head, P-Tuning v2's start, rare classes, context on MELD (experiments/classifiers; resumable: done jobs are skipped)
+	$(BIN)/python experiments/classifiers/jobs.py --outputs outputs/classifiers $(ARGS)
+	$(BIN)/python experiments/classifiers/report.py --outputs outputs/classifiers
 
 lint: setup ## ruff lint and format check
 	$(BIN)/ruff check emorec tests experiments
