@@ -60,9 +60,8 @@ class PrefixCache:
     def cache(self, model, prefix: list[int]):
         """The key/value cache of `prefix` at batch size 1 (the head runs at one position only)."""
         one = torch.ones(1, 1, dtype=torch.long, device=device_of(model))
-        return self.head.run(model, one, input_ids=on_device([prefix], device_of(model)), use_cache=True)[
-            1
-        ].past_key_values
+        _, out = self.head.run(model, one, input_ids=on_device([prefix], device_of(model)), use_cache=True)
+        return out.past_key_values
 
     def repeated(self, model, prompts: list[list[int]], cached: tuple | None = None) -> tuple[int, dict]:
         """(length of the shared prefix, forward kwargs carrying its cache repeated per row);
