@@ -86,11 +86,17 @@ def main(cfg: DictConfig) -> float:
 
 
 def cli() -> None:
-    """`emorec report ...` makes tables (emorec.report); anything else runs an experiment."""
+    """`emorec report ...` makes tables (emorec.report), `emorec predict RUN_DIR ...` labels text
+    with a finished run (emorec.trained); anything else runs an experiment."""
     if sys.argv[1:2] == ["report"]:
         from emorec.report import main as report_main
 
         report_main(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["predict"]:
+        from emorec.trained import main as predict_main
+
+        predict_main(sys.argv[2:])
         return
     try:
         sys.argv += hydra_overrides(sys.argv[1:])

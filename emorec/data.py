@@ -177,16 +177,26 @@ def read_text(path: Path) -> str:
         ) from None
 
 
-def read_csv(path: Path, required: list[str]) -> list[tuple[int, dict]]:
-    """Rows of a CSV file with their 1-based line numbers; checks that columns exist."""
-    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
-    missing = [c for c in required if c not in (reader.fieldnames or [])]
+def read_csv(path: Path, required: list[str], delimiter: str = ",", header: bool = True) -> list[tuple[int, dict]]:
+    """Rows of a CSV file with their 1-based line numbers, keyed by the header's names (or, with
+    header=False, by position: "0", "1", ...); checks that the required columns exist."""
+    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter)
+    names = next(reader, []) if header else None
+    rows = []
+    for values in reader:
+        if values:
+            keys = names if names is not None else [str(i) for i in range(len(values))]
+            rows.append((reader.line_num, dict(zip(keys, values + [None] * (len(keys) - len(values))))))
+    found = names if names is not None else (list(rows[0][1]) if rows else [])
+    missing = [c for c in required if c not in found]
     if missing:
+        shown = f"found {found}" if header else f"rows have {len(found)} columns (0 to {len(found) - 1})"
+        hint = " (a tab- or ;-separated file? set dataset.load.delimiter)" if header and delimiter == "," else ""
         raise EmorecError(
-            f"{path}: missing column(s) {', '.join(missing)}; found {reader.fieldnames}; "
+            f"{path}: missing column(s) {', '.join(missing)}; {shown}{hint}; "
             "fix the header or the dataset.load column options"
         )
-    return [(reader.line_num, row) for row in reader]
+    return rows
 
 
 def read_json(path: Path):
@@ -280,6 +290,11 @@ def dialogue_examples(
         if dialogue_id is not None:  # without a dialogue, rows are unrelated sentences
             context.append((row.speaker, text))
     return examples
+
+
+def int_or_text(value) -> tuple:
+    """Sort key for ids that are usually integers ("10" after "9")."""
+    return (0, int(value), "") if str(value).strip().isdigit() else (1, 0, str(value))
 
 
 def grouped(rows: list, key) -> dict:

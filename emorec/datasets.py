@@ -6,7 +6,6 @@ else $EMOREC_DATA_DIR/<name>, else a download where an official URL exists) and
 index into `labels`, each carrying the earlier turns of its dialogue as context.
 """
 
-import json
 import re
 from pathlib import Path
 
@@ -18,22 +17,14 @@ from emorec.data import (
     dialogue_examples,
     grouped,
     in_holdout,
+    int_or_text,
     locate,
     read_csv,
     read_json,
     read_text,
 )
 from emorec.errors import EmorecError
-
-SPLITS = ("train", "dev", "test")
-# How split columns name the splits (MMSA writes "valid", others "validation" or "val").
-SPLIT_NAMES = {"train": "train", "dev": "dev", "valid": "dev", "val": "dev", "validation": "dev", "test": "test"}
-
-
-def _int_or_text(value: str):
-    """Sort key for ids that are usually integers ("10" after "9")."""
-    return (0, int(value), "") if str(value).strip().isdigit() else (1, 0, str(value))
-
+from emorec.tables import SPLIT_NAMES, SPLITS
 
 # --- Friends TV dialogues (MELD, EmoryNLP, EmotionLines) and Mastodon threads -------------------
 
@@ -44,7 +35,7 @@ def _csv_examples(path: Path, columns: list[str], dialogue_of, row_of, index: La
     makes each a Row."""
     examples = []
     for dialogue, items in grouped(read_csv(path, columns), lambda item: dialogue_of(item[1])).items():
-        items = sorted(items, key=lambda item: _int_or_text(item[1]["Utterance_ID"]))
+        items = sorted(items, key=lambda item: int_or_text(item[1]["Utterance_ID"]))
         rows = [row_of(f"{path}:{line}", dialogue, r) for line, r in items]
         examples += dialogue_examples(dialogue, rows, index, bad)
     return examples
@@ -288,7 +279,7 @@ def _load_scored_csv(
             ex
             for video, clips in videos.items()
             for ex in dialogue_examples(
-                video, [row for _, _, row in sorted(clips, key=lambda c: _int_or_text(c[1]))], index, bad
+                video, [row for _, _, row in sorted(clips, key=lambda c: int_or_text(c[1]))], index, bad
             )
         ]
     return bad.splits(labels, **out)
@@ -438,7 +429,7 @@ def load_m3ed(
         for dialogue, content in dialogues.items():
             speakers = content.get("SpeakerInfo", {})
             rows = []
-            for uid, u in sorted(content.get("Dialog", {}).items(), key=lambda kv: _int_or_text(kv[0].split("_")[-1])):
+            for uid, u in sorted(content.get("Dialog", {}).items(), key=lambda kv: int_or_text(kv[0].split("_")[-1])):
                 where = f"{path}: {movie}/{dialogue}/{uid}"
                 label = (u.get("EmoAnnotation") or {}).get("final_main_emo")
                 if label is None or "Text" not in u:
@@ -507,108 +498,4 @@ def load_iemocap(
             }
             split = "test" if session in test_sessions else ("dev" if in_holdout(dialogue, dev_fraction) else "train")
             out[split] += dialogue_examples(dialogue, rows, index, bad, outside)
-    return bad.splits(labels, **out)
-
-
-# --- A user's own data: CSV or JSON lines -------------------------------------------------------
-
-
-def _read_jsonl(path: Path, required: list[str]) -> list[tuple[int, dict]]:
-    rows = []
-    for n, line in enumerate(read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EmorecError(f"{path}:{n}: not valid JSON ({e.msg}); one JSON object per line") from None
-        if not isinstance(obj, dict):
-            raise EmorecError(f"{path}:{n}: expected a JSON object per line")
-        rows.append((n, {k: None if v is None else str(v) for k, v in obj.items()}))
-    missing = [c for c in required if rows and c not in rows[0][1]]
-    if missing:
-        raise EmorecError(
-            f"{path}: missing field(s) {', '.join(missing)}; fix the data or the dataset.load column options"
-        )
-    return rows
-
-
-def load_table(
-    format: str,
-    labels: list[str] | None = None,
-    path: str | None = None,
-    train: str | None = None,
-    dev: str | None = None,
-    test: str | None = None,
-    text_column: str = "text",
-    label_column: str = "label",
-    dialogue_column: str | None = None,
-    speaker_column: str | None = None,
-    split_column: str | None = None,
-    order_column: str | None = None,
-    dev_fraction: float = 0.1,
-    on_bad_row: str = "error",
-) -> Splits:
-    """A user's own data as CSV or JSON lines (format csv or jsonl): either one file (`path`)
-    with a split column (train, dev/valid/validation, test), or one file per split. Rows of a
-    dialogue (dialogue_column) keep file order, or order_column's order. Without labels, the
-    label set is the sorted set of train labels. Without a dev split, a fixed dev_fraction of
-    the train dialogues (or utterances) is held out."""
-    if format not in ("csv", "jsonl"):
-        raise EmorecError(f"dataset.load.format={format!r}; use csv or jsonl")
-    if (path is None) == (train is None):
-        raise EmorecError("give either dataset.load.path (one file with a split column) or dataset.load.train/dev/test")
-    if path is not None and split_column is None:
-        raise EmorecError("dataset.load.path needs dataset.load.split_column naming each row's split")
-    read = read_csv if format == "csv" else _read_jsonl
-    required = [
-        c for c in (text_column, label_column, dialogue_column, speaker_column, split_column, order_column) if c
-    ]
-    bad = BadRows(f"{format} data", on_bad_row)
-    rows = {s: [] for s in SPLITS}
-    sources = {"all": path} if path is not None else {"train": train, "dev": dev, "test": test}
-    for source, file in sources.items():
-        if file is None:
-            continue
-        file = Path(file).expanduser()
-        if not file.is_file():
-            raise EmorecError(
-                f"dataset.load.{'path' if source == 'all' else source}={file} does not exist; fix the path"
-            )
-        for line, r in read(file, required):
-            split = source if source != "all" else SPLIT_NAMES.get((r[split_column] or "").strip().lower())
-            if split is None:
-                bad(f"{file}:{line}", f"split {r[split_column]!r} is not train, dev or test")
-                continue
-            rows[split].append((f"{file}:{line}", r))
-    if not rows["train"] or not rows["test"]:
-        raise EmorecError(
-            f"the {format} data has no {'train' if not rows['train'] else 'test'} rows; give train and test"
-        )
-    if labels is None:
-        labels = sorted({(r[label_column] or "").strip() for _, r in rows["train"]} - {""})
-        if len(labels) < 2:
-            raise EmorecError(f"inferred labels {labels} from train; a classification task needs at least two")
-    index = LabelIndex(labels)
-
-    def dialogue_of(item):
-        where, r = item
-        # No dialogues: each row alone, keyed by file name and line (not the folder), so the
-        # dev holdout below stays the same wherever the data is.
-        return r[dialogue_column] if dialogue_column else Path(where).name
-
-    if not rows["dev"]:
-        keys = [dialogue_of(item) for item in rows["train"]]
-        rows["dev"] = [item for item, k in zip(rows["train"], keys) if in_holdout(k, dev_fraction)]
-        rows["train"] = [item for item, k in zip(rows["train"], keys) if not in_holdout(k, dev_fraction)]
-    out = {}
-    for split, items in rows.items():
-        examples = []
-        for dialogue, group in grouped(items, dialogue_of).items():
-            if order_column:
-                group = sorted(group, key=lambda item: _int_or_text(item[1][order_column]))
-            speaker = (lambda r: r[speaker_column]) if speaker_column else (lambda r: None)
-            turns = [Row(w, Path(w).name, speaker(r), r[text_column], r[label_column] or None) for w, r in group]
-            examples += dialogue_examples(dialogue if dialogue_column else None, turns, index, bad)
-        out[split] = examples
     return bad.splits(labels, **out)

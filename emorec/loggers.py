@@ -1,8 +1,10 @@
 """Experiment loggers. `logger=wandb` (default) and `logger=none` pick one of these two; they
-share the same four methods and nothing else."""
+share the same five methods and nothing else."""
 
 import netrc
 import os
+import secrets
+import string
 from pathlib import Path
 
 
@@ -17,7 +19,8 @@ def has_wandb_credentials() -> bool:
 
 class WandbLogger:
     """A W&B run: offline unless credentials are found or a mode is set (the WANDB_MODE
-    variable or logger.mode). Offline runs sync later with `wandb sync <dir>`."""
+    variable or logger.mode). Offline runs sync later with `wandb sync <dir>`. The run's id is
+    kept in the run directory (wandb_id), so a resumed run continues the same W&B run."""
 
     def __init__(
         self,
@@ -29,13 +32,17 @@ class WandbLogger:
         group: str | None = None,
         name: str | None = None,
         tags: list | tuple = (),
+        log_model: bool = True,
+        resume: bool = False,
     ):
         import wandb
 
-        self.wandb = wandb
+        self.wandb, self.log_model_artifact = wandb, log_model
         mode = mode or os.environ.get("WANDB_MODE") or ("online" if has_wandb_credentials() else "offline")
         Path(dir).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
+            id=run_id(Path(dir), resume),
+            resume="allow",
             project=project,
             entity=entity,
             mode=mode,
@@ -68,8 +75,28 @@ class WandbLogger:
             data["confusion_matrix_png"] = self.wandb.Image(image)
         self.run.log(data)
 
+    def log_model(self, path: Path, metadata: dict) -> None:
+        """The trained adapter (or model) folder as an artifact of type model, named after the
+        run (as W&B's own integrations name theirs); a resumed run adds a version."""
+        if self.log_model_artifact:
+            artifact = self.wandb.Artifact(f"model-{self.run.id}", type="model", metadata=metadata)
+            artifact.add_dir(str(path))
+            self.run.log_artifact(artifact)
+
     def finish(self) -> None:
         self.run.finish()
+
+
+def run_id(out: Path, resume: bool) -> str:
+    """The W&B run id of this run directory: the one saved there when resuming, else a new one
+    (saved for a later resume). Drawn from the OS, not from the seeded generators: runs of
+    the same seed must not share an id."""
+    path = out / "wandb_id"
+    if resume and path.is_file() and (saved := path.read_text().strip()):
+        return saved
+    run = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    path.write_text(run + "\n")
+    return run
 
 
 class NullLogger:
@@ -85,6 +112,9 @@ class NullLogger:
         pass
 
     def log_predictions(self, *args, **kwargs) -> None:
+        pass
+
+    def log_model(self, path: Path, metadata: dict) -> None:
         pass
 
     def finish(self) -> None:

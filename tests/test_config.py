@@ -39,7 +39,8 @@ def test_an_encoder_chooses_the_classifier_head():
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes(group, option):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"{group}={option}", "model.name_or_path=x" if option == "hf" else "seed=1"])
+        required = {("model", "hf"): "model.name_or_path=x", ("dataset", "hf"): "dataset.load.path=x"}
+        cfg = compose("config", overrides=[f"{group}={option}", required.get((group, option), "seed=1")])
     node = OmegaConf.to_container(cfg[group], resolve=True)
     assert node, f"{group}={option} composed to an empty node"
     if group == "fast":  # every switch of the group is a field of emorec.fast.Fast, and back
@@ -71,7 +72,7 @@ def test_cli_help_lists_groups_and_options():
     assert out.returncode == 0, out.stderr
     for line in [
         "adapter: dora, full, ia3, lora, none, prompt_tuning, ptuning, ptuning_v2",
-        "dataset: chsims, csv, dailydialog, emorynlp, friends, iemocap, jsonl, m3ed, mastodon, meld, meld_sentiment, "
+        "dataset: chsims, csv, dailydialog, emorynlp, friends, hf, iemocap, jsonl, m3ed, mastodon, meld, meld_sentiment, "
         "mosi2, mosi3, sst2, sst5",
         "experiment: cpu_budget",
         "head: classifier, lm",

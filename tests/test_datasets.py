@@ -1,7 +1,6 @@
 """Every dataset option: its loader on a fixture in the official format, its download, its bad
 data, and (with EMOREC_DATA_DIR) the real files against the counts of the datasets README."""
 
-import csv
 import functools
 import http.server
 import io
@@ -147,88 +146,6 @@ def test_iemocap(fixture_dir):
     assert [data.labels[ex.label] for ex in test] == ["neutral", "frustrated", "angry", "excited", "happy", "sad"]
     assert test[1].speaker == "M" and test[1].context == (("F", "Excuse me, is this the line?"),)
     assert sum(data.left_out.values()) == 5  # one "sur" turn per dialogue: context only
-
-
-# --- a user's own data --------------------------------------------------------------------------
-
-
-def _rows():
-    return [
-        {"text": "hello there", "label": "calm", "dialogue": "d1", "speaker": "ann", "split": "train", "turn": 2},
-        {"text": "go away", "label": "upset", "dialogue": "d1", "speaker": "bob", "split": "train", "turn": 1},
-        {"text": "lovely day", "label": "calm", "dialogue": "d2", "speaker": "ann", "split": "train", "turn": 1},
-        {"text": "stop it", "label": "upset", "dialogue": "d3", "speaker": "bob", "split": "dev", "turn": 1},
-        {"text": "all fine", "label": "calm", "dialogue": "d4", "speaker": "cal", "split": "test", "turn": 1},
-        {"text": "ugh, no", "label": "", "dialogue": "d4", "speaker": "ann", "split": "test", "turn": 2},
-        {"text": "why?", "label": "upset", "dialogue": "d4", "speaker": "cal", "split": "test", "turn": 3},
-    ]
-
-
-def _write(tmp_path, fmt: str, rows: list[dict]) -> Path:
-    path = tmp_path / f"data.{fmt}"
-    if fmt == "csv":
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    else:
-        path.write_text("".join(json.dumps({**r, "label": r["label"] or None}) + "\n" for r in rows))
-    return path
-
-
-@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
-def test_own_data_one_file_with_splits(tmp_path, fmt):
-    path = _write(tmp_path, fmt, _rows())
-    args = [f"dataset.load.path={path}", "dataset.load.split_column=split", "dataset.load.dialogue_column=dialogue"]
-    args += ["dataset.load.speaker_column=speaker", "dataset.load.order_column=turn"]
-    data, _ = load(fmt, None, *args)
-    assert data.labels == ["calm", "upset"]  # inferred from train, sorted
-    assert sizes(data) == [3, 1, 2]
-    assert [ex.text for ex in data.train[:2]] == ["go away", "hello there"]  # order_column
-    assert data.train[1].context == (("bob", "go away"),)
-    # An unlabelled row is context only, and counted.
-    assert data.test[1].context == (("cal", "all fine"), ("ann", "ugh, no")) and sum(data.left_out.values()) == 1
-
-
-def test_own_data_files_per_split_fixed_labels_and_dev_holdout(tmp_path):
-    rows = [{"text": f"utterance {i}", "label": ["b", "a"][i % 2]} for i in range(40)]
-    (tmp_path / "train").mkdir()
-    train, test = _write(tmp_path / "train", "csv", rows), _write(tmp_path, "csv", rows[:4])
-    data, _ = load("csv", None, f"dataset.load.train={train}", f"dataset.load.test={test}", "dataset.labels=[b,a]")
-    # The fixed order maps b to 0 and a to 1, in whichever rows the dev holdout leaves in train.
-    gold = {r["text"]: ["b", "a"].index(r["label"]) for r in rows}
-    assert data.labels == ["b", "a"] and [ex.label for ex in data.train] == [gold[ex.text] for ex in data.train]
-    assert {ex.label for ex in data.train} == {0, 1}
-    held = [r["text"] for r in rows if in_holdout(f"data.csv:{rows.index(r) + 2}", 0.1)]
-    assert [ex.text for ex in data.dev] == held and len(data.train) + len(data.dev) == 40
-    # The holdout does not depend on the folder the file is in.
-    moved = tmp_path / "elsewhere" / "data.csv"
-    moved.parent.mkdir()
-    moved.write_bytes(train.read_bytes())
-    again, _ = load("csv", None, f"dataset.load.train={moved}", f"dataset.load.test={test}", "dataset.labels=[b,a]")
-    assert [ex.text for ex in again.dev] == held
-    assert all(ex.context == () for ex in data.train)  # no dialogue column: no context
-
-
-def test_own_data_errors(tmp_path):
-    path = _write(tmp_path, "csv", _rows())
-    with pytest.raises(EmorecError, match="needs dataset.load.split_column"):
-        load("csv", None, f"dataset.load.path={path}")
-    with pytest.raises(EmorecError, match="missing column.*feeling"):
-        load(
-            "csv",
-            None,
-            f"dataset.load.path={path}",
-            "dataset.load.split_column=split",
-            "dataset.load.label_column=feeling",
-        )
-    rows = _rows()
-    rows[0]["split"] = "holdout"
-    bad = _write(tmp_path, "csv", rows)
-    with pytest.raises(EmorecError, match=r"data.csv:2: split 'holdout' is not train, dev or test"):
-        load("csv", None, f"dataset.load.path={bad}", "dataset.load.split_column=split")
-    with pytest.raises(EmorecError, match="does not exist"):
-        load("jsonl", None, f"dataset.load.train={tmp_path / 'nope.jsonl'}", f"dataset.load.test={path}")
 
 
 # --- bad data -----------------------------------------------------------------------------------
@@ -453,15 +370,3 @@ def test_run_on_dailydialog_with_context_records_micro_f1(make_cfg, fixture_dir)
     assert saved["metric"] == "micro_f1_no_neutral" and 0 <= saved["test"]["micro_f1_no_neutral"] <= 1
     assert saved["data"]["context_window"] == 2 and saved["data"]["labels"][0] == "neutral"
     assert metrics["test"]["n"] == 3
-
-
-def test_run_on_own_csv_with_inferred_labels(make_cfg, tmp_path):
-    from emorec.run import run
-
-    path = _write(tmp_path, "csv", _rows())
-    metrics = run(
-        make_cfg("dataset=csv", f"dataset.load.path={path}", "dataset.load.split_column=split", "trainer.epochs=1")
-    )
-    assert metrics["data"]["labels"] == ["calm", "upset"] and metrics["test"]["n"] == 2
-    assert metrics["data"]["left_out"] == {"no label (context only)": 1}
-    assert "micro_f1_no_neutral" not in metrics["test"]

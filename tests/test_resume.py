@@ -12,6 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.meld_fixture import MELD_DIR
+from tests.wandb_records import read_run
 
 ROOT = Path(__file__).parent.parent
 # 16 training utterances in batches of 4: 4 steps an epoch, so 10 steps cross two epoch ends
@@ -67,6 +68,26 @@ def test_kill_9_then_resume_gives_the_same_final_metrics(tiny_model, tmp_path, u
     assert "resuming from" in resumed.stdout and "step-00000006 at step 6" in resumed.stdout
     assert final(run_dir) == uninterrupted
     assert len(uninterrupted["losses"]) == 10
+
+
+def test_a_resumed_run_continues_its_wandb_run(tiny_model, tmp_path, uninterrupted):
+    """One W&B run across the interruption: the resumed process logs to the same run id, its
+    loss curve going on from the checkpoint's step; the adapter is logged once, at the end."""
+    run_dir = tmp_path / "run"
+    stopped = emorec(tiny_model, run_dir, "logger=wandb", interrupt=["TERM", "7"])
+    assert stopped.returncode == 143, stopped.stderr
+    resumed = emorec(tiny_model, run_dir, "logger=wandb", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr
+    first, second = (read_run(p) for p in sorted((run_dir / "wandb").glob("offline-run-*")))
+    assert first["id"] == second["id"] == (run_dir / "wandb_id").read_text().strip()
+    steps = [[int(row["_step"]) for row in r["history"] if "train/loss" in row] for r in (first, second)]
+    assert steps[0][-1] == 7 and steps[1][0] == 8 and steps[1][-1] == 10  # checkpointed at 7 (SIGTERM)
+    models = [[a for a in r["artifacts"] if a["type"] == "model"] for r in (first, second)]
+    assert models[0] == [] and len(models[1]) == 1
+    assert final(run_dir) == uninterrupted
+    # A fresh run in another directory is another W&B run.
+    emorec(tiny_model, tmp_path / "other", "logger=wandb", "trainer.max_steps=1")
+    assert (tmp_path / "other" / "wandb_id").read_text() != (run_dir / "wandb_id").read_text()
 
 
 @pytest.mark.parametrize("signal_name,code", [("TERM", 143), ("INT", 130)])

@@ -107,6 +107,19 @@ def test_wandb_offline_run(make_cfg):
     keys = {k for row in logged["history"] for k in row}
     assert {"train/loss", "train/lr", "val/weighted_f1"} <= keys
     assert any(k.startswith("predictions/") for k in keys) and any(k.startswith("confusion_matrix") for k in keys)
+    # The trained adapter, as an artifact of type model with the run's metrics.
+    (artifact,) = [a for a in logged["artifacts"] if a["type"] == "model"]  # (tables are artifacts too)
+    assert artifact["name"] == f"model-{logged['id']}"
+    assert artifact["metadata"]["test/weighted_f1"] == pytest.approx(metrics["test"]["weighted_f1"])
+    assert {"adapter_model.safetensors", "adapter_config.json", "base_model.json"} <= set(artifact["files"])
+    assert (Path(cfg.output_dir) / "wandb_id").read_text().strip() == logged["id"]
+
+
+def test_wandb_log_model_false_logs_no_artifact(make_cfg):
+    cfg = make_cfg("logger=wandb", "logger.log_model=false", "trainer.max_steps=1")
+    run(cfg)
+    logged = read_run(next((Path(cfg.output_dir) / "wandb").glob("offline-run-*")))
+    assert logged["summary"] and [a for a in logged["artifacts"] if a["type"] == "model"] == []
 
 
 def test_steps_per_epoch_matches_batches():

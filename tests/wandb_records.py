@@ -45,7 +45,7 @@ def records(path: Path):
 
 
 def read_run(run_dir: Path, timeout: float = 30.0) -> dict:
-    """config, summary, history rows, group and name from an offline run folder. W&B's core
+    """config, summary, history rows, group, name, id and artifacts from an offline run folder. W&B's core
     process writes the file asynchronously and may still be flushing after run.finish()
     returns, so this rereads (for at most `timeout` seconds) until the run and summary are in."""
     deadline = time.monotonic() + timeout
@@ -57,17 +57,24 @@ def read_run(run_dir: Path, timeout: float = 30.0) -> dict:
 
 
 def _read_run(run_dir: Path) -> dict:
-    out = {"config": {}, "summary": {}, "history": [], "group": None, "name": None}
+    out = {"config": {}, "summary": {}, "history": [], "group": None, "name": None, "id": None, "artifacts": []}
     for record in records(next(run_dir.glob("*.wandb"))):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             out["group"] = record.run.run_group
             out["name"] = record.run.display_name
+            out["id"] = record.run.run_id
             out["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update})
         elif kind == "config":
             out["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
         elif kind == "summary":
             out["summary"].update({i.key: json.loads(i.value_json) for i in record.summary.update})
+        elif kind == "artifact":
+            a = record.artifact
+            files = [entry.path for entry in a.manifest.contents]
+            out["artifacts"].append(
+                {"name": a.name, "type": a.type, "metadata": json.loads(a.metadata or "{}"), "files": files}
+            )
         elif kind == "history":
             out["history"].append({i.key or "/".join(i.nested_key): i.value_json for i in record.history.item})
     return out

@@ -1,0 +1,330 @@
+"""A user's own data: csv or jsonl files (dataset=csv, dataset=jsonl), or any dataset that
+Hugging Face `datasets` opens (dataset=hf): a hub name, a local folder, a save_to_disk folder,
+or a builder (parquet, csv, json) over data files.
+
+Each loader reads rows as (where, {column: value}) per source; one shared step (`table_splits`)
+turns them into emorec.data.Splits with the same rules for every format: labels, dialogues and
+their order, a split column, a dev split held out of train when there is none, multi-label rows.
+
+csv and jsonl keep their own readers rather than `datasets`' builders: those give every bad
+row's file and line, and keep values as written (pandas would turn "1" into 1 and "" into NaN).
+"""
+
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from emorec.data import (
+    BadRows,
+    LabelIndex,
+    Row,
+    Splits,
+    dialogue_examples,
+    grouped,
+    in_holdout,
+    int_or_text,
+    read_csv,
+    read_text,
+)
+from emorec.errors import EmorecError
+
+SPLITS = ("train", "dev", "test")
+# How split columns and datasets name the splits (MMSA writes "valid", HF "validation").
+SPLIT_NAMES = {"train": "train", "dev": "dev", "valid": "dev", "val": "dev", "validation": "dev", "test": "test"}
+MULTI_LABEL = "<several labels>"  # the label of a multi-label row under multi_label=drop
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which column holds what (names, or positions in a csv file without a header)."""
+
+    text: str = "text"
+    label: str = "label"
+    dialogue: str | None = None  # rows sharing it form a dialogue, for dataset.context_window
+    speaker: str | None = None
+    split: str | None = None  # train, dev/valid/validation or test, per row
+    order: str | None = None  # order of rows within a dialogue (default: file order)
+
+    @classmethod
+    def of(cls, columns) -> "Columns":
+        given = dict(columns or {})
+        unknown = set(given) - {f.name for f in fields(cls)}
+        if unknown:
+            raise EmorecError(
+                f"dataset.load.columns has unknown key(s) {', '.join(sorted(unknown))}; "
+                "use text, label, dialogue, speaker, split, order"
+            )
+        return cls(**{k: None if v is None else str(v) for k, v in given.items()})
+
+    def named(self) -> list[str]:
+        return [c for c in (self.text, self.label, self.dialogue, self.speaker, self.split, self.order) if c]
+
+
+def _one_label(where: str, value, multi_label: str):
+    """A row's label value, with a list of labels (a multi-label row) resolved by multi_label."""
+    if not isinstance(value, list | tuple):
+        return value if value is None or str(value).strip() else None  # an empty cell: no label
+    if len(value) <= 1:
+        return value[0] if value else None
+    if multi_label == "first":
+        return value[0]
+    if multi_label == "drop":
+        return MULTI_LABEL
+    raise EmorecError(
+        f"{where}: {len(value)} labels {list(value)}; emorec predicts one label per row: "
+        "set dataset.multi_label=first (keep the first) or drop (leave such rows out)"
+    )
+
+
+def table_splits(
+    rows: dict, labels: list[str] | None, columns: Columns, dev_fraction: float, multi_label: str, bad: BadRows
+) -> Splits:
+    """Splits of rows read per source: {"train"|"dev"|"test"|any other name: [(where, row)]}.
+    With columns.split, each row goes to the split its column names; otherwise to its source's.
+    Without labels, the label set is the sorted set of train labels. Without a dev split, a
+    fixed dev_fraction of the train dialogues (or rows) is held out."""
+    if multi_label not in ("error", "first", "drop"):
+        raise EmorecError(f"dataset.multi_label={multi_label!r}; use error, first or drop")
+    routed = {s: [] for s in SPLITS}
+    for source, items in rows.items():
+        for where, r in items:
+            split = source if columns.split is None else SPLIT_NAMES.get(str(r[columns.split] or "").strip().lower())
+            if split is None:
+                bad(where, f"split {r[columns.split]!r} is not train, dev or test")
+                continue
+            routed[split].append((where, {**r, columns.label: _one_label(where, r[columns.label], multi_label)}))
+    if not routed["train"] or not routed["test"]:
+        raise EmorecError(f"the data has no {'train' if not routed['train'] else 'test'} rows; give train and test")
+    if labels is None:
+        found = {str(r[columns.label]).strip() for _, r in routed["train"] if r[columns.label] is not None}
+        labels = sorted(found - {"", MULTI_LABEL})
+        if len(labels) < 2:
+            raise EmorecError(f"inferred labels {labels} from train; a classification task needs at least two")
+    index = LabelIndex(labels)
+
+    def dialogue_of(item):
+        where, r = item
+        # No dialogues: each row alone, keyed by its file (or dataset) name and line, not the
+        # folder, so the dev holdout below stays the same wherever the data is.
+        return str(r[columns.dialogue]) if columns.dialogue else Path(where).name
+
+    if not routed["dev"]:
+        keys = [dialogue_of(item) for item in routed["train"]]
+        routed["dev"] = [item for item, k in zip(routed["train"], keys) if in_holdout(k, dev_fraction)]
+        routed["train"] = [item for item, k in zip(routed["train"], keys) if not in_holdout(k, dev_fraction)]
+    leave_out = {MULTI_LABEL.lower(): "several labels (dataset.multi_label=drop)"}
+    out = {}
+    for split, items in routed.items():
+        examples = []
+        for dialogue, group in grouped(items, dialogue_of).items():
+            if columns.order:
+                group = sorted(group, key=lambda item: int_or_text(item[1][columns.order]))
+            turns = [
+                Row(w, Path(w).name, r[columns.speaker] if columns.speaker else None, r[columns.text], r[columns.label])
+                for w, r in group
+            ]
+            examples += dialogue_examples(dialogue if columns.dialogue else None, turns, index, bad, leave_out)
+        out[split] = examples
+    if not out["test"]:
+        raise EmorecError("the test split has no labelled rows (hidden test labels?); choose a labelled split as test")
+    return bad.splits(labels, **out)
+
+
+# --- csv and jsonl files ------------------------------------------------------------------------
+
+
+def read_jsonl(path: Path, columns: Columns) -> list[tuple[int, dict]]:
+    """Rows of a JSON-lines file with their line numbers; values as text (lists stay lists)."""
+    rows = []
+    for n, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EmorecError(f"{path}:{n}: not valid JSON ({e.msg}); one JSON object per line") from None
+        if not isinstance(obj, dict):
+            raise EmorecError(f"{path}:{n}: expected a JSON object per line")
+        rows.append((n, {k: v if v is None or isinstance(v, list) else str(v) for k, v in obj.items()}))
+    missing = [c for c in columns.named() if rows and c not in rows[0][1]]
+    if missing:
+        raise EmorecError(f"{path}: missing field(s) {', '.join(missing)}; fix the data or dataset.load.columns")
+    return rows
+
+
+def load_table(
+    format: str,
+    data_files,
+    labels: list[str] | None = None,
+    columns=None,
+    dev_fraction: float = 0.1,
+    multi_label: str = "error",
+    on_bad_row: str = "error",
+    delimiter: str = ",",
+    header: bool = True,
+) -> Splits:
+    """A user's own data as csv or JSON lines (format csv or jsonl). data_files: one file with a
+    split column (columns.split), or a mapping of split (train, dev, test) to a file."""
+    if format not in ("csv", "jsonl"):
+        raise EmorecError(f"dataset.load.format={format!r}; use csv or jsonl")
+    if data_files is None:
+        raise EmorecError(f"dataset={format} needs dataset.load.data_files: a file, or {{train: FILE, test: FILE}}")
+    columns = Columns.of(columns)
+    sources = dict(data_files) if not isinstance(data_files, str | Path) else {"file": data_files}
+    if "file" in sources and columns.split is None:
+        raise EmorecError("one data file needs dataset.load.columns.split naming each row's split")
+    unknown = set(sources) - {"file", *SPLITS}
+    if unknown:
+        raise EmorecError(f"dataset.load.data_files has split(s) {', '.join(sorted(unknown))}; use train, dev, test")
+    rows = {}
+    for source, file in sources.items():
+        file = Path(file).expanduser()
+        if not file.is_file():
+            raise EmorecError(f"dataset.load.data_files: {file} does not exist; fix the path")
+        read = read_csv(file, columns.named(), delimiter, header) if format == "csv" else read_jsonl(file, columns)
+        rows[source] = [(f"{file}:{line}", r) for line, r in read]
+    return table_splits(rows, labels, columns, dev_fraction, multi_label, BadRows(f"{format} data", on_bad_row))
+
+
+# --- Hugging Face datasets ----------------------------------------------------------------------
+
+DEV_NAMES = ("validation", "dev", "valid", "val")
+
+
+def load_hf(
+    labels: list[str] | None = None,
+    splits=None,
+    columns=None,
+    dev_fraction: float = 0.1,
+    multi_label: str = "error",
+    on_bad_row: str = "error",
+    **source,
+) -> Splits:
+    """Any dataset `datasets.load_dataset(**source)` opens (source: path, name, revision,
+    data_files, ...), or a folder written by save_to_disk. splits maps train/dev/test to the
+    dataset's split names (dev null: validation, dev, valid or val if there is one, else held
+    out of train). Label names come from a ClassLabel feature, unless `labels` rewords them."""
+    dataset = open_hf(source)
+    columns = Columns.of(columns)
+    chosen = _chosen_splits(dataset, dict(splits or {}), source["path"], columns.split is not None)
+    names = _label_names(dataset[chosen[0][1]], columns.label, labels, source["path"])
+    rows = {}
+    for split, name in chosen:
+        part = dataset[name]
+        missing = {
+            f.name: c for f in fields(columns) if (c := getattr(columns, f.name)) not in (None, *part.column_names)
+        }
+        if missing:
+            raise EmorecError(
+                f"dataset {source['path']} split {name} has no column(s) {', '.join(missing.values())} "
+                f"(it has {', '.join(part.column_names)}); set "
+                + " ".join(f"dataset.load.columns.{key}=..." for key in missing)
+            )
+        values = part.select_columns(columns.named()).to_dict()
+        where = f"{source['path']}:{name}"
+        rows[split] = [
+            (f"{where}:{i}", {c: _value(values[c][i], names if c == columns.label else None) for c in values})
+            for i in range(len(part))
+        ]
+    return table_splits(rows, labels or names, columns, dev_fraction, multi_label, BadRows("hf data", on_bad_row))
+
+
+def open_hf(source: dict):
+    """The DatasetDict that load_dataset (or load_from_disk, for a save_to_disk folder) opens."""
+    import datasets
+
+    source = {k: _plain(v) for k, v in source.items() if v is not None}
+    path = source.get("path")
+    if not path:
+        raise EmorecError(
+            "dataset=hf needs dataset.load.path: a hub name, a local folder, a save_to_disk folder, "
+            "or a builder (parquet, csv, json) with dataset.load.data_files"
+        )
+    folder = Path(path).expanduser()
+    if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+        loaded = datasets.load_from_disk(str(folder))
+    else:
+        try:
+            loaded = datasets.load_dataset(**source)
+        except Exception as e:  # datasets raises many kinds; the user needs one line
+            raise EmorecError(_hf_load_error(source, e)) from None
+    return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+
+
+def _hf_load_error(source: dict, error: Exception) -> str:
+    import datasets
+
+    what = ", ".join(f"{k}={v}" for k, v in source.items())
+    problem = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, ConnectionError) or datasets.config.HF_HUB_OFFLINE:
+        cache = os.environ.get("HF_DATASETS_CACHE", datasets.config.HF_DATASETS_CACHE)
+        return (
+            f"cannot load dataset ({what}): {problem}; it is not in the Hugging Face cache ({cache}) and the "
+            "hub is offline or unreachable: load it once online, or point dataset.load.path at local files "
+            "(a folder, a save_to_disk folder, or parquet/csv/json with dataset.load.data_files)"
+        )
+    return f"cannot load dataset ({what}): {problem}; check dataset.load.path, name, revision and data_files"
+
+
+def _plain(value):
+    """OmegaConf containers as plain ones (load_dataset checks for dict and list)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    return OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
+
+
+def _chosen_splits(dataset, splits: dict, path: str, by_column: bool) -> list[tuple[str, str]]:
+    """[(emorec split, dataset split)]: every split of the dataset when a column routes rows."""
+    have = list(dataset)
+    if by_column:
+        return [(name, name) for name in have]
+    unknown = set(splits) - set(SPLITS)
+    if unknown:
+        raise EmorecError(f"dataset.load.splits has key(s) {', '.join(sorted(unknown))}; use train, dev, test")
+    dev = splits.get("dev") or next((n for n in DEV_NAMES if n in have), None)
+    chosen = [("train", splits.get("train") or "train"), ("dev", dev), ("test", splits.get("test") or "test")]
+    for split, name in chosen:
+        if name is not None and name not in have:
+            raise EmorecError(
+                f"dataset {path} has no split {name!r} (it has {', '.join(have)}); "
+                f"set dataset.load.splits.{split} to one of them"
+            )
+    return [(split, name) for split, name in chosen if name is not None]
+
+
+def _label_names(part, column: str, labels: list[str] | None, path: str) -> list[str] | None:
+    """The label names of integer labels: a ClassLabel feature's (or `labels`, rewording them
+    in index order); None for labels that are text. Integers without names need `labels`."""
+    import datasets
+
+    lists = tuple(getattr(datasets, kind) for kind in ("Sequence", "List", "LargeList") if hasattr(datasets, kind))
+    feature = part.features.get(column)
+    while isinstance(feature, (*lists, list)):  # multi-label: a list of labels
+        feature = feature[0] if isinstance(feature, list) else feature.feature
+    if isinstance(feature, datasets.ClassLabel):
+        if labels is not None and len(labels) != feature.num_classes:
+            raise EmorecError(
+                f"dataset.labels has {len(labels)} names for the {feature.num_classes} classes of "
+                f"{path}'s {column} ({', '.join(feature.names)}); give one per class, in that order"
+            )
+        return list(labels or feature.names)
+    if isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")):
+        if labels is None:
+            raise EmorecError(
+                f"{path}'s {column} column holds integers without names; name them in index order "
+                "with dataset.labels=[name0,name1,...]"
+            )
+        return list(labels)
+    return None
+
+
+def _value(value, names: list[str] | None):
+    """A cell as text; an integer label as its name (-1, HF's "no label", as none)."""
+    if isinstance(value, list):
+        return [_value(v, names) for v in value]
+    if value is None or (names is not None and value == -1):
+        return None
+    if names is not None:
+        return names[value] if 0 <= value < len(names) else f"class {value}"
+    return str(value)
