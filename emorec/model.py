@@ -230,8 +230,14 @@ def base_fingerprint(model) -> dict:
 
     weight = base_of(model).get_input_embeddings().weight.detach()
     flat = weight.reshape(-1)
-    sample = flat[torch.linspace(0, flat.numel() - 1, 64, device=flat.device).long()]
+    sample = flat[spread(flat.numel(), 64).to(flat.device)]
     return {"embedding_shape": list(weight.shape), "embedding_sample": sample.float().cpu().tolist()}
+
+
+def spread(n: int, k: int) -> torch.Tensor:
+    """k positions spread evenly over range(n), first and last included. Integer maths: a float32
+    linspace rounds past the end once n passes 2**24 (a 7 B model's embeddings)."""
+    return torch.arange(k, dtype=torch.int64) * (n - 1) // (k - 1)
 
 
 def check_base(model, adapter_folder: Path, name: str) -> None:
@@ -249,8 +255,13 @@ def check_base(model, adapter_folder: Path, name: str) -> None:
         for a, b in zip(saved["embedding_sample"], now["embedding_sample"])
     )
     if not same:
+        what = (
+            f"input embeddings of shape {now['embedding_shape']}, not {saved['embedding_shape']}"
+            if saved["embedding_shape"] != now["embedding_shape"]
+            else "other input embedding values"
+        )
         raise EmorecError(
             f"the base model {name} loaded now differs from the one the adapter in {adapter_folder} was trained on "
-            f"(input embeddings {now['embedding_shape']} vs {saved['embedding_shape']}, or their values); "
+            f"({what}); "
             "give the run's own base model (emorec predict RUN_DIR model.name_or_path=PATH)"
         )

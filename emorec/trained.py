@@ -114,7 +114,8 @@ def load(run_dir: str | Path, device: str = "auto", overrides: list[str] = ()) -
     cfg = OmegaConf.load(run / "config.yaml")
     # The saved config is resolved: model.name_or_path was copied into model.load, so it goes
     # there too.
-    overrides = [*overrides, *(f"model.load.{o[6:]}" for o in overrides if o.startswith("model.name_or_path="))]
+    if "name_or_path" in cfg.model.load:
+        overrides = [*overrides, *(f"model.load.{o[6:]}" for o in overrides if o.startswith("model.name_or_path="))]
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}

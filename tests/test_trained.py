@@ -161,7 +161,8 @@ def test_errors_are_one_line_and_say_what_to_do(make_cfg, tiny_model, tmp_path, 
     other.save_pretrained(tmp_path / "other")
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "other")
     message = predict_error(capsys, out, f"model.name_or_path={tmp_path / 'other'}", "--text", "hi")
-    assert "differs from the one the adapter" in message and "model.name_or_path=PATH" in message
+    assert "differs from the one the adapter" in message and "(other input embedding values)" in message
+    assert message.endswith("give the run's own base model (emorec predict RUN_DIR model.name_or_path=PATH)")
     message = predict_error(capsys, out, f"model.name_or_path={tmp_path / 'gone'}", "--text", "hi")
     assert "cannot load model" in message
     with pytest.raises(EmorecError, match="no texts to label; give at least one"):
@@ -170,3 +171,12 @@ def test_errors_are_one_line_and_say_what_to_do(make_cfg, tiny_model, tmp_path, 
     message = predict_error(capsys, out, "--text", "hi")
     assert "has no saved adapter/: the run did not finish; finish it with: python -m emorec" in message
     assert message.endswith(f"hydra.run.dir={out} resume=true")
+
+
+def test_the_fingerprint_samples_stay_inside_large_embeddings():
+    """A 7 B model's embeddings have more values than float32 counts exactly (2**24)."""
+    from emorec.model import spread
+
+    for n in (64, 1000, 2**24 + 3, 49152 * 576, 152064 * 3584):
+        positions = spread(n, 64)
+        assert positions[0] == 0 and positions[-1] == n - 1 and bool((positions.diff() > 0).all())
