@@ -36,8 +36,13 @@ def assert_reproduces(run_rows: list[dict], predicted: list[dict], labels: list[
 
 @pytest.mark.parametrize(
     "overrides",
-    [["adapter=lora"], ["head=classifier", "adapter=lora"], ["adapter=ptuning_v2", "trainer.logit_adjust=1.0"]],
-    ids=["lora", "classifier-head", "ptuning_v2-logit_adjust"],
+    [
+        ["adapter=lora"],
+        ["adapter=lora", "trainer.precision=bf16"],  # a bf16 base, the adapter merged while predicting
+        ["head=classifier", "adapter=lora"],
+        ["adapter=ptuning_v2", "trainer.logit_adjust=1.0"],
+    ],
+    ids=["lora", "lora-bf16", "classifier-head", "ptuning_v2-logit_adjust"],
 )
 def test_the_python_api_reproduces_the_runs_predictions(make_cfg, overrides):
     """With dialogue context (context_window=2), so contexts and speakers must match too."""
