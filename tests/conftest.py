@@ -94,6 +94,28 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
 
 
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_model, tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer BERT with the tiny model's tokenizer, saved as a folder:
+    model=minilm_l6's shape (an encoder for head=classifier) without its wheel."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    path = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def compose_run(output_dir: Path, *overrides: str):
     """The real config for a test run: the MELD fixture (unless another dataset option, which
     brings its own files), no logger, fp32, batches of 4, then `overrides`."""

@@ -60,23 +60,9 @@ def test_checkpoints_keep_the_cuda_generators_and_load_on_the_host(tmp_path):
     assert torch.equal(torch.rand(3, device="cuda"), expected)
 
 
-def test_a_sequence_classifier_on_the_gpu(tiny_model, tmp_path, make_cfg):
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    encoder = tmp_path / "encoder"
-    BertModel(config).save_pretrained(encoder)
-    tokenizer.save_pretrained(encoder)
+def test_a_sequence_classifier_on_the_gpu(tiny_encoder, tmp_path, make_cfg):
     for adapter in ("full", "lora"):
-        cfg = make_cfg("model=minilm_l6", f"model.name_or_path={encoder}", f"adapter={adapter}")
+        cfg = make_cfg("model=minilm_l6", f"model.name_or_path={tiny_encoder}", f"adapter={adapter}")
         cfg.trainer.device, cfg.output_dir = "cuda", str(tmp_path / adapter)
         metrics = run(cfg)
         assert metrics["predict"] == "classify"

@@ -82,23 +82,10 @@ def test_the_cli_reproduces_a_full_fine_tune_from_a_file(make_cfg, tmp_path, cap
     assert "labelled 8 texts in" in capsys.readouterr().err
 
 
-def test_the_cli_on_an_encoder_with_dialogue_columns_and_stdout(make_cfg, tiny_model, tmp_path, capsys):
-    from transformers import BertConfig, BertModel
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        pad_token_id=tokenizer.pad_token_id,
+def test_the_cli_on_an_encoder_with_dialogue_columns_and_stdout(make_cfg, tiny_encoder, tmp_path, capsys):
+    cfg = make_cfg(
+        "model=minilm_l6", f"model.name_or_path={tiny_encoder}", "trainer.epochs=1", "dataset.context_window=1"
     )
-    encoder = tmp_path / "encoder"
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(encoder)
-    tokenizer.save_pretrained(encoder)
-    cfg = make_cfg("model=minilm_l6", f"model.name_or_path={encoder}", "trainer.epochs=1", "dataset.context_window=1")
     run(cfg)
     out = Path(cfg.output_dir)
     labels = list(cfg.dataset.labels)
