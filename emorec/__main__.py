@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from emorec.checkpoint import Interrupted
 from emorec.distributed import hydra_overrides, is_main_process, world_size
 from emorec.errors import EmorecError
-from emorec.outputs import write_json
+from emorec.outputs import RunDirectoryBusy, check_run_directory, write_json
 from emorec.run import run
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
@@ -70,7 +70,7 @@ def main(cfg: DictConfig) -> float:
         raise SystemExit(128 + getattr(signal, e.signal_name)) from None
     except Exception as e:
         message = str(e) if isinstance(e, EmorecError) else f"{type(e).__name__}: {e}"
-        if is_main_process():
+        if is_main_process() and not isinstance(e, RunDirectoryBusy):  # the folder is another run's
             out.mkdir(parents=True, exist_ok=True)
             status = {"status": "failed", "error": message, "traceback": traceback.format_exc()}
             write_json(out / "status.json", {**status, "seconds": time.time() - start})
@@ -100,9 +100,24 @@ def cli() -> None:
         return
     try:
         sys.argv += hydra_overrides(sys.argv[1:])
+        asks = {"-h", "--help", "-c", "--cfg", "-i", "--info", "--hydra-help"} & set(sys.argv[1:])
+        if is_main_process() and not asks:  # the first process of a torchrun run locks the folder
+            check_run_directory(planned_directory(sys.argv[1:]))
     except EmorecError as e:
         raise SystemExit(f"emorec: error: {e}") from None
     main()
+
+
+def planned_directory(args: list[str]) -> Path:
+    """The directory Hydra is about to create and write its .hydra/ files to: hydra.run.dir
+    (hydra.sweep.dir for a multirun), up to any interpolation in it, else the folder of the
+    default dated ones."""
+    multirun = bool({"-m", "--multirun"} & set(args)) or any(a.startswith("+sweep=") for a in args)
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    given = [a.split("=", 1)[1].strip("'\"") for a in args if a.startswith(key)]
+    if not given:
+        return Path("multirun" if multirun else "outputs")
+    return Path(given[-1].split("${")[0] or ".")  # its first existing folder is what gets checked
 
 
 if __name__ == "__main__":

@@ -41,6 +41,23 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if NAME.match(p.name) and p.is_dir())
 
 
+PARTIAL = re.compile(r"(step-\d{8})\.(tmp|old)\d+$")  # outputs.atomic's temporaries
+
+
+def tidy_checkpoints(run_dir: Path) -> None:
+    """What a run killed while writing a checkpoint left (the run directory's lock is held, so
+    nothing else is writing): a half-written `.tmp` folder goes; a complete checkpoint moved
+    aside as `.old` (killed between atomic's two renames) takes its name back if nothing else
+    has it, else goes."""
+    folder = Path(run_dir) / FOLDER
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        match = PARTIAL.match(path.name)
+        if match and match.group(2) == "old" and not (folder / match.group(1)).exists():
+            path.rename(folder / match.group(1))
+        elif match:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def find_checkpoint(resume, output_dir: Path) -> Path | None:
     """The checkpoint a run continues from. resume=true: the latest in output_dir, or None when
     there is none yet (a first start, or a requeued job preempted before its first checkpoint);

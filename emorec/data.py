@@ -107,11 +107,11 @@ def locate(
                 f"dataset.data_dir={folder} lacks {', '.join(missing)}; "
                 f"point it at the folder that holds {', '.join(files)}"
             )
-        return folder
+        return check_digests(folder, files, sha256)
     if os.environ.get("EMOREC_DATA_DIR"):
         folder = Path(os.environ["EMOREC_DATA_DIR"]).expanduser() / name
         if all((folder / f).is_file() for f in files):
-            return folder
+            return check_digests(folder, files, sha256)
     folder = cache_dir() / "datasets" / name
     if all((folder / f).is_file() for f in files):
         return folder
@@ -131,6 +131,21 @@ def locate(
         f"or set EMOREC_DATA_DIR to a folder with a {name}/ subfolder holding {', '.join(files)}"
         + (", or allow the download" if url or archive else "")
     )
+
+
+def check_digests(folder: Path, files: list[str], sha256: dict | None) -> Path:
+    """Local copies of files with a known digest (the downloads'): a warning for each that
+    differs, naming both digests. Not an error: a newer release or a fixed copy differs too."""
+    for f in files:
+        want = (sha256 or {}).get(f)
+        if want and (got := sha256_of(folder / f)) != want:
+            log.warning(
+                "%s: sha256 %s, not the release's %s: another version, or a damaged or cut-short copy",
+                folder / f,
+                got,
+                want,
+            )
+    return folder
 
 
 def _fetch_archive(url: str, folder: Path, files: list[str], sha256: dict) -> None:
@@ -166,28 +181,59 @@ def _extract(zf: zipfile.ZipFile, folder: Path, wanted: set[str]) -> set[str]:
     return found
 
 
-def read_text(path: Path) -> str:
+def read_text(path: Path, lines: bool = False) -> str:
+    """A UTF-8 file's text. lines=True: a line-oriented file (csv, jsonl, txt), which warns when
+    its last line has no newline: the release files all end with one, and a copy or download
+    that stopped early does not."""
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise EmorecError(
             f"{path}: line {line} is not valid UTF-8 (byte {e.start}); re-save the file as UTF-8"
         ) from None
+    if lines and text and not text.endswith(("\n", "\r")):
+        log.warning("%s does not end with a newline: its last line may be cut short (an interrupted copy?)", path)
+    return text
 
 
-def read_csv(path: Path, required: list[str], delimiter: str = ",", header: bool = True) -> list[tuple[int, dict]]:
+def read_csv(
+    path: Path, required: list[str], delimiter: str = ",", header: bool = True, bad=None
+) -> list[tuple[int, dict]]:
     """Rows of a CSV file with their 1-based line numbers, keyed by the header's names (or, with
-    header=False, by position: "0", "1", ...); checks that the required columns exist."""
-    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter)
-    names = next(reader, []) if header else None
-    rows = []
-    for values in reader:
-        if values:
-            keys = names if names is not None else [str(i) for i in range(len(values))]
-            rows.append((reader.line_num, dict(zip(keys, values + [None] * (len(keys) - len(values))))))
-    found = names if names is not None else (list(rows[0][1]) if rows else [])
+    header=False, by position: "0", "1", ...); checks that the required columns exist. A file
+    cut short is an error: a quoted field never closed always (the rows cannot be told apart),
+    a row with fewer or more fields than the header as a bad row (`bad`: emorec.data.BadRows;
+    None raises)."""
+    reader = csv.reader(io.StringIO(read_text(path, lines=True), newline=""), delimiter=delimiter, strict=True)
+    rows, line = [], 1
+    try:
+        names = next(reader, []) if header else None
+        if names is not None:
+            _check_columns(path, names, required, header, delimiter)
+        line = reader.line_num + 1
+        for values in reader:
+            first, line = line, reader.line_num + 1  # a quoted field may span lines
+            if not values:
+                continue
+            width = len(names) if names is not None else len(rows[0][1]) if rows else len(values)
+            if len(values) != width:
+                problem = f"{len(values)} fields where the {'header has' if header else 'first row has'} {width}"
+                (bad or _raise)(f"{path}:{first}", f"{problem} (a file cut short, or a broken row)")
+                continue
+            rows.append((first, dict(zip(names or [str(i) for i in range(width)], values))))
+    except csv.Error as e:
+        raise EmorecError(
+            f"{path}:{line}: {e} (a quoted field that never closes: the file is cut short or a quote is "
+            "missing); re-copy or re-download the file"
+        ) from None
+    if names is None:
+        _check_columns(path, list(rows[0][1]) if rows else [], required, header, delimiter)
+    return rows
+
+
+def _check_columns(path: Path, found: list[str], required: list[str], header: bool, delimiter: str) -> None:
     missing = [c for c in required if c not in found]
     if missing:
         shown = f"found {found}" if header else f"rows have {len(found)} columns (0 to {len(found) - 1})"
@@ -196,14 +242,21 @@ def read_csv(path: Path, required: list[str], delimiter: str = ",", header: bool
             f"{path}: missing column(s) {', '.join(missing)}; {shown}{hint}; "
             "fix the header or the dataset.load column options"
         )
-    return rows
+
+
+def _raise(where: str, problem: str):
+    raise EmorecError(f"{where}: {problem}; fix the file")
 
 
 def read_json(path: Path):
+    text = read_text(path)
     try:
-        return json.loads(read_text(path))
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise EmorecError(f"{path}: line {e.lineno} is not valid JSON ({e.msg}); fix or re-download the file") from None
+        cut = " (it ends mid-way: cut short?)" if not text[e.pos :].strip() else ""
+        raise EmorecError(
+            f"{path}: line {e.lineno} is not valid JSON ({e.msg}){cut}; fix or re-download the file"
+        ) from None
 
 
 class BadRows:

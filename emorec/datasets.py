@@ -34,7 +34,7 @@ def _csv_examples(path: Path, columns: list[str], dialogue_of, row_of, index: La
     dialogues by dialogue_of(row) and ordered by Utterance_ID; row_of(where, dialogue, row)
     makes each a Row."""
     examples = []
-    for dialogue, items in grouped(read_csv(path, columns), lambda item: dialogue_of(item[1])).items():
+    for dialogue, items in grouped(read_csv(path, columns, bad=bad), lambda item: dialogue_of(item[1])).items():
         items = sorted(items, key=lambda item: int_or_text(item[1]["Utterance_ID"]))
         rows = [row_of(f"{path}:{line}", dialogue, r) for line, r in items]
         examples += dialogue_examples(dialogue, rows, index, bad)
@@ -205,7 +205,7 @@ def load_sst(
     for split, filename in files.items():
         path = folder / filename
         rows = []
-        for line, text in enumerate(read_text(path).splitlines(), 1):
+        for line, text in enumerate(read_text(path, lines=True).splitlines(), 1):
             if not text.strip():
                 continue  # a trailing blank line is not a row
             raw, _, sentence = text.partition(" ")
@@ -255,7 +255,7 @@ def _load_scored_csv(
     path = folder / "label.csv"
     index, bad = LabelIndex(labels, raw_labels), BadRows(name, on_bad_row)
     by_split = {s: [] for s in SPLITS}
-    for line, r in read_csv(path, list(columns.values())):
+    for line, r in read_csv(path, list(columns.values()), bad=bad):
         where = f"{path}:{line}"
         split = SPLIT_NAMES.get((r[columns["mode"]] or "").strip().lower())
         try:
@@ -371,7 +371,7 @@ def load_dailydialog(
     out = {}
     for split, d in DAILYDIALOG_SPLITS.items():
         text_path, label_path = folder / f"{d}/dialogues_{d}.txt", folder / f"{d}/dialogues_emotion_{d}.txt"
-        texts, golds = read_text(text_path).splitlines(), read_text(label_path).splitlines()
+        texts, golds = read_text(text_path, lines=True).splitlines(), read_text(label_path, lines=True).splitlines()
         if len(texts) != len(golds):
             raise EmorecError(
                 f"{text_path} has {len(texts)} dialogues but {label_path} has {len(golds)}; use the release's own pair"

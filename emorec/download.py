@@ -2,6 +2,8 @@
 
 import hashlib
 import os
+import socket
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -43,3 +45,17 @@ def fetch(url: str, dest: Path, sha256: str | None = None, timeout: float = 30.0
     finally:
         tmp.unlink(missing_ok=True)
     return dest
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is out of reach: HF_HUB_OFFLINE is set, or its host does not
+    answer within a few seconds. Checked once before a hub load, because the hub libraries
+    retry for a minute before they fall back to the cache or give up."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), 3.0).close()
+        return False
+    except OSError:
+        return True

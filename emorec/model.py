@@ -4,6 +4,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from emorec.download import cache_dir
+from emorec.download import cache_dir, hub_offline
 from emorec.errors import EmorecError
 
 log = logging.getLogger(__name__)
@@ -59,11 +60,15 @@ def load_pretrained(
     sdpa, ... (None: the transformers default). quantization: 4bit or 8bit for QLoRA (see
     quantization_config)."""
     quantized = quantization_config(quantization)
+    local = local_only(name_or_path, revision)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            name_or_path, revision=revision, trust_remote_code=trust_remote_code, local_files_only=local
+        )
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path,
             revision=revision,
+            local_files_only=local,
             dtype=dtype,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
@@ -86,6 +91,36 @@ def load_pretrained(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def is_local(name_or_path: str) -> bool:
+    """Whether the name is a folder here (True) or a hub name (False); a path that does not
+    exist (anything a hub name cannot be: a leading /, . or ~, or more than one /) is an error."""
+    if Path(name_or_path).expanduser().exists():
+        return True
+    if not re.fullmatch(r"\w[\w.-]*(/\w[\w.-]*)?", name_or_path):
+        raise EmorecError(
+            f"model.name_or_path={name_or_path}: no such folder; fix the path (or give a hub name, org/model)"
+        )
+    return False
+
+
+def local_only(name_or_path: str, revision: str | None) -> bool:
+    """Whether to load from local files only: a folder, or a hub model while the hub is out of
+    reach (its cached copy, at once, instead of a minute of retries). A path that does not exist,
+    or a hub model out of reach and not in the cache, fails here in one line."""
+    if is_local(name_or_path):
+        return True
+    if not hub_offline():
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name_or_path, "config.json", revision=revision), str):
+        return True
+    raise EmorecError(
+        f"model {name_or_path} is not in the Hugging Face cache and the hub is out of reach (offline, or "
+        "HF_HUB_OFFLINE=1): download it once where there is a network, or set model.name_or_path to a local folder"
+    )
 
 
 def device_map(device) -> dict | None:
@@ -147,11 +182,13 @@ def load_classifier(
     """An encoder (a hub name or a folder) with a new sequence-classification head over `labels`:
     the "specialised model" of the emotion-recognition literature. The head starts from the
     seeded random state, so a run's seed fixes it. Weights load from safetensors only."""
+    local = local_only(name_or_path, revision)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, local_files_only=local)
         model = AutoModelForSequenceClassification.from_pretrained(
             name_or_path,
             revision=revision,
+            local_files_only=local,
             dtype=dtype,
             use_safetensors=True,
             num_labels=len(labels),

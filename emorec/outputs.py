@@ -1,4 +1,5 @@
-"""What a run leaves in its directory besides the adapter: metrics, predictions, a plot."""
+"""A run's directory: its lock, and what a run leaves there besides the adapter (metrics,
+predictions, a plot), each written whole or not at all."""
 
 import contextlib
 import csv
@@ -6,9 +7,83 @@ import errno
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from emorec.errors import EmorecError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no POSIX file locks, so run directories go unlocked there
+    fcntl = None
+
+LOCK = ".lock"
+
+
+class RunDirectoryBusy(EmorecError):
+    """Another live process holds the run directory's lock."""
+
+
+def _lock_error(out: Path, handle) -> RunDirectoryBusy:
+    handle.seek(0)
+    holder = handle.read().strip() or "unknown"
+    return RunDirectoryBusy(
+        f"another emorec run (process {holder}) is using {out}; wait for it to end, "
+        "or give this run another hydra.run.dir"
+    )
+
+
+@contextlib.contextmanager
+def run_directory_lock(out: Path, hold: bool = True):
+    """An exclusive lock on the run directory (creating it) while the block runs: one run writes
+    there at a time. An OS file lock, so the kernel releases it when the process dies and a
+    killed run never leaves a stale lock; the file names the holder's process id. hold=False
+    (the other processes of a torchrun run) takes nothing: the first process holds it."""
+    if not hold:
+        yield
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / LOCK, "a+")
+    except OSError as e:
+        raise EmorecError(f"cannot write to output_dir={out} ({e.strerror}); choose a writable folder") from None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise _lock_error(out, handle) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing releases the lock
+
+
+def check_run_directory(path: Path) -> None:
+    """Before anything writes there (Hydra writes its .hydra/ files before emorec runs): that
+    `path` can be created, and that no live run holds it."""
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    problem = None if existing.is_dir() else "is a file, not a folder"
+    try:
+        if problem is None:
+            tempfile.TemporaryDirectory(dir=existing).cleanup()  # the real test: create something there
+    except OSError as e:
+        problem = f"is not writable ({e.strerror})"
+    if problem:
+        raise EmorecError(
+            f"cannot create the run directory {path}: {existing} {problem}; "
+            "choose a writable folder with hydra.run.dir (hydra.sweep.dir for -m)"
+        )
+    if fcntl is None or not (path / LOCK).is_file():
+        return
+    with open(path / LOCK, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
+        except BlockingIOError:
+            raise _lock_error(path, handle) from None
 
 
 @contextlib.contextmanager

