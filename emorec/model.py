@@ -77,11 +77,14 @@ def load_pretrained(
             device_map=device_map(device),
         )
     except ValueError as e:
-        if "attn_implementation" not in str(e) and "attention" not in str(e):
-            raise
-        raise EmorecError(
-            f"model.attn_implementation={attn_implementation!r} is not available for {name_or_path!r}; "
-            "use eager or sdpa, or null for the default"
+        if "attn_implementation" in str(e) or "attention" in str(e):
+            raise EmorecError(
+                f"model.attn_implementation={attn_implementation!r} is not available for {name_or_path!r}; "
+                "use eager or sdpa, or null for the default"
+            ) from None
+        raise EmorecError(  # a folder without a model's files in it, for one
+            f"cannot load model {name_or_path!r} ({str(e).splitlines()[0]}); "
+            "set model.name_or_path to a local folder or a reachable hub name"
         ) from None
     except OSError as e:
         raise EmorecError(

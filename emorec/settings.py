@@ -141,7 +141,7 @@ RESUME_MAY_CHANGE |= {"trainer.max_pass_tokens"}
 # The same attention by another kernel (auto chooses eager on a CPU, as runs before auto did).
 RESUME_MAY_CHANGE |= {"model.attn_implementation", "model.load.attn_implementation"}
 
-# Settings added since (issue 21), at the values that reproduce runs from before them: a run
+# Settings added since issue 21, at the values that reproduce runs from before them: a run
 # checkpointed then resumes, or is told which to set.
 ADDED_SINCE = {
     "head.name": "lm",
@@ -151,6 +151,7 @@ ADDED_SINCE = {
     "prompt.context_after": "\nDialogue:\n{context}Sentence: {current}",  # unused with before
     "adapter.init": "random",
     "adapter.init_text": None,
+    "dataset.multi_label": "error",  # issue 22 (dataset=csv/jsonl: their file and column keys changed then)
 }
 
 
@@ -178,8 +179,7 @@ def check_resume_config(cfg: DictConfig, checkpoint: Path) -> None:
     if any(k in saved for k in MOVED):
         saved = {MOVED.get(k, k): v for k, v in saved.items()} | ADDED_WITH_FAST
     now = flatten(OmegaConf.to_container(cfg, resolve=True))
-    if "head.name" not in saved:
-        saved = {k: v for k, v in ADDED_SINCE.items() if k in now} | saved
+    saved = {k: v for k, v in ADDED_SINCE.items() if k in now} | saved
     changed = [
         k
         for k in sorted(set(saved) | set(now))

@@ -21,8 +21,11 @@ def test_missing_gguf_file_in_wheel():
 
 
 def test_unloadable_folder(tmp_path):
-    with pytest.raises(EmorecError, match="set model.name_or_path"):
+    with pytest.raises(EmorecError, match="nothing-here: no such folder; fix the path"):
         load_pretrained(str(tmp_path / "nothing-here"))
+    (tmp_path / "empty").mkdir()  # there, but not a model
+    with pytest.raises(EmorecError, match="cannot load model .*empty.*; set model.name_or_path"):
+        load_pretrained(str(tmp_path / "empty"))
 
 
 def test_local_folder_loads_with_dtype(tiny_model):
