@@ -156,7 +156,9 @@ def test_errors_are_one_line_and_say_what_to_do(make_cfg, tiny_model, tmp_path, 
     assert "differs from the one the adapter" in message and "(other input embedding values)" in message
     assert message.endswith("give the run's own base model (emorec predict RUN_DIR model.name_or_path=PATH)")
     message = predict_error(capsys, out, f"model.name_or_path={tmp_path / 'gone'}", "--text", "hi")
-    assert "cannot load model" in message
+    assert message.endswith(
+        f"model.name_or_path={tmp_path / 'gone'}: no such folder; fix the path (or give a hub name, org/model)"
+    )
     with pytest.raises(EmorecError, match="no texts to label; give at least one"):
         emorec.load(out).predict([])
     (out / "adapter").rename(tmp_path / "moved")
