@@ -137,8 +137,10 @@ class Env:
 
 
 def setup(trainer: DictConfig, seed: int, out: Path, resume) -> Env:
-    """The checkpoint to continue from, the device (each process its own GPU with several),
-    the output folder, seeds, threads and precision."""
+    """The checkpoint to continue from (what a killed run left half-written tidied first), the
+    device (each process its own GPU with several), seeds, threads and precision."""
+    if is_main_process():  # with the directory locked: what a killed run left half-written
+        tidy_checkpoints(out)
     checkpoint = find_checkpoint(resume, out)
     if checkpoint is None and resume is not True and checkpoints(out):
         raise EmorecError(
@@ -149,8 +151,6 @@ def setup(trainer: DictConfig, seed: int, out: Path, resume) -> Env:
     accelerator = make_accelerator(device)
     device = accelerator.device if accelerator else device
     env = Env(out, seed, device, use_bf16(trainer.precision, device), accelerator, checkpoint, time.perf_counter())
-    if env.main:  # several processes (torchrun, accelerate launch): only the first writes and logs
-        tidy_checkpoints(out)
     seed_everything(seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the run's own peak, in a process that ran others

@@ -23,7 +23,7 @@ from emorec.fast import Engine, Fast, dispatch
 from emorec.predict import predict
 from emorec.prompt import Context, encode_prompts
 from emorec.run import Env, build_model, build_task, resolve_device, use_bf16
-from emorec.settings import is_encoder
+from emorec.settings import ADDED_SINCE, is_encoder
 from emorec.tasks import Balance
 
 Turn = str | tuple[str | None, str]  # an earlier utterance, or (speaker, utterance)
@@ -112,6 +112,9 @@ def load(run_dir: str | Path, device: str = "auto", overrides: list[str] = ()) -
             f"{run} is not an emorec run (no config.yaml); give the directory a run wrote (its hydra.run.dir)"
         )
     cfg = OmegaConf.load(run / "config.yaml")
+    for key, value in ADDED_SINCE.items():  # a run from before a setting existed ran as its old value
+        if OmegaConf.select(cfg, key, default=KeyError) is KeyError:
+            OmegaConf.update(cfg, key, value, force_add=True)
     # The saved config is resolved: model.name_or_path was copied into model.load, so it goes
     # there too.
     if "name_or_path" in cfg.model.load:
@@ -123,8 +126,8 @@ def load(run_dir: str | Path, device: str = "auto", overrides: list[str] = ()) -
     if not labels:
         raise EmorecError(f"{run} has no metrics.json to read its inferred labels from; the run did not finish")
     saved = _weights(run, cfg)
-    torch_device = resolve_device(device)
-    env = Env(run, cfg.seed, torch_device, use_bf16(cfg.trainer.precision, torch_device), None, None, time.time())
+    where = resolve_device(device)
+    env = Env(run, cfg.seed, where, use_bf16(cfg.trainer.precision, where), None, None, time.perf_counter())
     fast = Fast(**cfg.fast)
     model, tokenizer, _ = build_model(cfg.model, cfg.adapter, cfg.head, cfg.prompt, fast, env, labels, saved)
     engine = dispatch(model, fast, env.device, cfg.trainer.max_pass_tokens)

@@ -174,3 +174,18 @@ def test_the_fingerprint_samples_stay_inside_large_embeddings():
     for n in (64, 1000, 2**24 + 3, 49152 * 576, 152064 * 3584):
         positions = spread(n, 64)
         assert positions[0] == 0 and positions[-1] == n - 1 and bool((positions.diff() > 0).all())
+
+
+def test_a_run_from_before_heads_and_context_layouts_predicts_as_it_ran(make_cfg):
+    """Its config.yaml lacks the settings added since; they fill in at the values it ran with."""
+    from omegaconf import OmegaConf
+
+    cfg = make_cfg("adapter=lora", "trainer.max_steps=2", "trainer.val_every_epoch=false")
+    run(cfg)
+    out = Path(cfg.output_dir)
+    saved = OmegaConf.load(out / "config.yaml")
+    for node, key in [(saved, "head"), (saved.trainer, "balance"), (saved.trainer, "logit_adjust")]:
+        del node[key]
+    OmegaConf.save(saved, out / "config.yaml")
+    rows = run_test_rows(out)
+    assert_reproduces(rows, emorec.load(out).predict([r["text"] for r in rows]), list(cfg.dataset.labels))
