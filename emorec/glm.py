@@ -113,16 +113,28 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def convert_chatglm(source: Path, target: Path) -> Path:
+def chat_of(source: Path, chatglm: dict) -> str:
+    """chatglm3 or chatglm2 (the prompt format and role tokens), from the repository's name."""
+    named = [chatglm.get("_name_or_path", "")]
+    if (source / "tokenizer_config.json").is_file():
+        named.append(json.loads((source / "tokenizer_config.json").read_text()).get("name_or_path", ""))
+    return "chatglm3" if any("chatglm3" in str(n).lower() for n in named) else "chatglm2"
+
+
+def convert_chatglm(source: Path, target: Path, chat: str | None = None) -> Path:
     """Write `target`: a safetensors folder for GlmForCausalLM made from the ChatGLM2/3
-    checkpoint in `source`. Written beside the target and renamed, so a crash never leaves a
-    folder that looks complete."""
+    checkpoint in `source`, with its tokenizer where `source` has `tokenizer.model` (`chat`:
+    chatglm2 or chatglm3, the prompt format; default: from the repository's name). Written
+    beside the target and renamed, so a crash never leaves a folder that looks complete."""
     from transformers import GlmForCausalLM
 
     start = time.perf_counter()
     chatglm = json.loads((source / "config.json").read_text())
     if chatglm.get("model_type") != "chatglm":
         raise EmorecError(f"{source}/config.json is model_type {chatglm.get('model_type')!r}, not chatglm")
+    chat = chat or chat_of(source, chatglm)
+    if chat not in ("chatglm2", "chatglm3"):
+        raise EmorecError(f"chat={chat!r}; use chatglm2 or chatglm3")
     config = glm_config(chatglm)
     weights = glm_weights(read_weights(source), config)
     dtype = next(iter(weights.values())).dtype
@@ -137,10 +149,67 @@ def convert_chatglm(source: Path, target: Path) -> Path:
     tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
+    if (source / "tokenizer.model").is_file():
+        glm_tokenizer(source / "tokenizer.model", roles=chat == "chatglm3").save_pretrained(tmp)
+    else:
+        log.warning("%s has no tokenizer.model: the converted folder has no tokenizer", source)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     log.info("converted %s to %s in %.1f s", source, target, time.perf_counter() - start)
     return target
+
+
+# ChatGLM's special tokens, numbered after the SentencePiece pieces in this order; ChatGLM3 adds
+# its role tokens.
+SPECIAL = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"]
+ROLES = ["<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
+# Each model's own prompt format as a chat template. ChatGLM2: "[Round 1]\n\n问：...\n\n答："
+# (it has no system turn: a system message goes before the first round). ChatGLM3: role tokens,
+# each turn's text after a newline. Both start with [gMASK]sop, as their tokenizers' prefix does.
+CHATGLM2_TEMPLATE = (
+    "[gMASK]sop{% set round = namespace(n=0) %}{% for m in messages %}"
+    "{% if m.role == 'system' %}{{ m.content }}"
+    "{% elif m.role == 'user' %}{% set round.n = round.n + 1 %}"
+    "{% if round.n > 1 %}\n\n{% endif %}[Round {{ round.n }}]\n\n问：{{ m.content }}\n\n答："
+    "{% else %}{{ m.content }}{% if loop.last %}{{ eos_token }}{% endif %}{% endif %}{% endfor %}"
+)
+CHATGLM3_TEMPLATE = (
+    "[gMASK]sop{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def glm_tokenizer(model_file: Path, roles: bool):
+    """ChatGLM2/3's SentencePiece tokenizer (`tokenizer.model`) as a fast tokenizer that encodes as
+    the original code does: the pieces, then [MASK] [gMASK] [sMASK] sop eop (and ChatGLM3's role
+    tokens) numbered after them, [gMASK] sop before every text, the model's chat template."""
+    from tokenizers import AddedToken, processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(Path(model_file).read_bytes())
+    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab)
+    # "sop" and "eop" are words too: special only standing alone (in "[gMASK]sop", not in "sopping").
+    specials = [AddedToken(t, special=True, single_word=t in ("sop", "eop")) for t in SPECIAL + ROLES * roles]
+    backend.add_special_tokens(specials)
+    ids = {t: backend.token_to_id(t) for t in SPECIAL + ROLES * roles}
+    if list(ids.values()) != list(range(len(vocab), len(vocab) + len(ids))):
+        raise EmorecError(f"{model_file}: the special tokens would not follow the {len(vocab)} pieces")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[gMASK] sop $A",
+        pair="[gMASK] sop $A $B </s>",
+        special_tokens=[(t, ids[t]) for t in ("[gMASK]", "sop")] + [("</s>", proto.trainer_spec.eos_id)],
+    )
+    unk, eos = proto.pieces[proto.trainer_spec.unk_id].piece, proto.pieces[proto.trainer_spec.eos_id].piece
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token=unk,
+        eos_token=eos,
+        pad_token=unk,  # as the original: padding with <unk>
+        chat_template=CHATGLM3_TEMPLATE if roles else CHATGLM2_TEMPLATE,
+    )
 
 
 def fetch_checkpoint(name_or_path: str, revision: str | None = None) -> Path:
@@ -164,16 +233,39 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="emorec convert-glm",
         description="Convert a ChatGLM2/3 checkpoint (a folder or a hub name) into a safetensors folder for "
-        "transformers' native GlmForCausalLM (no remote code). The tokenizer is not converted yet.",
+        "transformers' native GlmForCausalLM and a fast tokenizer with the model's chat template (no remote code).",
     )
     parser.add_argument("source", help="a local ChatGLM2/3 folder or a hub name (THUDM/chatglm2-6b)")
     parser.add_argument("target", type=Path, help="the folder to write")
     parser.add_argument("--revision", help="the hub revision (default: main)")
+    parser.add_argument("--chat", choices=["chatglm2", "chatglm3"], help="the prompt format (default: from the name)")
     args = parser.parse_args(argv)
     try:
         start = time.perf_counter()
-        out = convert_chatglm(fetch_checkpoint(args.source, args.revision), args.target)
+        out = convert_chatglm(fetch_checkpoint(args.source, args.revision), args.target, args.chat)
     except EmorecError as e:
         raise SystemExit(f"emorec convert-glm: error: {e}") from None
     size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
     print(f"emorec convert-glm: wrote {out} ({size:.1f} MiB) in {time.perf_counter() - start:.1f} s")
+
+
+def load_chatglm(name_or_path: str, chat: str, revision: str | None = None, **options):
+    """model=chatglm2_6b / chatglm3_6b: the checkpoint converted once into the cache (keyed by its
+    source, revision and weight files), then loaded as any native model (emorec.model.load_pretrained,
+    with `options`: dtype, device, attention, quantisation)."""
+    import hashlib
+
+    from emorec.download import cache_dir
+    from emorec.model import load_pretrained
+
+    source = fetch_checkpoint(name_or_path, revision)
+    files = sorted(
+        (p.name, p.stat().st_size) for p in source.iterdir() if p.suffix in (".bin", ".safetensors", ".model")
+    )
+    key = hashlib.sha256(json.dumps([str(source.resolve()), revision, chat, files]).encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"{source.name}-glm-{key}"
+    if not (target / "model.safetensors").is_file() and not (target / "model.safetensors.index.json").is_file():
+        log.info("converting %s to transformers' GlmForCausalLM in %s (once)", name_or_path, target)
+        convert_chatglm(source, target, chat)
+    options.pop("trust_remote_code", None)  # the native class needs no remote code
+    return load_pretrained(str(target), revision=None, **options)

@@ -15,8 +15,8 @@ from tests.conftest import CONF, TINY_SIZES
 
 # option -> transformers model_type of its architecture (None: remote code, not buildable here)
 GPU_MODELS = {
-    "chatglm2_6b": None,
-    "chatglm3_6b": None,
+    "chatglm2_6b": "glm",  # converted to the native class (emorec.glm)
+    "chatglm3_6b": "glm",
     "glm4_9b_chat": "glm",
     "qwen2_5_7b_instruct": "qwen2",
     "llama3_1_8b_instruct": "llama",
@@ -32,7 +32,7 @@ def model_cfg(option):
 def test_gpu_model_configs_compose(option):
     m = model_cfg(option)
     assert m.name == option and m.name_or_path and m.lora_target_modules
-    assert bool(m.trust_remote_code) == (GPU_MODELS[option] is None)  # remote code only for ChatGLM
+    assert not m.trust_remote_code  # every architecture is native to transformers
 
 
 def tiny(model_type):
