@@ -156,6 +156,11 @@ def convert_chatglm(source: Path, target: Path, chat: str | None = None) -> Path
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     log.info("converted %s to %s in %.1f s", source, target, time.perf_counter() - start)
+    if chat == "chatglm2":
+        log.info(
+            "ChatGLM2's own code rounds its rotary table to bf16/fp16 in half precision; the native class keeps "
+            "it in fp32 (in bf16 the logits differ by about bf16's rounding, checked by tests/test_glm.py)"
+        )
     return target
 
 

@@ -106,6 +106,14 @@ def test_the_command_line(reference, tmp_path, capsys):
         main([str(tmp_path / "nowhere"), str(tmp_path / "out")])
 
 
+def test_a_hub_name_out_of_reach_fails_at_once(monkeypatch):
+    from emorec.glm import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit, match="THUDM/chatglm2-6b is not in the Hugging Face cache and the hub is out of"):
+        main(["THUDM/chatglm2-6b", "/nonexistent/out"])
+
+
 @pytest.mark.parametrize("adapter", ["lora", "ptuning_v2"])
 def test_the_papers_adapters_train_and_reload_on_the_converted_model(reference, tmp_path, adapter):
     """model=chatglm2_6b (or chatglm3_6b) pointed at a ChatGLM checkpoint folder: converted on
