@@ -48,7 +48,7 @@ run: setup ## run the main job (LoRA on MELD with the embedded model); extra ove
 	$(BIN)/python -m emorec $(ARGS)
 
 test: setup glm-env ## run all tests, the slow ones (real model, real MELD via EMOREC_DATA_DIR) included
-	EMOREC_GLM_PYTHON=$(GLM_VENV)/bin/python $(BIN)/python -m pytest $(ARGS)
+	EMOREC_GLM_PYTHON=$(abspath $(GLM_VENV))/bin/python $(BIN)/python -m pytest $(ARGS)
 
 test-fast: setup ## run the tests that take seconds (no slow marker)
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
