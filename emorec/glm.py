@@ -170,7 +170,8 @@ SPECIAL = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"]
 ROLES = ["<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
 # Each model's own prompt format as a chat template. ChatGLM2: "[Round 1]\n\n问：...\n\n答："
 # (it has no system turn: a system message goes before the first round). ChatGLM3: role tokens,
-# each turn's text after a newline. Both start with [gMASK]sop, as their tokenizers' prefix does.
+# each turn's text after a newline. Both start with [gMASK]sop, as their tokenizers' prefix does,
+# and end a final answer with </s>, so that answers end with an end-of-turn token.
 CHATGLM2_TEMPLATE = (
     "[gMASK]sop{% set round = namespace(n=0) %}{% for m in messages %}"
     "{% if m.role == 'system' %}{{ m.content }}"
@@ -179,7 +180,8 @@ CHATGLM2_TEMPLATE = (
     "{% else %}{{ m.content }}{% if loop.last %}{{ eos_token }}{% endif %}{% endif %}{% endfor %}"
 )
 CHATGLM3_TEMPLATE = (
-    "[gMASK]sop{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{% endfor %}"
+    "[gMASK]sop{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}"
+    "{% if m.role == 'assistant' and loop.last %}{{ eos_token }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
