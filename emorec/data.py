@@ -207,29 +207,29 @@ def read_csv(
     a row with fewer or more fields than the header as a bad row (`bad`: emorec.data.BadRows;
     None raises)."""
     reader = csv.reader(io.StringIO(read_text(path, lines=True), newline=""), delimiter=delimiter, strict=True)
-    rows, line = [], 1
+    rows, line, names = [], 1, None
     try:
-        names = next(reader, []) if header else None
-        if names is not None:
+        if header:
+            names = next(reader, [])
             _check_columns(path, names, required, header, delimiter)
         line = reader.line_num + 1
         for values in reader:
             first, line = line, reader.line_num + 1  # a quoted field may span lines
             if not values:
                 continue
-            width = len(names) if names is not None else len(rows[0][1]) if rows else len(values)
-            if len(values) != width:
-                problem = f"{len(values)} fields where the {'header has' if header else 'first row has'} {width}"
+            names = names or [str(i) for i in range(len(values))]  # no header: the first row's width
+            if len(values) != len(names):
+                problem = f"{len(values)} fields where the {'header has' if header else 'first row has'} {len(names)}"
                 (bad or _raise)(f"{path}:{first}", f"{problem} (a file cut short, or a broken row)")
                 continue
-            rows.append((first, dict(zip(names or [str(i) for i in range(width)], values))))
+            rows.append((first, dict(zip(names, values))))
     except csv.Error as e:
         raise EmorecError(
             f"{path}:{line}: {e} (a quoted field that never closes: the file is cut short or a quote is "
             "missing); re-copy or re-download the file"
         ) from None
-    if names is None:
-        _check_columns(path, list(rows[0][1]) if rows else [], required, header, delimiter)
+    if not header:
+        _check_columns(path, names or [], required, header, delimiter)
     return rows
 
 

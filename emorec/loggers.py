@@ -26,15 +26,14 @@ class WandbLogger:
         self,
         run_config: dict,
         dir: str,
-        project: str = "emorec",
-        entity: str | None = None,
         mode: str | None = None,
-        group: str | None = None,
-        name: str | None = None,
         tags: list | tuple = (),
         log_model: bool = True,
         resume: bool = False,
+        **init,
     ):
+        """`init`: the rest of conf/logger/wandb.yaml (project, entity, group, name), wandb.init's
+        own arguments."""
         import wandb
 
         self.wandb, self.log_model_artifact = wandb, log_model
@@ -43,15 +42,12 @@ class WandbLogger:
         self.run = wandb.init(
             id=run_id(Path(dir), resume),
             resume="allow",
-            project=project,
-            entity=entity,
             mode=mode,
-            group=group,
-            name=name,
             tags=list(tags),
             config=run_config,
             dir=dir,
             reinit="finish_previous",
+            **init,
         )
 
     def log(self, metrics: dict, step: int | None = None) -> None:

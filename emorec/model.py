@@ -288,20 +288,15 @@ def check_base(model, adapter_folder: Path, name: str) -> None:
             "%s has no %s (a run from before it was written): the base model is not checked", adapter_folder, BASE_FILE
         )
         return
-
     saved, now = json.loads(path.read_text()), base_fingerprint(model)
-    same = saved["embedding_shape"] == now["embedding_shape"] and all(
-        abs(a - b) <= 1e-2 * max(abs(a), abs(b)) + 1e-6
-        for a, b in zip(saved["embedding_sample"], now["embedding_sample"])
+    pairs = zip(saved["embedding_sample"], now["embedding_sample"])
+    if saved["embedding_shape"] != now["embedding_shape"]:
+        what = f"input embeddings of shape {now['embedding_shape']}, not {saved['embedding_shape']}"
+    elif not all(abs(a - b) <= 1e-2 * max(abs(a), abs(b)) + 1e-6 for a, b in pairs):
+        what = "other input embedding values"
+    else:
+        return
+    raise EmorecError(
+        f"the base model {name} loaded now differs from the one the adapter in {adapter_folder} was trained on "
+        f"({what}); give the run's own base model (emorec predict RUN_DIR model.name_or_path=PATH)"
     )
-    if not same:
-        what = (
-            f"input embeddings of shape {now['embedding_shape']}, not {saved['embedding_shape']}"
-            if saved["embedding_shape"] != now["embedding_shape"]
-            else "other input embedding values"
-        )
-        raise EmorecError(
-            f"the base model {name} loaded now differs from the one the adapter in {adapter_folder} was trained on "
-            f"({what}); "
-            "give the run's own base model (emorec predict RUN_DIR model.name_or_path=PATH)"
-        )

@@ -24,13 +24,20 @@ class RunDirectoryBusy(EmorecError):
     """Another live process holds the run directory's lock."""
 
 
-def _lock_error(out: Path, handle) -> RunDirectoryBusy:
-    handle.seek(0)
-    holder = handle.read().strip() or "unknown"
-    return RunDirectoryBusy(
-        f"another emorec run (process {holder}) is using {out}; wait for it to end, "
-        "or give this run another hydra.run.dir"
-    )
+def _lock(handle, out: Path) -> None:
+    """An exclusive lock on the open lock file, released when it closes; a live holder is an error
+    naming its process id."""
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        raise RunDirectoryBusy(
+            f"another emorec run (process {holder}) is using {out}; wait for it to end, "
+            "or give this run another hydra.run.dir"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -48,11 +55,7 @@ def run_directory_lock(out: Path, hold: bool = True):
     except OSError as e:
         raise EmorecError(f"cannot write to output_dir={out} ({e.strerror}); choose a writable folder") from None
     try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise _lock_error(out, handle) from None
+        _lock(handle, out)
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
@@ -77,13 +80,9 @@ def check_run_directory(path: Path) -> None:
             f"cannot create the run directory {path}: {existing} {problem}; "
             "choose a writable folder with hydra.run.dir (hydra.sweep.dir for -m)"
         )
-    if fcntl is None or not (path / LOCK).is_file():
-        return
-    with open(path / LOCK, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
-        except BlockingIOError:
-            raise _lock_error(path, handle) from None
+    if (path / LOCK).is_file():
+        with open(path / LOCK, "a+") as handle:
+            _lock(handle, path)
 
 
 @contextlib.contextmanager

@@ -229,30 +229,31 @@ def build_model(model_cfg, adapter, head, prompt, fast: Fast, env: Env, labels: 
     full = bool(adapter.train and adapter.peft is None)
     encoder = is_encoder(model_cfg)
     decoder_head = head.name == "classifier" and not encoder
+    whole = full and saved is not None  # a fine-tuned whole model to load, head and all
     # A frozen base is stored in bf16: autocast would otherwise cast every weight at every
     # forward (15 % of a training step here), and it halves the memory. Weights that train stay
     # fp32 (PEFT keeps adapter weights fp32, emorec.head makes a decoder's head fp32; full
     # fine-tuning keeps the model fp32), so optimizer updates are not rounded away. An encoder's
     # new head trains too and PEFT copies it in the base's dtype, so an encoder stays fp32.
     dtype = torch.bfloat16 if env.bf16 and fast.bf16_base and not full and not encoder else torch.float32
-    load = model_cfg.load if not (full and saved) else saved_model(saved, encoder or decoder_head, model_cfg.load)
+    load = saved_model(saved, encoder or decoder_head, model_cfg.load) if whole else model_cfg.load
     options = {"dtype": dtype, "device": env.device}
-    if encoder or (full and saved and decoder_head):
+    if encoder or (whole and decoder_head):
         options["labels"] = list(labels)
     if "attn_implementation" in load:
         options["attn_implementation"] = dispatch_attention(model_cfg.load.attn_implementation, env.device, dtype)
     model, tokenizer = instantiate(load, **options)
     load_seconds = time.perf_counter() - start
-    if saved and not full:
+    if saved and not whole:
         check_base(model, saved, model_cfg.name)
-    if decoder_head and not (full and saved):
+    if decoder_head and not whole:
         model = decoder_classifier(
             model, labels, tokenizer.pad_token_id, head.init, label_tokens(tokenizer, prompt, labels)
         )
     # A 4/8-bit base (QLoRA) stays as loaded: its norms and embeddings in the compute dtype
     # (PEFT's prepare_model_for_kbit_training would copy them to fp32, 2 GB at 8 B; RMSNorm
     # computes in fp32 anyway), and never trained whole (settings refuse adapter=full on it).
-    model.requires_grad_(full and not saved)
+    model.requires_grad_(full and saved is None)
     if adapter.peft is not None:
         model = add_adapter(model, adapter, decoder_head, env.bf16, model_cfg.name, saved)
         if adapter.get("init") == "text" and not saved:

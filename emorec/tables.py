@@ -59,8 +59,12 @@ class Columns:
             )
         return cls(**{k: None if v is None else str(v) for k, v in given.items()})
 
+    def assigned(self) -> dict[str, str]:
+        """{role: column} for the roles that have a column."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
     def named(self) -> list[str]:
-        return [c for c in (self.text, self.label, self.dialogue, self.speaker, self.split, self.order) if c]
+        return list(self.assigned().values())
 
 
 def _one_label(where: str, value, multi_label: str):
@@ -220,9 +224,7 @@ def load_hf(
     rows = {}
     for split, name in chosen:
         part = dataset[name]
-        missing = {
-            f.name: c for f in fields(columns) if (c := getattr(columns, f.name)) not in (None, *part.column_names)
-        }
+        missing = {role: c for role, c in columns.assigned().items() if c not in part.column_names}
         if missing:
             raise EmorecError(
                 f"dataset {source['path']} split {name} has no column(s) {', '.join(missing.values())} "
