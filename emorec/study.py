@@ -1,0 +1,69 @@
+"""A study that outlives a session: named jobs run one after another through the entrypoint
+(`python -m emorec ... resume=true`), each in its own run directory, so an interrupted job
+continues from its last checkpoint; as each finishes, its small results (`config.yaml` and
+`metrics.json`, never predictions: they hold dataset text) are copied into a results folder that
+can be committed, and a job whose results are there is skipped. The report is then built from
+that folder alone, by anyone, without the run directories.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    overrides: list[str] = field(default_factory=list)
+
+
+def is_done(results: Path, name: str) -> bool:
+    return (results / name / "metrics.json").is_file()
+
+
+def read_results(results: Path) -> dict[str, dict]:
+    """Each finished job's composed config (a plain dict) and metrics, by job name."""
+    found = {}
+    for metrics in sorted(results.glob("*/metrics.json")):
+        config = OmegaConf.to_container(OmegaConf.load(metrics.parent / "config.yaml"))
+        found[metrics.parent.name] = {"config": config, "metrics": json.loads(metrics.read_text())}
+    return found
+
+
+def run_job(job: Job, outputs: Path, results: Path, python: str = sys.executable) -> None:
+    """Run (or continue) one job in outputs/<name>, then copy its config and metrics (per-step
+    losses rounded to 4 decimals) to results/<name>. A failed job raises, its run directory kept
+    for `resume=true`."""
+    out = outputs / job.name
+    command = [python, "-m", "emorec", *job.overrides, f"hydra.run.dir={out}", "resume=true"]
+    print(f"[{time.strftime('%H:%M:%S')}] {job.name}: {' '.join(command[2:])}", flush=True)
+    subprocess.run(command, check=True)
+    target = results / job.name
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy(out / "config.yaml", target / "config.yaml")
+    metrics = json.loads((out / "metrics.json").read_text())
+    if metrics.get("train"):
+        metrics["train"]["losses"] = [round(x, 4) for x in metrics["train"]["losses"]]
+    (target / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+
+
+def commit(path: Path, message: str, tries: int = 5) -> None:
+    """Commit one results folder, and nothing else staged, in the repository that holds it;
+    a git command running beside it (its index.lock) is waited out."""
+    git = ["git", "-C", str(path.parent)]
+    for attempt in range(tries):
+        for step in (["add", "--", str(path)], ["commit", "-q", "-m", message, "--", str(path)]):
+            done = subprocess.run([*git, *step], capture_output=True, text=True)
+            if done.returncode:
+                break
+        else:
+            return
+        time.sleep(2 * (attempt + 1))
+    error = (done.stderr or done.stdout).strip().splitlines()
+    print(f"study: warning: could not commit {path}: {error[-1] if error else 'git failed'}", file=sys.stderr)
