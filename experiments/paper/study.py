@@ -41,7 +41,7 @@ MINILM = {f"minilm_lr{lr}": ["model=minilm_l6", "adapter=full", f"adapter.lr={lr
 CONTEXT = ["dataset.context_window=1"]
 
 
-def best(results: dict, dataset: str, family: dict) -> str | None:
+def best(results: dict, dataset: str, family) -> str | None:
     """The family's configuration with the highest dev value of the dataset's metric of record
     (its config's `metric`) at seed 42; None while any of them has not finished."""
     names = [f"{dataset}-{config}" for config in family]
@@ -54,25 +54,28 @@ def dev_score(metrics: dict) -> float:
     return metrics["val"][metrics["metric"]]
 
 
-def jobs(results: dict, budget: list[str], extra: list[str]) -> tuple[list[Job], list[str]]:
-    """Every job the results so far determine, in the order to run them, and a line for each
-    job that waits for others (a family's best is known only when the whole family is done)."""
-    grid = [Job(f"{d}-zeroshot", [f"dataset={d}", *ZERO_SHOT, *extra]) for d in DATASETS]
-    grid += [Job(f"{d}-{c}", [f"dataset={d}", *o]) for d in DATASETS for c, o in MINILM.items()]
-    grid += [Job(f"{d}-{c}", [f"dataset={d}", *o, *extra]) for d in DATASETS for c, o in LLM.items()]
-    by_name = {job.name: job for job in grid}
-    later, waiting = [], []
-    for family, label in ((MINILM, "MiniLM"), (LLM, "LLM")):
-        for d in DATASETS:
-            chosen = best(results, d, family)
+def jobs(results: dict, datasets=DATASETS, every=(), llm=()) -> tuple[list[Job], list[str]]:
+    """Every job the results so far determine, in the order to run them (dataset by dataset, so
+    whole rows of the table fill early), and a line for each family whose seeds wait (a family's
+    best is known only when the whole family is done). `every`: overrides for every job (the
+    budget); `llm`: for the general LLM's jobs only."""
+    planned, waiting = [], []
+    for d in datasets:
+        families = {
+            "LLM": {f"{d}-{c}": [f"dataset={d}", *o, *llm] for c, o in LLM.items()},
+            "MiniLM": {f"{d}-{c}": [f"dataset={d}", *o] for c, o in MINILM.items()},
+        }
+        planned.append(Job(f"{d}-zeroshot", [f"dataset={d}", *ZERO_SHOT, *llm]))
+        planned += [Job(name, overrides) for family in families.values() for name, overrides in family.items()]
+        for label, family in families.items():
+            chosen = best(results, d, [name.removeprefix(f"{d}-") for name in family])
             if chosen is None:
                 waiting.append(f"{d}: the best {label} configuration's seeds (and context) wait for its dev results")
                 continue
-            later += [Job(f"{chosen}-s{s}", [*by_name[chosen].overrides, f"seed={s}"]) for s in SEEDS]
-            if family is LLM and d in CONVERSATIONS:
-                later.append(Job(f"{chosen}-ctx1", [*by_name[chosen].overrides, *CONTEXT]))
-    named = [Job(j.name, [*j.overrides, *budget, "sweep_name=paper"]) for j in grid + later]
-    return named, waiting
+            planned += [Job(f"{chosen}-s{s}", [*family[chosen], f"seed={s}"]) for s in SEEDS]
+            if label == "LLM" and d in CONVERSATIONS:
+                planned.append(Job(f"{chosen}-ctx1", [*family[chosen], *CONTEXT]))
+    return [Job(j.name, [*j.overrides, *every, "sweep_name=paper"]) for j in planned], waiting
 
 
 def budget_overrides(budget: str) -> list[str]:
@@ -81,17 +84,14 @@ def budget_overrides(budget: str) -> list[str]:
     return [] if name in ("", "none") else [f"+experiment={name}"]
 
 
-def run_study(results_dir: Path, outputs: Path, budget: list[str], extra: list[str], push: bool) -> int:
+def run_study(results_dir: Path, outputs: Path, plan: dict, push: bool) -> int:
     """Run every job whose results are not there yet, re-reading the results after each (a
-    finished family releases its seeds); a failed job is reported and skipped. The number of
-    failed jobs."""
+    finished family releases its seeds); a failed job is reported and skipped. `plan`: jobs()'s
+    keyword arguments. The number of failed jobs."""
     failed: set[str] = set()
     while True:
-        todo = [
-            j
-            for j in jobs(read_results(results_dir), budget, extra)[0]
-            if not is_done(results_dir, j.name) and j.name not in failed
-        ]
+        planned = jobs(read_results(results_dir), **plan)[0]
+        todo = [j for j in planned if not is_done(results_dir, j.name) and j.name not in failed]
         if not todo:
             break
         job = todo[0]
@@ -103,7 +103,7 @@ def run_study(results_dir: Path, outputs: Path, budget: list[str], extra: list[s
             continue
         if push:
             commit(results_dir / job.name, f"paper study: {job.name} ({results_dir.name})")
-    for line in jobs(read_results(results_dir), budget, extra)[1]:
+    for line in jobs(read_results(results_dir), **plan)[1]:
         print(f"study: still waiting: {line}")
     return len(failed)
 
@@ -111,22 +111,26 @@ def run_study(results_dir: Path, outputs: Path, budget: list[str], extra: list[s
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["run", "list"])
-    parser.add_argument("overrides", nargs="*", help="key=value for every general-LLM job (needs --name)")
+    parser.add_argument("overrides", nargs="*", help="key=value for the general LLM's jobs (model=..., needs --name)")
+    parser.add_argument(
+        "--every", action="append", default=[], metavar="KEY=VALUE", help="for every job (needs --name)"
+    )
     parser.add_argument("--budget", default="cpu_full", help="an experiment preset (cpu_full, cpu_budget) or none")
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=DATASETS, help="these datasets only")
     parser.add_argument("--name", help="the results folder under --runs (default: the budget's name)")
     parser.add_argument("--runs", type=Path, default=HERE / "runs", help="where results folders go")
     parser.add_argument("--outputs", type=Path, default=Path("outputs/paper"), help="the runs' own folders")
     parser.add_argument("--commit", action="store_true", help="git-commit each finished job's results")
-    args = parser.parse_args(argv)
-    if args.overrides and not args.name:
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
+    if (args.overrides or args.every) and not args.name:
         parser.error("overrides change the jobs: give the study its own --name, so its results stay apart")
     name = args.name or args.budget.removeprefix("+experiment=") or "none"
     results_dir = args.runs / name
-    budget = budget_overrides(args.budget)
+    plan = dict(datasets=args.datasets, every=[*budget_overrides(args.budget), *args.every], llm=args.overrides)
     if args.command == "run":
-        sys.exit(1 if run_study(results_dir, args.outputs / name, budget, args.overrides, args.commit) else 0)
+        sys.exit(1 if run_study(results_dir, args.outputs / name, plan, args.commit) else 0)
     found = read_results(results_dir)
-    planned, waiting = jobs(found, budget, args.overrides)
+    planned, waiting = jobs(found, **plan)
     for job in planned:
         print(f"{job.name:34s} {'done' if job.name in found else 'to run'}  {' '.join(job.overrides)}")
     for line in waiting:

@@ -1,0 +1,243 @@
+"""The paper's study (experiments/paper): its transcribed numbers against the shared
+transcription, its plan of jobs, a real study run end to end through the entrypoint (resumed,
+committed, skipped) and the report built from its results folder."""
+
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from emorec.metrics import METRICS
+from tests.conftest import CONF
+from tests.meld_fixture import MELD_DIR
+
+REPO = Path(__file__).parent.parent
+PAPER = REPO / "experiments" / "paper"
+NUMBERS_MD = REPO.parent / "shared" / "paper" / "numbers.md"
+sys.path.insert(0, str(PAPER))  # the study's two scripts import each other as siblings
+import report  # noqa: E402
+import study  # noqa: E402
+
+
+def transcription(path: Path) -> dict:
+    """../shared/paper/numbers.md's tables as {dataset: {metrics, paper, specialised}} in the
+    shape of paper_numbers.yaml: its column headers name dataset and metric, its rows system."""
+    datasets = {"SST-2": "sst2", "SST-5": "sst5", "Friends": "friends", "Mastodon": "mastodon"}
+    datasets |= {"MOSI-2": "mosi2", "MOSI-3": "mosi3", "CH-SIMS": "chsims", "M3ED": "m3ed"}
+    metrics = {"Acc": "accuracy", "F1": "macro_f1", "F1 (weighted)": "weighted_f1", "UA": "ua"}
+    systems = {"ChatGLM2 (zero-shot)": "none", "ChatGLM2 + P-Tuning v2": "ptuning_v2", "ChatGLM2 + LoRA": "lora"}
+    found: dict = {}
+    table = None
+    for line in path.read_text().splitlines():
+        if heading := re.match(r"## Table (\d+)", line):
+            table = int(heading.group(1))
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|") or set(cells[0]) <= {"-"}:
+            continue
+        if cells[0] == "system":
+            columns = [(datasets[h.split(" ", 1)[0]], metrics[h.split(" ", 1)[1]]) for h in cells[1:]]
+            continue
+        for (dataset, metric), value in zip(columns, cells[1:]):
+            spec = found.setdefault(dataset, {"table": table, "metrics": [], "paper": {}, "specialised": {}})
+            if metric not in spec["metrics"]:
+                spec["metrics"].append(metric)
+            part = spec["paper"] if cells[0] in systems else spec["specialised"]
+            part.setdefault(systems.get(cells[0], cells[0]), []).append(None if value == "-" else float(value))
+    for spec in found.values():  # a specialised model cited on the other dataset of its table
+        spec["specialised"] = {k: v for k, v in spec["specialised"].items() if any(x is not None for x in v)}
+    return found
+
+
+@pytest.mark.skipif(not NUMBERS_MD.is_file(), reason="../shared/paper/numbers.md is not beside the repository")
+def test_paper_numbers_are_the_shared_transcription():
+    numbers = OmegaConf.to_container(OmegaConf.load(PAPER / "paper_numbers.yaml"))
+    assert numbers["transcribed"] is True and numbers["source"].startswith("Peng et al., ICASSP 2024")
+    theirs = transcription(NUMBERS_MD)
+    assert set(theirs) == {"sst2", "sst5", "friends", "mastodon", "mosi2", "mosi3", "chsims", "m3ed"}
+    ours = {d: s for d, s in numbers["datasets"].items() if "paper" in s}
+    assert set(ours) == set(theirs) - {"chsims", "m3ed"}  # the two datasets not available here
+    for dataset, spec in ours.items():
+        assert {k: spec[k] for k in ("table", "metrics", "paper", "specialised")} == theirs[dataset], dataset
+    assert theirs["friends"]["paper"]["lora"] == [72.83, 52.97, 51.93]  # the parse itself
+
+
+def test_paper_numbers_cover_the_grid_and_its_metrics():
+    numbers = OmegaConf.to_container(OmegaConf.load(PAPER / "paper_numbers.yaml"))
+    assert set(numbers["datasets"]) == set(study.DATASETS)
+    for name, spec in numbers["datasets"].items():
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            cfg = compose("config", overrides=[f"dataset={name}"])
+        assert set(spec["metrics"]) <= set(METRICS) and cfg.dataset.metric in spec["metrics"]
+        for values in [*(spec.get("paper") or {}).values(), *(spec.get("specialised") or {}).values()]:
+            assert len(values) == len(spec["metrics"])
+
+
+def test_cpu_full_budget_reaches_every_job():
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=["dataset=dailydialog", "+experiment=cpu_full", "model=minilm_l6"])
+    assert (cfg.trainer.epochs, cfg.trainer.max_steps) == (1, None)
+    assert (cfg.dataset.max_train, cfg.dataset.max_dev, cfg.dataset.max_eval) == (10000, None, None)
+
+
+def fake(metric: str, dev: float) -> dict:
+    return {"config": {}, "metrics": {"metric": metric, "val": {metric: dev}}}
+
+
+def test_plan_releases_a_familys_seeds_and_context_when_the_family_is_done():
+    names = lambda planned: [j.name for j in planned]  # noqa: E731
+    planned, waiting = study.jobs({}, datasets=["meld"], every=["+experiment=cpu_full"], llm=["model=hf"])
+    assert names(planned) == ["meld-zeroshot", *(f"meld-{c}" for c in study.LLM), *(f"meld-{c}" for c in study.MINILM)]
+    assert len(waiting) == 2
+    # The LLM overrides reach the LLM's jobs, not MiniLM's; the budget reaches every job.
+    assert all(j.overrides[-2:] == ["+experiment=cpu_full", "sweep_name=paper"] for j in planned)
+    assert [("model=hf" in j.overrides) for j in planned] == [True, True, True, True, True, False, False, False]
+    results = {f"meld-{c}": fake("weighted_f1", 0.1 * i) for i, c in enumerate([*study.MINILM, *study.LLM])}
+    del results["meld-lora_head"]  # the LLM family is not done yet
+    planned, waiting = study.jobs(results, datasets=["meld"])
+    assert names(planned)[-2:] == ["meld-minilm_lr3e-4-s43", "meld-minilm_lr3e-4-s44"] and len(waiting) == 1
+    results["meld-lora_head"] = fake("weighted_f1", 0.05)  # below lora_score (0.5): not chosen
+    planned, waiting = study.jobs(results, datasets=["meld"], llm=["x=1"])
+    later = planned[-5:-2]
+    assert names(later) == ["meld-lora_score-s43", "meld-lora_score-s44", "meld-lora_score-ctx1"] and not waiting
+    assert names(planned)[-2:] == ["meld-minilm_lr3e-4-s43", "meld-minilm_lr3e-4-s44"]
+    assert later[0].overrides == ["dataset=meld", "adapter=lora", "x=1", "seed=43", "sweep_name=paper"]
+    assert later[2].overrides[-2] == "dataset.context_window=1"
+    # Sentence datasets get seeds, not context.
+    sst = {f"sst2-{c}": fake("macro_f1", 0.5) for c in [*study.MINILM, *study.LLM]}
+    assert not any(j.name.endswith("ctx1") for j in study.jobs(sst, datasets=["sst2"])[0])
+
+
+@pytest.fixture(scope="module")
+def finished_study(tiny_model, tmp_path_factory):
+    """A real study on the MELD fixture with the tiny model: 13 jobs through the entrypoint,
+    each committed into a git repository as it finishes."""
+    tmp = tmp_path_factory.mktemp("study")
+    data = tmp / "data"
+    shutil.copytree(MELD_DIR, data / "meld")
+    repo = tmp / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    for key, value in (("user.email", "t@t"), ("user.name", "t")):
+        subprocess.run(["git", "-C", str(repo), "config", key, value], check=True)
+    command = [sys.executable, str(PAPER / "study.py"), "run", "--datasets", "meld", "--budget", "none"]
+    command += ["--name", "tiny", "--runs", str(repo / "runs"), "--outputs", str(tmp / "out"), "--commit"]
+    every = ["trainer.max_steps=2", "trainer.batch_size=2", "trainer.num_threads=1", "logger=none", "dataset.max_dev=6"]
+    command += [f"--every={o}" for o in every]
+    command += ["model=hf", f"model.name_or_path={tiny_model}", "trainer.precision=fp32"]
+    env = {**os.environ, "EMOREC_DATA_DIR": str(data), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    return {"repo": repo, "results": repo / "runs" / "tiny", "first": done.stdout, "again": again}
+
+
+def test_study_runs_every_job_once_and_commits_each(finished_study):
+    results_dir, repo = finished_study["results"], finished_study["repo"]
+    results = study.read_results(results_dir)
+    assert len(results) == 13
+    for name in results:  # the small results only: never predictions (dataset text)
+        assert sorted(p.name for p in (results_dir / name).iterdir()) == ["config.yaml", "metrics.json"]
+    log = subprocess.run(["git", "-C", str(repo), "log", "--format=%s"], capture_output=True, text=True).stdout
+    assert sorted(log.split("\n")[:-1]) == sorted(f"paper study: {n} (tiny)" for n in results)
+    # The seeds and the context job are the dev-chosen configuration's.
+    chosen = study.best(results, "meld", study.LLM)
+    assert chosen == max((f"meld-{c}" for c in study.LLM), key=lambda n: results[n]["metrics"]["val"]["weighted_f1"])
+    for suffix, seed, context in (("-s43", 43, 0), ("-s44", 44, 0), ("-ctx1", 42, 1)):
+        config = results[chosen + suffix]["config"]
+        assert (config["seed"], config["dataset"]["context_window"]) == (seed, context)
+        assert config["adapter"] == results[chosen]["config"]["adapter"]
+        assert config["head"] == results[chosen]["config"]["head"]
+    minilm = study.best(results, "meld", study.MINILM)
+    assert results[minilm + "-s44"]["config"]["model"]["name"] == "minilm_l6"
+    assert results["meld-zeroshot"]["metrics"]["train"] is None and results["meld-lora_head"]["metrics"]["head"] != "lm"
+    # Run again: every job is skipped.
+    assert finished_study["again"].returncode == 0 and "] meld-" not in finished_study["again"].stdout
+    assert finished_study["first"].count("] meld-") == 13
+
+
+def test_report_from_the_results_folder(finished_study, tmp_path):
+    results = study.read_results(finished_study["results"])
+    numbers = {
+        "source": "test numbers",
+        "transcribed": True,
+        "datasets": {
+            "meld": {
+                "metrics": ["weighted_f1", "accuracy"],
+                # Not the paper's: zero-shot 0 (beaten), P-Tuning v2 and LoRA 100 (not beaten).
+                "paper": {"none": [0.0, 0.0], "ptuning_v2": [100.0, None], "lora": [100.0, None]},
+                "specialised": {"A": [0.0, None], "B": [1.0, None]},
+                "differs": "a fixture",
+            }
+        },
+    }
+    OmegaConf.save(OmegaConf.create(numbers), tmp_path / "numbers.yaml")
+    readme = tmp_path / "README.md"
+    readme.write_text("# R\n\n<!-- paper-results:start -->\nold\n<!-- paper-results:end -->\n\nafter\n")
+    out = report.write_report(finished_study["results"], tmp_path / "numbers.yaml", tmp_path / "out", readme)
+    rows = out["rows"]
+    assert [(r["dataset"], r["metric"]) for r in rows] == [("meld", "weighted_f1"), ("meld", "accuracy")]
+    first = rows[0]
+    assert first["paper"] == {"zero-shot": 0.0, "P-Tuning v2": 100.0, "LoRA": 100.0}
+    assert first["specialised"] == (1.0, "B") and rows[1]["specialised"] is None
+    assert first["differs"] == "a fixture" and rows[1]["differs"] == ""
+    # Every cell is its job's test metric in percent; the chosen ones the mean of three seeds.
+    chosen = study.best(results, "meld", study.LLM)
+    for column, job in report.OURS.items():
+        cell = first["ours"][column]
+        if job == "minilm":
+            name = study.best(results, "meld", study.MINILM)
+        elif job == "ctx1":
+            name = None
+            assert cell.values == [100 * results[chosen + "-ctx1"]["metrics"]["test"]["weighted_f1"]]
+        else:
+            name = f"meld-{job}"
+        if name is None:
+            continue
+        seeds = (
+            [name, f"{name}-s43", f"{name}-s44"]
+            if name in (chosen, study.best(results, "meld", study.MINILM))
+            else [name]
+        )
+        values = [100 * results[n]["metrics"]["test"]["weighted_f1"] for n in seeds]
+        assert cell.values == values and cell.chosen == (len(seeds) == 3), column
+        assert cell.mean == round(statistics.fmean(values), 1)
+        if len(seeds) == 3:
+            assert cell.text() == f"**{cell.mean:.1f} ± {statistics.stdev(values):.1f}**"
+        else:
+            assert cell.text() == f"{cell.mean:.1f}¹"
+    # Where ours beats the paper: zero-shot at 0 is beaten; P-Tuning v2 and LoRA at 100 are not.
+    assert any(line.startswith("meld weighted_f1: our zero-shot") for line in out["beats"])
+    assert not any("P-Tuning v2" in line or "LoRA" in line or "dev-chosen" in line for line in out["beats"])
+    ours_chosen = next(c for c in report.ADAPTED if first["ours"][c].chosen)
+    assert any(f"dev-chosen {ours_chosen}" in line for line in out["findings"])
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "13 jobs" in text and "13 of the 13 jobs planned" in text and "| meld | weighted_f1 |" in text
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["rows"][0]["ours zero-shot"] == (
+        first["ours"]["zero-shot"].mean
+    )
+    new = readme.read_text()
+    assert text in new and "\nold\n" not in new and new.startswith("# R\n") and new.endswith("after\n")
+    assert math.isfinite(first["ours"]["MiniLM"].mean)
+
+
+def test_report_needs_results_and_readme_markers(tmp_path):
+    with pytest.raises(SystemExit, match="no finished jobs"):
+        report.write_report(tmp_path, PAPER / "paper_numbers.yaml", tmp_path)
+    (tmp_path / "README.md").write_text("no markers\n")
+    with pytest.raises(SystemExit, match="has no <!-- paper-results:start -->"):
+        report.replace_section(tmp_path / "README.md", "x")
+
+
+def test_study_overrides_need_their_own_name(capsys):
+    with pytest.raises(SystemExit):
+        study.main(["list", "model=hf"])
+    assert "give the study its own --name" in capsys.readouterr().err
