@@ -3,7 +3,7 @@
 Reads each job folder (`.hydra/overrides.yaml`, `status.json`, `metrics.json`) and writes
 `report.md`, `report.csv` and, when one swept value is numeric, `report.png` (the metric of
 record against it) into the multirun folder. Failed jobs are listed with their error.
-(The paper's study builds its own table from several sweeps: experiments/paper/paper_report.py.)
+(The paper's study builds its own table from its results folder: experiments/paper/report.py.)
 """
 
 import argparse

@@ -81,11 +81,14 @@ def test_paper_numbers_cover_the_grid_and_its_metrics():
             assert len(values) == len(spec["metrics"])
 
 
-def test_cpu_full_budget_reaches_every_job():
+@pytest.mark.parametrize(
+    "preset,budget", [("cpu_full", (1, None, 10000, None, None)), ("cpu_budget", (1, 30, None, 150, 400))]
+)
+def test_budget_presets_reach_every_job(preset, budget):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("config", overrides=["dataset=dailydialog", "+experiment=cpu_full", "model=minilm_l6"])
-    assert (cfg.trainer.epochs, cfg.trainer.max_steps) == (1, None)
-    assert (cfg.dataset.max_train, cfg.dataset.max_dev, cfg.dataset.max_eval) == (10000, None, None)
+        cfg = compose("config", overrides=["dataset=dailydialog", f"+experiment={preset}", "model=minilm_l6"])
+    assert (cfg.trainer.epochs, cfg.trainer.max_steps) == budget[:2]
+    assert (cfg.dataset.max_train, cfg.dataset.max_dev, cfg.dataset.max_eval) == budget[2:]
 
 
 def fake(metric: str, dev: float) -> dict:
