@@ -10,11 +10,9 @@ stopped.
 """
 
 import argparse
-import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
+
+from emorec.study import Job, is_done, run_job
 
 HERE = Path(__file__).parent
 # name -> the run's overrides (every other setting is emorec's default).
@@ -47,20 +45,6 @@ JOBS = {
 }
 
 
-def run_job(name: str, outputs: Path) -> None:
-    """Run (or continue) one job, then copy its small results here."""
-    out = outputs / name
-    command = [sys.executable, "-m", "emorec", *JOBS[name], f"hydra.run.dir={out}", "resume=true"]
-    print(" ".join(command[2:]), flush=True)
-    subprocess.run(command, check=True)
-    target = HERE / "runs" / name
-    target.mkdir(parents=True, exist_ok=True)
-    shutil.copy(out / "config.yaml", target / "config.yaml")
-    metrics = json.loads((out / "metrics.json").read_text())
-    metrics["train"]["losses"] = [round(x, 4) for x in metrics["train"]["losses"]]
-    (target / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", choices=list(JOBS), help="these jobs, in this order (default: all)")
@@ -68,11 +52,11 @@ def main() -> None:
     parser.add_argument("--list", action="store_true", help="print each job's state and stop")
     args = parser.parse_args()
     for name in args.only or JOBS:
-        done = (HERE / "runs" / name / "metrics.json").is_file()
+        done = is_done(HERE / "runs", name)
         if args.list:
             print(f"{name:32s} {'done' if done else 'to run'}  {' '.join(JOBS[name])}")
         elif not done:
-            run_job(name, args.outputs)
+            run_job(Job(name, JOBS[name]), args.outputs, HERE / "runs")
 
 
 if __name__ == "__main__":
