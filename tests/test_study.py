@@ -114,6 +114,10 @@ def test_plan_releases_a_familys_seeds_and_context_when_the_family_is_done():
     assert names(planned)[-2:] == ["meld-minilm_lr3e-4-s43", "meld-minilm_lr3e-4-s44"]
     assert later[0].overrides == ["dataset=meld", "adapter=lora", "x=1", "seed=43", "sweep_name=paper"]
     assert later[2].overrides[-2] == "dataset.context_window=1"
+    # SST-5's head starts at random (its labels share a first token); label scoring is unchanged.
+    sst5 = {j.name: j.overrides for j in study.jobs({}, datasets=["sst5"])[0]}
+    assert "head.init=random" in sst5["sst5-lora_head"] and "head.init=random" in sst5["sst5-ptv2_head"]
+    assert not any("head.init" in o for name, o in sst5.items() if not name.endswith("_head"))
     # Sentence datasets get seeds, not context.
     sst = {f"sst2-{c}": fake("macro_f1", 0.5) for c in [*study.MINILM, *study.LLM]}
     assert not any(j.name.endswith("ctx1") for j in study.jobs(sst, datasets=["sst2"])[0])
