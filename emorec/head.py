@@ -20,7 +20,7 @@ from emorec.errors import EmorecError
 from emorec.reference import base_of
 
 
-def decoder_classifier(model, labels: list[str], pad_id: int, init: str, first_tokens: list[int]):
+def decoder_classifier(model, labels: list[str], pad_id: int, init: str, first_tokens: list[int] | None):
     """`model` (a causal LM) as a sequence classifier over `labels`: its backbone, and a new fp32
     head (trained weights stay fp32 over a bf16 base) initialised from the LM head's rows of
     `first_tokens`, and its bias if it has one (init=labels), or at random (init=random, as

@@ -247,9 +247,9 @@ def build_model(model_cfg, adapter, head, prompt, fast: Fast, env: Env, labels: 
     if saved and not whole:
         check_base(model, saved, model_cfg.name)
     if decoder_head and not whole:
-        model = decoder_classifier(
-            model, labels, tokenizer.pad_token_id, head.init, label_tokens(tokenizer, prompt, labels)
-        )
+        # Only a head started from the label words needs their first tokens (and needs them distinct).
+        first = label_tokens(tokenizer, prompt, labels) if head.init == "labels" else None
+        model = decoder_classifier(model, labels, tokenizer.pad_token_id, head.init, first)
     # A 4/8-bit base (QLoRA) stays as loaded: its norms and embeddings in the compute dtype
     # (PEFT's prepare_model_for_kbit_training would copy them to fp32, 2 GB at 8 B; RMSNorm
     # computes in fp32 anyway), and never trained whole (settings refuse adapter=full on it).

@@ -16,11 +16,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from emorec import reference
 from emorec.adapters import prepare
+from emorec.errors import EmorecError
 from emorec.fast import Fast, candidates, dispatch
 from emorec.head import decoder_classifier, head_parameters
 from emorec.predict import predict
 from emorec.run import Optimizer, run
 from emorec.tasks import Balance, LabelHead, LabelWords
+from tests.conftest import compose_run
+from tests.dataset_fixtures import write_sst
 from tests.test_adapters import ADAPTERS
 
 LABELS = ["neutral", "joy", "surprise", "anger"]
@@ -47,6 +50,18 @@ def test_labels_init_predicts_as_first_token_scoring(tiny_model):
         assert torch.equal(scores.argmax(-1), expected.argmax(-1)), name
         # Log-probabilities over the labels: the vocabulary's, renormalised over the label set.
         assert torch.allclose(scores.log_softmax(-1), expected.log_softmax(-1), atol=1e-5), name
+
+
+def test_random_init_needs_no_distinct_first_tokens(tiny_model, tmp_path):
+    """SST-5's "very negative" and "very positive" share their first answer token: a head started
+    from the label words refuses them, a random head trains on them."""
+    write_sst(tmp_path / "sst")
+    common = ["dataset=sst5", f"dataset.data_dir={tmp_path / 'sst'}", "head=classifier", "trainer.max_steps=1"]
+    common += ["model=hf", f"model.name_or_path={tiny_model}"]
+    with pytest.raises(EmorecError, match="head.init=labels needs labels whose answers start with different tokens"):
+        run(compose_run(tmp_path / "labels", *common))
+    metrics = run(compose_run(tmp_path / "random", *common, "head.init=random"))
+    assert metrics["head"] == "classifier" and metrics["train"]["steps"] == 1 and metrics["test"]["n"] > 0
 
 
 def test_random_init_is_a_new_head(tiny_model):
