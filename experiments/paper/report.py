@@ -104,7 +104,7 @@ def table_rows(results: dict, numbers: dict) -> list[dict]:
     for dataset, spec in specs.items():
         for i, metric in enumerate(spec["metrics"]):
             ours = our_cells(results, dataset, metric)
-            done = [r["metrics"] for k, r in results.items() if k.startswith(f"{dataset}-")]
+            done = finished(results, dataset)
             paper, specialised = paper_cells(spec, i)
             rows.append(
                 dict(
@@ -200,7 +200,7 @@ def selection(results: dict) -> tuple[list[str], list[list]]:
             round(_pct(dev_score(results[f"{d}-{c}"]["metrics"])), 1) if f"{d}-{c}" in results else None
             for c in configs
         ]
-        metric = next((r["metrics"]["metric"] for k, r in results.items() if k.startswith(f"{d}-")), None)
+        metric = finished(results, d)[0]["metric"]
         chosen = [(best(results, d, f) or "").removeprefix(f"{d}-") for f in (LLM, MINILM)]
         rows.append([d, metric, *dev, *chosen])
     return columns, rows
@@ -208,7 +208,12 @@ def selection(results: dict) -> tuple[list[str], list[list]]:
 
 def studied(results: dict) -> list[str]:
     """The study's datasets that have a finished job."""
-    return [d for d in DATASETS if any(name.startswith(f"{d}-") for name in results)]
+    return [d for d in DATASETS if finished(results, d)]
+
+
+def finished(results: dict, dataset: str) -> list[dict]:
+    """The metrics of the dataset's finished jobs."""
+    return [r["metrics"] for name, r in results.items() if name.startswith(f"{dataset}-")]
 
 
 def setup_notes(results: dict) -> list[str]:
