@@ -63,4 +63,5 @@ def test_matmul_peak_is_a_plausible_measurement(dtype):
     import torch
 
     peak = bench.matmul_peak({"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], seconds=0.3)
-    assert 1 < peak < 100_000  # GFLOP/s of a real matmul on any CPU
+    # GFLOP/s of a real matmul on any CPU: about 1 where bf16 is emulated (no AVX-512 BF16 or AMX)
+    assert 0.1 < peak < 100_000
