@@ -53,12 +53,16 @@ def load_pretrained(
     attn_implementation: str | None = None,
     quantization: str | None = None,
     device: torch.device | str | None = None,
+    use_kernels: bool = False,
 ):
     """A hub name or a local folder, its weights read straight onto `device` (None: the CPU).
     Weights load from safetensors only: a pickled .bin file can run code on load.
-    trust_remote_code stays off unless the model config opts in. attn_implementation: eager,
-    sdpa, ... (None: the transformers default). quantization: 4bit or 8bit for QLoRA (see
-    quantization_config)."""
+    trust_remote_code stays off unless the model config opts in, and so do Hub kernels
+    (`use_kernels`, `model.load.use_kernels`): recent transformers by default swap a loaded
+    model's layers for kernels downloaded from the Hub, again at each train() and eval(); that
+    is code from the Hub, it needs a network, and the plain path would differ between machines.
+    attn_implementation: eager, sdpa, ... (None: the transformers default). quantization: 4bit
+    or 8bit for QLoRA (see quantization_config)."""
     quantized = quantization_config(quantization)
     local = local_only(name_or_path, revision)
     try:
@@ -75,6 +79,7 @@ def load_pretrained(
             attn_implementation=attn_implementation,
             quantization_config=quantized,
             device_map=device_map(device),
+            use_kernels=use_kernels,
         )
     except ValueError as e:
         if "attn_implementation" in str(e) or "attention" in str(e):
@@ -199,6 +204,7 @@ def load_classifier(
             label2id={label: i for i, label in enumerate(labels)},
             device_map=device_map(device),
             attn_implementation=attn_implementation,
+            use_kernels=False,  # no Hub kernels: see load_pretrained
         )
     except OSError as e:
         raise EmorecError(
@@ -240,7 +246,12 @@ def convert_gguf(source: Path, target: Path) -> None:
     log.info("converting %s to safetensors in %s (once)", source.name, target)
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        source.parent,
+        gguf_file=source.name,
+        dtype=torch.float32,
+        use_kernels=False,  # see load_pretrained
+    )
     # The dequantised weights are plain tensors, but the model still carries the GGUF
     # quantiser, which blocks save_pretrained and makes HF Trainer refuse the model.
     model.hf_quantizer = None

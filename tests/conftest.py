@@ -46,6 +46,9 @@ def _isolated_env(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("EMOREC_REAL_DATA_DIR", os.environ.get("EMOREC_DATA_DIR", ""))
     monkeypatch.delenv("EMOREC_DATA_DIR", raising=False)
+    # Nor Hub kernels in the models tests load straight through transformers (emorec's own loads
+    # turn them off themselves: test_model.py): they would be fetched at each train()/eval().
+    monkeypatch.setenv("USE_HUB_KERNELS", "0")
 
 
 # The tiny transformer's sizes, for every architecture the tests build.

@@ -28,6 +28,16 @@ def test_unloadable_folder(tmp_path):
         load_pretrained(str(tmp_path / "empty"))
 
 
+def test_no_hub_kernels_unless_the_config_opts_in(tiny_model, monkeypatch):
+    """transformers swaps in Hub kernels by default (and again at train()/eval(), which fails on a
+    device kernels do not know); emorec's loads keep the model's own layers."""
+    monkeypatch.delenv("USE_HUB_KERNELS")
+    model, _ = load_pretrained(str(tiny_model))
+    assert getattr(model, "use_kernels", False) is False
+    model.train().eval()
+    assert getattr(model, "_kernels_mode", None) is None
+
+
 def test_local_folder_loads_with_dtype(tiny_model):
     model, tokenizer = load_pretrained(str(tiny_model), dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16 and tokenizer.pad_token_id is not None
