@@ -6,7 +6,9 @@ fit, evaluate, export.
 """
 
 import logging
+import platform
 import random
+import re
 import resource
 import time
 from collections import Counter
@@ -467,6 +469,7 @@ def describe(model, task, engine: Engine, env: Env, data: Data) -> dict:
         "metric": data.metric,
         **task.describe(),
         "precision": "bf16" if env.bf16 else "fp32",
+        "hardware": hardware(env.device, env.rank_world[1]),
         "trainable_params": trainable,
         "total_params": total,
         "embedding_params": base_of(model).get_input_embeddings().weight.numel(),
@@ -474,6 +477,25 @@ def describe(model, task, engine: Engine, env: Env, data: Data) -> dict:
         "fast": engine.chosen,
         "data": data.stats,
     }
+
+
+def hardware(device: torch.device, processes: int) -> dict:
+    """The machine behind a run's speed and its precision choice: results from different machines
+    (a CPU with AVX-512 BF16 runs bf16, one with AVX2 only runs fp32) stay told apart."""
+    if device.type == "cuda":
+        name, threads = torch.cuda.get_device_name(device), None
+    else:
+        name, threads = cpu_name(), torch.get_num_threads()
+    isa = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else None
+    return {"device": device.type, "name": name, "processes": processes, "threads": threads, "cpu_isa": isa}
+
+
+def cpu_name() -> str:
+    try:
+        found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+    except OSError:
+        found = None
+    return found.group(1).strip() if found else platform.processor() or "unknown CPU"
 
 
 def export(out: Path, model, tokenizer, data: Data, val: tuple, test: tuple, logger, adapter: DictConfig):

@@ -62,6 +62,8 @@ def test_median_row_takes_each_figure_median_and_keeps_the_runs():
 def test_matmul_peak_is_a_plausible_measurement(dtype):
     import torch
 
-    peak = bench.matmul_peak({"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], seconds=0.3)
+    # Small sizes: one emulated bf16 matmul of 1024 takes seconds.
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    peak = bench.matmul_peak(dtype, seconds=0.3, sizes=(256, 384, 512, 768))
     # GFLOP/s of a real matmul on any CPU: about 1 where bf16 is emulated (no AVX-512 BF16 or AMX)
     assert 0.1 < peak < 100_000

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -229,6 +230,10 @@ def test_report_from_the_results_folder(finished_study, tmp_path):
     ours_chosen = next(c for c in report.ADAPTED if first["ours"][c].chosen)
     assert any(f"dev-chosen {ours_chosen}" in line for line in out["findings"])
     text = (tmp_path / "out" / "report.md").read_text()
+    # Every job recorded its machine (this one's CPU and ISA), all in fp32: no mixed-precision line.
+    hardware = results["meld-zeroshot"]["metrics"]["hardware"]
+    assert hardware["device"] == "cpu" and hardware["cpu_isa"] == torch.backends.cpu.get_cpu_capability()
+    assert f"13 jobs in fp32 on {hardware['name']} ({hardware['cpu_isa']}, " in text and "- In " not in text
     assert "13 jobs" in text and "13 of the 13 jobs planned" in text and "| meld | weighted_f1 |" in text
     assert json.loads((tmp_path / "out" / "results.json").read_text())["rows"][0]["ours zero-shot"] == (
         first["ours"]["zero-shot"].mean
@@ -250,3 +255,29 @@ def test_study_overrides_need_their_own_name(capsys):
     with pytest.raises(SystemExit):
         study.main(["list", "model=hf"])
     assert "give the study its own --name" in capsys.readouterr().err
+
+
+def test_report_tells_machines_and_precisions_apart():
+    """Jobs from a bf16 machine (before runs recorded their hardware), an AVX2 machine in fp32 and
+    a GPU: each group's count and hours, and which jobs ran in the rarer precision."""
+
+    def job(precision, seconds, hardware=None, setting="auto"):
+        metrics = {"precision": precision, "wall_time_s": seconds} | ({"hardware": hardware} if hardware else {})
+        return {"config": {"trainer": {"precision": setting}}, "metrics": metrics}
+
+    avx2 = {"device": "cpu", "name": "AMD EPYC", "processes": 1, "threads": 2, "cpu_isa": "AVX2"}
+    h200 = {"device": "cuda", "name": "NVIDIA H200", "processes": 1, "threads": None, "cpu_isa": None}
+    results = {
+        "sst2-zeroshot": job("bf16", 3600),
+        "sst2-lora_head": job("bf16", 3600),
+        "mosi2-lora_head": job("bf16", 1800, setting="bf16"),
+        "meld-lora_head": job("fp32", 7200, avx2),
+        "meld-lora_score": job("bf16", 360, h200),
+    }
+    assert report.machines(results) == (
+        "2 jobs in bf16 on a CPU with native bf16 (read from the run's auto precision: it predates hardware "
+        "records), 2.0 h; 1 job in bf16 on a machine the run did not record, 0.5 h; 1 job in fp32 on AMD EPYC "
+        "(AVX2, 2 threads), 2.0 h; 1 job in bf16 on 1 NVIDIA H200, 0.1 h"
+    )
+    assert report.precisions(results) == ["In fp32 (1 job; the others in bf16): meld: lora_head."]
+    assert report.precisions({"sst2-zeroshot": job("bf16", 1)}) == []

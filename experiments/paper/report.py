@@ -9,11 +9,9 @@ beside the results, and into the README between its paper-results markers.
 """
 
 import argparse
+import collections
 import csv
 import json
-import os
-import platform
-import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,8 +232,9 @@ def setup_notes(results: dict) -> list[str]:
         "test split (`test n`).",
         f"Seeds: 42 for every cell; the dev-chosen LLM configuration and MiniLM learning rate per dataset "
         f"also with {', '.join(map(str, SEEDS))} (mean ± sample standard deviation); ¹ marks a single run.",
-        f"Hardware: {_cpu()}, {os.cpu_count()} cores, {platform.system()}, no GPU. Compute: "
-        f"{len(results)} jobs, {seconds / 3600:.1f} hours of wall time in total, one job at a time.",
+        f"Hardware: no GPU; one job at a time on 2-core CPU machines: {machines(results)}. Compute: "
+        f"{len(results)} jobs, {seconds / 3600:.1f} hours of wall time in total.",
+        *precisions(results),
         f"Progress: {len(results)} of the {len(planned)} jobs planned so far are done"
         + (f"; {len(waiting)} families' seeds wait for their dev results" if waiting else "")
         + ".",
@@ -248,12 +247,51 @@ def _budget(config: dict) -> str:
     return steps + (f" over at most {cap:,} training examples" if cap else " over the whole training split")
 
 
-def _cpu() -> str:
-    try:
-        found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-    except OSError:
-        found = None
-    return found.group(1).strip() if found else platform.processor() or "unknown CPU"
+def machines(results: dict) -> str:
+    """Jobs and wall time per machine and precision: the run's own hardware record, or for runs
+    made before it was recorded, what `trainer.precision=auto` chose (bf16 only on a CPU that
+    computes it natively: AVX-512 BF16 or AMX)."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for r in results.values():
+        m, hw = r["metrics"], r["metrics"].get("hardware")
+        if hw and hw["device"] == "cpu":
+            where = f"{hw['name']} ({hw['cpu_isa']}, {_count(hw['threads'], 'thread')})"
+        elif hw:
+            where = f"{_count(hw['processes'], hw['name'])}"
+        elif r["config"]["trainer"]["precision"] == "auto":
+            native = "with" if m["precision"] == "bf16" else "without"
+            where = f"a CPU {native} native bf16 (read from the run's auto precision: it predates hardware records)"
+        else:
+            where = "a machine the run did not record"
+        groups.setdefault((m["precision"], where), []).append(m["wall_time_s"])
+    return "; ".join(
+        f"{_count(len(times), 'job')} in {precision} on {where}, {sum(times) / 3600:.1f} h"
+        for (precision, where), times in sorted(groups.items(), key=lambda g: -len(g[1]))
+    )
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}" + ("" if n == 1 else "s")
+
+
+def precisions(results: dict) -> list[str]:
+    """Where the precision is mixed, which jobs ran in the rarer one (rounding differs, so the
+    same seed need not give the same metrics across them)."""
+    counts = collections.Counter(r["metrics"]["precision"] for r in results.values())
+    if len(counts) < 2:
+        return []
+    rare = min(counts, key=counts.get)
+    jobs_in = {
+        d: [
+            n.removeprefix(f"{d}-")
+            for n, r in results.items()
+            if n.startswith(f"{d}-") and r["metrics"]["precision"] == rare
+        ]
+        for d in DATASETS
+    }
+    listed = "; ".join(f"{d}: {', '.join(names)}" for d, names in jobs_in.items() if names)
+    others = ", ".join(p for p in counts if p != rare)
+    return [f"In {rare} ({_count(counts[rare], 'job')}; the others in {others}): {listed}."]
 
 
 def markdown(rows: list[dict], numbers: dict, notes: list[str], compared: dict, found: list[str], chosen) -> str:
