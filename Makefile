@@ -15,6 +15,9 @@ PAPER_BUDGET ?= cpu_full
 PAPER_NAME ?=
 PAPER_RESULTS = $(or $(PAPER_NAME),$(patsubst +experiment=%,%,$(PAPER_BUDGET)))
 ARGS ?=
+# Test processes (pytest-xdist; whole files per process, so a module's fixtures are built once):
+# most tests wait on subprocesses and imports, so 2 halve the wall time on 2 cores. 0: in-process.
+TEST_WORKERS ?= 2
 # ChatGLM2/3's own code runs only under transformers 4.41 (tests/glm_reference.py): a second small
 # venv, for the test that checks the converted models against it.
 GLM_VENV ?= .venv-glm
@@ -49,10 +52,10 @@ run: setup ## run the main job (LoRA on MELD with the embedded model); extra ove
 	$(BIN)/python -m emorec $(ARGS)
 
 test: setup glm-env ## run all tests, the slow ones (real model, real MELD via EMOREC_DATA_DIR) included
-	EMOREC_GLM_PYTHON=$(abspath $(GLM_VENV))/bin/python $(BIN)/python -m pytest $(ARGS)
+	EMOREC_GLM_PYTHON=$(abspath $(GLM_VENV))/bin/python $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 test-fast: setup ## run the tests that take seconds (no slow marker)
-	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 bench: setup ## benchmark emorec against the naive peer (HF Trainer recipe); writes experiments/bench/results.json
 	$(BIN)/python experiments/bench/bench.py $(ARGS)
