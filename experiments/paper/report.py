@@ -232,7 +232,7 @@ def setup_notes(results: dict) -> list[str]:
         "test split (`test n`).",
         f"Seeds: 42 for every cell; the dev-chosen LLM configuration and MiniLM learning rate per dataset "
         f"also with {', '.join(map(str, SEEDS))} (mean ± sample standard deviation); ¹ marks a single run.",
-        f"Hardware: no GPU; one job at a time on 2-core CPU machines: {machines(results)}. Compute: "
+        f"Hardware, one job at a time: {machines(results)}. Compute: "
         f"{len(results)} jobs, {seconds / 3600:.1f} hours of wall time in total.",
         *precisions(results),
         f"Progress: {len(results)} of the {len(planned)} jobs planned so far are done"
