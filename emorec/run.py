@@ -483,10 +483,10 @@ def hardware(device: torch.device, processes: int) -> dict:
     """The machine behind a run's speed and its precision choice: results from different machines
     (a CPU with AVX-512 BF16 runs bf16, one with AVX2 only runs fp32) stay told apart."""
     if device.type == "cuda":
-        name, threads = torch.cuda.get_device_name(device), None
+        name, threads, isa = torch.cuda.get_device_name(device), None, None
     else:
         name, threads = cpu_name(), torch.get_num_threads()
-    isa = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else None
+        isa = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else None
     return {"device": device.type, "name": name, "processes": processes, "threads": threads, "cpu_isa": isa}
 
 
