@@ -49,7 +49,7 @@ from emorec.prompt import Context, encode_answers, encode_prompts, join_labels, 
 from emorec.reference import base_of, first_tokens_differ, is_quantized
 from emorec.settings import check_config, check_labels, check_resume_config, is_encoder
 from emorec.tasks import Balance, LabelHead, LabelWords, SequenceClassifier
-from emorec.train import Checkpointer, KeepBest, LogLoss, Passes, Plan, train
+from emorec.train import Checkpointer, KeepBest, LogLoss, Passes, Plan, WallClock, train
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def run(cfg: DictConfig) -> dict:
             metrics.update(val=val[1], test=test[1], best_epoch=best.epoch, train=train_stats, model_load_s=load_s)
             if env.main:
                 saved = export(env.out, model, tokenizer, data, val, test, logger, cfg.adapter)
-                summary = write_metrics(env.out, metrics, val, test, logger, env.start)
+                summary = write_metrics(env.out, metrics, val, test, logger, env.wall)
                 if saved is not None:
                     logger.log_model(saved, summary)
         finally:
@@ -128,6 +128,11 @@ class Env:
     accelerator: object
     checkpoint: Path | None
     start: float
+    earlier: float = 0.0  # wall seconds the run took in earlier processes, up to its checkpoint
+
+    def wall(self) -> float:
+        """The run's wall time so far, a resumed run's earlier processes included."""
+        return self.earlier + time.perf_counter() - self.start
 
     @property
     def rank_world(self) -> tuple[int, int]:
@@ -436,13 +441,15 @@ def fit(
     progress = checkpointer.restore(env.checkpoint) if env.checkpoint is not None else None
     if progress is not None:
         log.info("resuming from %s at step %d", env.checkpoint, progress.step)
+        env.earlier = progress.wall_seconds
     log_loss = LogLoss(logger.log, scheduler, trainer.log_every, steps, progress.step if progress else 0, env.main)
     validating = [best] if trainer.val_every_epoch and best.evaluate else []
+    clock = WallClock(env.wall)  # after validation, before the checkpointer saves the progress
     plan = Plan(steps, trainer.batch_size, trainer.grad_accum, trainer.max_grad_norm, env.seed)
     with signals:
         try:
             progress = train(
-                trained, backward, optimizer, scheduler, plan, [log_loss, *validating, checkpointer], progress
+                trained, backward, optimizer, scheduler, plan, [log_loss, *validating, clock, checkpointer], progress
             )
         except Interrupted:
             # Checkpointed: hand the signal on (submitit requeues on its SIGUSR2), then stop.
@@ -529,7 +536,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def write_metrics(out: Path, metrics: dict, val: tuple, test: tuple, logger, start: float) -> None:
+def write_metrics(out: Path, metrics: dict, val: tuple, test: tuple, logger, wall) -> dict:
     """metrics.json, and its headline figures as the logger's summary (returned)."""
     metrics.update(val_examples_per_s=val[0]["examples_per_s"], test_examples_per_s=test[0]["examples_per_s"])
     metrics["peak_rss_mb"] = peak_rss_mb()
@@ -541,7 +548,7 @@ def write_metrics(out: Path, metrics: dict, val: tuple, test: tuple, logger, sta
     summary.update({k: metrics[k] for k in ("trainable_params", "trainable_share", "model_load_s", "peak_rss_mb")})
     summary.update({"data/skipped_rows": metrics["data"]["skipped_rows"]})
     summary["data/left_out"] = sum(metrics["data"]["left_out"].values())
-    metrics["wall_time_s"] = summary["wall_time_s"] = time.perf_counter() - start
+    metrics["wall_time_s"] = summary["wall_time_s"] = wall()  # a resumed run's earlier processes included
     logger.summary(summary)
     write_json(out / "metrics.json", metrics)
     return summary

@@ -42,6 +42,9 @@ class TrainingProgress:
     losses: list[float] = field(default_factory=list)  # one per optimizer step
     running: list[float] = field(default_factory=list)  # batch losses since the last log
     seconds: float = 0.0  # training time, without validation
+    # The run's wall time at this state, every earlier process's included (stamped by WallClock),
+    # so a resumed run reports the time it took in all, not only its last process's.
+    wall_seconds: float = 0.0
     # Steps not read yet: (step, batch losses, gradient norm), still on the device. Reading a
     # value from a GPU waits for all its queued work, so the loop reads once per log interval
     # (settle), not at every pass.
@@ -287,6 +290,20 @@ class LogLoss(Callback):
 
     def close(self) -> None:
         self.bar.close()
+
+
+class WallClock(Callback):
+    """Stamps the progress with the run's wall time (`wall()`) at every step and epoch end, before
+    the checkpointer saves it."""
+
+    def __init__(self, wall: Callable[[], float]):
+        self.wall = wall
+
+    def on_step(self, progress: TrainingProgress, epoch: float) -> None:
+        progress.wall_seconds = self.wall()
+
+    def on_epoch_end(self, progress: TrainingProgress) -> None:
+        progress.wall_seconds = self.wall()
 
 
 class KeepBest(Callback):

@@ -69,11 +69,20 @@ def test_kill_9_then_resume_gives_the_same_final_metrics(tiny_model, tmp_path, u
     assert killed.returncode == -9  # died at step 7, between the checkpoints of steps 6 and 9
     assert not (run_dir / "metrics.json").exists()
     assert steps(run_dir) == ["step-00000004", "step-00000006"]  # epoch end 4, periodic 6 (3 pruned)
+    # The run's wall time goes on from the checkpoint's: a resumed run reports all it took.
+    state_file = run_dir / "checkpoints" / "step-00000006" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["progress"]["wall_seconds"] > state["progress"]["seconds"] > 0  # loading, validation
+    state["progress"]["wall_seconds"] = 1000.0  # as if the killed process had run for long
+    state_file.write_text(json.dumps(state))
+    start = time.perf_counter()
     resumed = emorec(tiny_model, run_dir, "resume=true")
+    took = time.perf_counter() - start
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout and "step-00000006 at step 6" in resumed.stdout
     assert final(run_dir) == uninterrupted
     assert len(uninterrupted["losses"]) == 10
+    assert 1000.0 < json.loads((run_dir / "metrics.json").read_text())["wall_time_s"] < 1000.0 + took
 
 
 def test_a_resumed_run_continues_its_wandb_run(tiny_model, tmp_path, uninterrupted):
