@@ -261,8 +261,9 @@ def test_report_tells_machines_and_precisions_apart():
     """Jobs from a bf16 machine (before runs recorded their hardware), an AVX2 machine in fp32 and
     a GPU: each group's count and hours, and which jobs ran in the rarer precision."""
 
-    def job(precision, seconds, hardware=None, setting="auto"):
-        metrics = {"precision": precision, "wall_time_s": seconds} | ({"hardware": hardware} if hardware else {})
+    def job(precision, seconds, hardware=None, setting="auto", trained=None):
+        metrics = {"precision": precision, "wall_time_s": seconds, "train": trained and {"seconds": trained}}
+        metrics |= {"hardware": hardware} if hardware else {}
         return {"config": {"trainer": {"precision": setting}}, "metrics": metrics}
 
     avx2 = {"device": "cpu", "name": "AMD EPYC", "processes": 1, "threads": 2, "cpu_isa": "AVX2"}
@@ -271,13 +272,15 @@ def test_report_tells_machines_and_precisions_apart():
         "sst2-zeroshot": job("bf16", 3600),
         "sst2-lora_head": job("bf16", 3600),
         "mosi2-lora_head": job("bf16", 1800, setting="bf16"),
-        "meld-lora_head": job("fp32", 7200, avx2),
+        "meld-lora_head": job("fp32", 7200, avx2, trained=5400),
+        # Resumed before wall time was carried across processes: its (carried) training time counts.
+        "friends-lora_head": job("fp32", 1800, avx2, trained=3600),
         "meld-lora_score": job("bf16", 360, h200),
     }
     assert report.machines(results) == (
         "2 jobs in bf16 on a CPU with native bf16 (read from the run's auto precision: it predates hardware "
-        "records), 2.0 h; 1 job in bf16 on a machine the run did not record, 0.5 h; 1 job in fp32 on AMD EPYC "
-        "(AVX2, 2 threads), 2.0 h; 1 job in bf16 on 1 NVIDIA H200, 0.1 h"
+        "records), 2.0 h; 2 jobs in fp32 on AMD EPYC (AVX2, 2 threads), 3.0 h; 1 job in bf16 on a machine the "
+        "run did not record, 0.5 h; 1 job in bf16 on 1 NVIDIA H200, 0.1 h"
     )
-    assert report.precisions(results) == ["In fp32 (1 job; the others in bf16): meld: lora_head."]
+    assert report.precisions(results) == ["In fp32 (2 jobs; the others in bf16): friends: lora_head; meld: lora_head."]
     assert report.precisions({"sst2-zeroshot": job("bf16", 1)}) == []

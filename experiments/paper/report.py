@@ -222,7 +222,7 @@ def setup_notes(results: dict) -> list[str]:
     planned, waiting = jobs(results, datasets=studied(results))
     budget = sorted({_budget(c) for c in configs if c["adapter"]["train"]})
     examples = sorted(t["examples"] for t in trained) or [0]
-    seconds = sum(m["wall_time_s"] for m in metrics)
+    seconds = sum(map(wall_seconds, metrics))
     return [
         f"Models: {', '.join(sorted({m['model'] for m in metrics}))}; precision "
         f"{', '.join(sorted({m['precision'] for m in metrics}))}; batch "
@@ -263,11 +263,17 @@ def machines(results: dict) -> str:
             where = f"a CPU {native} native bf16 (read from the run's auto precision: it predates hardware records)"
         else:
             where = "a machine the run did not record"
-        groups.setdefault((m["precision"], where), []).append(m["wall_time_s"])
+        groups.setdefault((m["precision"], where), []).append(wall_seconds(m))
     return "; ".join(
         f"{_count(len(times), 'job')} in {precision} on {where}, {sum(times) / 3600:.1f} h"
         for (precision, where), times in sorted(groups.items(), key=lambda g: -len(g[1]))
     )
+
+
+def wall_seconds(metrics: dict) -> float:
+    """A job's wall time. Runs resumed before emorec carried wall time across processes recorded
+    only their last process's; their training time, always carried, is then the better bound."""
+    return max(metrics["wall_time_s"], (metrics.get("train") or {}).get("seconds", 0.0))
 
 
 def _count(n: int, thing: str) -> str:
