@@ -7,6 +7,7 @@ index into `labels`, each carrying the earlier turns of its dialogue as context.
 """
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from emorec.data import (
@@ -217,43 +218,38 @@ def load_sst(
 # --- Multimodal sentiment transcripts in the MMSA layout: CMU-MOSI, CH-SIMS ----------------------
 
 
-def polarity(score: float, classes: int, zero: str, neutral_band: float) -> str | None:
-    """A real-valued sentiment score as a class word.
+@dataclass(frozen=True)
+class Polarity:
+    """How a real-valued sentiment score becomes a class word.
 
     3 classes: |score| <= neutral_band is neutral, else the sign. 2 classes: the sign, with a
     score of exactly 0 counted as `zero` (positive or negative), or left out (`drop`).
     """
-    if classes == 3:
-        return "neutral" if abs(score) <= neutral_band else ("positive" if score > 0 else "negative")
-    if score == 0:
-        return None if zero == "drop" else zero
-    return "positive" if score > 0 else "negative"
+
+    classes: int
+    zero: str
+    neutral_band: float = 0.0
+
+    def __post_init__(self):
+        if self.classes not in (2, 3) or self.zero not in ("positive", "negative", "drop"):
+            raise EmorecError(
+                f"dataset.load.classes={self.classes}, zero={self.zero!r}; "
+                "use classes 2 or 3 and zero positive, negative or drop"
+            )
+
+    def __call__(self, score: float) -> str | None:
+        if self.classes == 3:
+            return "neutral" if abs(score) <= self.neutral_band else ("positive" if score > 0 else "negative")
+        if score == 0:
+            return None if self.zero == "drop" else self.zero
+        return "positive" if score > 0 else "negative"
 
 
-def _load_scored_csv(
-    name: str,
-    labels: list[str],
-    columns: dict,
-    video_clip,
-    classes: int,
-    zero: str,
-    neutral_band: float,
-    raw_labels: list | None,
-    data_dir,
-    url,
-    sha256,
-    on_bad_row: str,
-    source: str | None = None,
-) -> Splits:
+def _load_scored_csv(path: Path, columns: dict, video_clip, polarity: Polarity, labels, raw_labels, bad: BadRows):
     """The MMSA label.csv layout both MOSI and CH-SIMS use: one row per clip with its text, a
-    real-valued score and its split in `mode`. A dialogue is a video, its clips in order."""
-    if classes not in (2, 3) or zero not in ("positive", "negative", "drop"):
-        raise EmorecError(
-            f"dataset.load.classes={classes}, zero={zero!r}; use classes 2 or 3 and zero positive, negative or drop"
-        )
-    folder = locate(name, ["label.csv"], data_dir, url, sha256, source=source)
-    path = folder / "label.csv"
-    index, bad = LabelIndex(labels, raw_labels), BadRows(name, on_bad_row)
+    real-valued score and its split in `mode`. A dialogue is a video, its clips in order.
+    `video_clip(row)`: the clip's video and its place in it."""
+    index = LabelIndex(labels, raw_labels)
     by_split = {s: [] for s in SPLITS}
     for line, r in read_csv(path, list(columns.values()), bad=bad):
         where = f"{path}:{line}"
@@ -267,7 +263,7 @@ def _load_scored_csv(
             bad(where, f"mode {r[columns['mode']]!r} is not train, valid/dev or test")
             continue
         video, clip = video_clip(r)
-        label = polarity(score, classes, zero, neutral_band)
+        label = polarity(score)
         if label is None:
             bad.left_out["score exactly 0 (zero=drop)"] += 1
             continue
@@ -303,10 +299,10 @@ def load_mosi(
         video, _, clip = r["id"].rpartition("_")
         return video or r["id"], clip
 
+    rule = Polarity(classes, zero, neutral_band)  # a wrong setting is told before any download
+    path = locate("mosi", ["label.csv"], data_dir, url, sha256) / "label.csv"
     columns = {"text": "text", "score": "label", "mode": "mode", "id": "id"}
-    return _load_scored_csv(
-        "mosi", labels, columns, video_clip, classes, zero, neutral_band, raw_labels, data_dir, url, sha256, on_bad_row
-    )
+    return _load_scored_csv(path, columns, video_clip, rule, labels, raw_labels, BadRows("mosi", on_bad_row))
 
 
 def load_chsims(
@@ -322,28 +318,12 @@ def load_chsims(
     """CH-SIMS, official label.csv (`video_id,clip_id,text,label,label_T,label_A,label_V,
     annotation,mode`, scores in [-1, 1]). score_column picks the multimodal `label` (default)
     or the text-only `label_T`. No public download: the owners hand it out (see the error)."""
-    columns = {
-        "text": "text",
-        "score": score_column,
-        "mode": "mode",
-        "video_id": "video_id",
-        "clip_id": "clip_id",
-    }
+    rule = Polarity(classes, zero, neutral_band)
     source = "CH-SIMS is shared by its authors via github.com/thuiar/MMSA, not by a public URL"
+    path = locate("chsims", ["label.csv"], data_dir, source=source) / "label.csv"
+    columns = {"text": "text", "score": score_column, "mode": "mode", "video_id": "video_id", "clip_id": "clip_id"}
     return _load_scored_csv(
-        "chsims",
-        labels,
-        columns,
-        lambda r: (r["video_id"], r["clip_id"]),
-        classes,
-        zero,
-        neutral_band,
-        raw_labels,
-        data_dir,
-        None,
-        None,
-        on_bad_row,
-        source,
+        path, columns, lambda r: (r["video_id"], r["clip_id"]), rule, labels, raw_labels, BadRows("chsims", on_bad_row)
     )
 
 

@@ -107,6 +107,10 @@ def test_mosi_thresholds(fixture_dir):
     assert words(three, "train") == ["positive", "negative", "neutral", "negative"]
     banded, _ = load("mosi3", folder, "dataset.load.neutral_band=0.5")
     assert words(banded, "train")[3] == "neutral"  # -0.4 is within MMSA's rounding band
+    # A setting with no meaning is told in one line, before the files are looked for.
+    for bad in ("dataset.load.classes=5", "dataset.load.zero=neutral"):
+        with pytest.raises(EmorecError, match="use classes 2 or 3 and zero positive, negative or drop"):
+            load("mosi2", Path("/nonexistent"), bad)
 
 
 def test_dailydialog(fixture_dir):
