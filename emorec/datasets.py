@@ -245,7 +245,9 @@ class Polarity:
         return "positive" if score > 0 else "negative"
 
 
-def _load_scored_csv(path: Path, columns: dict, video_clip, polarity: Polarity, labels, raw_labels, bad: BadRows):
+def _load_scored_csv(
+    path: Path, columns: dict, video_clip, polarity: Polarity, labels, raw_labels, bad: BadRows
+) -> Splits:
     """The MMSA label.csv layout both MOSI and CH-SIMS use: one row per clip with its text, a
     real-valued score and its split in `mode`. A dialogue is a video, its clips in order.
     `video_clip(row)`: the clip's video and its place in it."""
