@@ -12,6 +12,7 @@ import re
 import resource
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -536,7 +537,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def write_metrics(out: Path, metrics: dict, val: tuple, test: tuple, logger, wall) -> dict:
+def write_metrics(out: Path, metrics: dict, val: tuple, test: tuple, logger, wall: Callable[[], float]) -> dict:
     """metrics.json, and its headline figures as the logger's summary (returned)."""
     metrics.update(val_examples_per_s=val[0]["examples_per_s"], test_examples_per_s=test[0]["examples_per_s"])
     metrics["peak_rss_mb"] = peak_rss_mb()
