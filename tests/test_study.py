@@ -284,3 +284,18 @@ def test_report_tells_machines_and_precisions_apart():
     )
     assert report.precisions(results) == ["In fp32 (2 jobs; the others in bf16): friends: lora_head; meld: lora_head."]
     assert report.precisions({"sst2-zeroshot": job("bf16", 1)}) == []
+
+
+def test_progress_counts_the_plan_and_the_families_that_wait():
+    def done(dev):
+        return {"config": {}, "metrics": {"metric": "macro_f1", "val": {"macro_f1": dev}}}
+
+    results = {"mosi2-zeroshot": done(0.1)}
+    assert report.progress(results) == (
+        "Progress: 1 of the 8 jobs planned so far are done; seeds wait for dev results in 2 families."
+    )
+    # The LLM family done: its best (dev) configuration's two seeds join the plan; MiniLM still waits.
+    results |= {f"mosi2-{config}": done(0.5 + i / 10) for i, config in enumerate(study.LLM)}
+    assert report.progress(results) == (
+        "Progress: 5 of the 10 jobs planned so far are done; seeds wait for dev results in 1 family."
+    )

@@ -219,7 +219,6 @@ def setup_notes(results: dict) -> list[str]:
     configs = [r["config"] for r in results.values()]
     metrics = [r["metrics"] for r in results.values()]
     trained = [m["train"] for m in metrics if m.get("train")]
-    planned, waiting = jobs(results, datasets=studied(results))
     budget = sorted({_budget(c) for c in configs if c["adapter"]["train"]})
     examples = sorted(t["examples"] for t in trained) or [0]
     seconds = sum(map(wall_seconds, metrics))
@@ -235,10 +234,17 @@ def setup_notes(results: dict) -> list[str]:
         f"Hardware, one job at a time: {machines(results)}. Compute: "
         f"{len(results)} jobs, {seconds / 3600:.1f} hours of wall time in total.",
         *precisions(results),
-        f"Progress: {len(results)} of the {len(planned)} jobs planned so far are done"
-        + (f"; {len(waiting)} families' seeds wait for their dev results" if waiting else "")
-        + ".",
+        progress(results),
     ]
+
+
+def progress(results: dict) -> str:
+    """How much of the plan is done, and how many families' seeds wait for their dev results."""
+    planned, waiting = jobs(results, datasets=studied(results))
+    families = f"{len(waiting)} famil{'y' if len(waiting) == 1 else 'ies'}"
+    return f"Progress: {len(results)} of the {len(planned)} jobs planned so far are done" + (
+        f"; seeds wait for dev results in {families}." if waiting else "."
+    )
 
 
 def _budget(config: dict) -> str:
