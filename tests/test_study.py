@@ -140,7 +140,7 @@ def finished_study(tiny_model, tmp_path_factory):
     command += ["--name", "tiny", "--runs", str(repo / "runs"), "--outputs", str(tmp / "out"), "--commit"]
     # fp32 for every job: `auto` would pick bf16 where the CPU computes it natively (MiniLM's jobs too).
     every = ["trainer.max_steps=2", "trainer.batch_size=2", "trainer.num_threads=1", "logger=none", "dataset.max_dev=6"]
-    command += [f"--every={o}" for o in [*every, "trainer.precision=fp32"]]
+    command += [f"--every={o}" for o in every + ["trainer.precision=fp32"]]
     command += ["model=hf", f"model.name_or_path={tiny_model}"]
     env = {**os.environ, "EMOREC_DATA_DIR": str(data), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)

@@ -241,9 +241,8 @@ def setup_notes(results: dict) -> list[str]:
 def progress(results: dict) -> str:
     """How much of the plan is done, and how many families' seeds wait for their dev results."""
     planned, waiting = jobs(results, datasets=studied(results))
-    families = f"{len(waiting)} famil{'y' if len(waiting) == 1 else 'ies'}"
     return f"Progress: {len(results)} of the {len(planned)} jobs planned so far are done" + (
-        f"; seeds wait for dev results in {families}." if waiting else "."
+        f"; seeds wait for dev results in {_count(len(waiting), 'family', 'families')}." if waiting else "."
     )
 
 
@@ -282,8 +281,8 @@ def wall_seconds(metrics: dict) -> float:
     return max(metrics["wall_time_s"], (metrics.get("train") or {}).get("seconds", 0.0))
 
 
-def _count(n: int, thing: str) -> str:
-    return f"{n} {thing}" + ("" if n == 1 else "s")
+def _count(n: int, thing: str, things: str | None = None) -> str:
+    return f"{n} {thing if n == 1 else things or thing + 's'}"
 
 
 def precisions(results: dict) -> list[str]:
