@@ -235,7 +235,7 @@ def test_report_from_the_results_folder(finished_study, tmp_path):
     hardware = results["meld-zeroshot"]["metrics"]["hardware"]
     assert hardware["device"] == "cpu" and hardware["cpu_isa"] == torch.backends.cpu.get_cpu_capability()
     assert f"13 jobs in fp32 on {hardware['name']} ({hardware['cpu_isa']}, " in text and "- In " not in text
-    assert "13 jobs" in text and "13 of the 13 jobs planned" in text and "| meld | weighted_f1 |" in text
+    assert "13 jobs" in text and "all 13 planned jobs are done" in text and "| meld | weighted_f1 |" in text
     assert json.loads((tmp_path / "out" / "results.json").read_text())["rows"][0]["ours zero-shot"] == (
         first["ours"]["zero-shot"].mean
     )
@@ -300,3 +300,9 @@ def test_progress_counts_the_plan_and_the_families_that_wait():
     assert report.progress(results) == (
         "Progress: 5 of the 10 jobs planned so far are done; seeds wait for dev results in 1 family."
     )
+    # MiniLM done too: the plan is whole (no context jobs on MOSI), so "so far" goes.
+    results |= {f"mosi2-{config}": done(0.3 + i / 10) for i, config in enumerate(study.MINILM)}
+    assert report.progress(results) == "Progress: 8 of the 12 planned jobs are done."
+    results |= {job.name: done(0.5) for job in study.jobs(results, datasets=["mosi2"])[0] if job.name not in results}
+    assert len(results) == 12
+    assert report.progress(results) == "Progress: all 12 planned jobs are done."

@@ -241,9 +241,14 @@ def setup_notes(results: dict) -> list[str]:
 def progress(results: dict) -> str:
     """How much of the plan is done, and how many families' seeds wait for their dev results."""
     planned, waiting = jobs(results, datasets=studied(results))
-    return f"Progress: {len(results)} of the {len(planned)} jobs planned so far are done" + (
-        f"; seeds wait for dev results in {_count(len(waiting), 'family', 'families')}." if waiting else "."
-    )
+    if waiting:  # the plan still grows: each waiting family adds its best configuration's seeds
+        return (
+            f"Progress: {len(results)} of the {len(planned)} jobs planned so far are done; "
+            f"seeds wait for dev results in {_count(len(waiting), 'family', 'families')}."
+        )
+    if all(j.name in results for j in planned):
+        return f"Progress: all {len(planned)} planned jobs are done."
+    return f"Progress: {len(results)} of the {len(planned)} planned jobs are done."
 
 
 def _budget(config: dict) -> str:
