@@ -239,16 +239,16 @@ def setup_notes(results: dict) -> list[str]:
 
 
 def progress(results: dict) -> str:
-    """How much of the plan is done, and how many families' seeds wait for their dev results."""
+    """How much of the plan is done, and how many families' seeds wait for their dev results
+    (while any wait, the plan still grows: each adds its best configuration's seeds)."""
     planned, waiting = jobs(results, datasets=studied(results))
-    if waiting:  # the plan still grows: each waiting family adds its best configuration's seeds
+    if waiting:
         return (
             f"Progress: {len(results)} of the {len(planned)} jobs planned so far are done; "
             f"seeds wait for dev results in {_count(len(waiting), 'family', 'families')}."
         )
-    if all(j.name in results for j in planned):
-        return f"Progress: all {len(planned)} planned jobs are done."
-    return f"Progress: {len(results)} of the {len(planned)} planned jobs are done."
+    done = "all" if all(j.name in results for j in planned) else f"{len(results)} of the"
+    return f"Progress: {done} {len(planned)} planned jobs are done."
 
 
 def _budget(config: dict) -> str:
