@@ -59,20 +59,20 @@ test-fast: setup ## run the tests that take seconds (no slow marker)
 	$(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 bench: setup ## benchmark emorec against the naive peer (HF Trainer recipe); writes experiments/bench/results.json
-	$(BIN)/python experiments/bench/bench.py $(ARGS)
+	$(BIN)/python -m experiments.bench.bench $(ARGS)
 
 gpu-check: setup ## on a CUDA GPU (under 8 min on one H200): the gpu tests, then the main job against the CPU and the bench against the peer (experiments/gpu)
 	$(BIN)/python -m pytest -m gpu tests/test_gpu.py tests/test_engine.py $(ARGS)
-	$(BIN)/python experiments/gpu/gpu_check.py --out experiments/gpu/results.json
+	$(BIN)/python -m experiments.gpu.gpu_check --out experiments/gpu/results.json
 
 paper: setup ## the paper's study: zero-shot, P-Tuning v2 and LoRA (label scoring and head), MiniLM, seeds, dialogue context; then the table (experiments/paper; resumable: done jobs are skipped)
-	$(BIN)/python experiments/paper/study.py run --budget $(PAPER_BUDGET) $(if $(PAPER_NAME),--name $(PAPER_NAME)) $(ARGS)
-	$(BIN)/python experiments/paper/report.py --results experiments/paper/runs/$(PAPER_RESULTS) \
+	$(BIN)/python -m experiments.paper.study run --budget $(PAPER_BUDGET) $(if $(PAPER_NAME),--name $(PAPER_NAME)) $(ARGS)
+	$(BIN)/python -m experiments.paper.report --results experiments/paper/runs/$(PAPER_RESULTS) \
 		$(if $(filter cpu_full,$(PAPER_RESULTS)),--readme README.md)
 
 classifiers: setup ## label scoring vs the classification head, P-Tuning v2's start, rare classes, context on MELD (experiments/classifiers; resumable: done jobs are skipped)
-	$(BIN)/python experiments/classifiers/jobs.py --outputs outputs/classifiers $(ARGS)
-	$(BIN)/python experiments/classifiers/report.py --outputs outputs/classifiers
+	$(BIN)/python -m experiments.classifiers.jobs --outputs outputs/classifiers $(ARGS)
+	$(BIN)/python -m experiments.classifiers.report --outputs outputs/classifiers
 
 lint: setup ## ruff lint and format check
 	$(BIN)/ruff check emorec tests experiments

@@ -23,6 +23,7 @@ from emorec.distributed import hydra_overrides, is_main_process, world_size
 from emorec.errors import EmorecError
 from emorec.outputs import RunDirectoryBusy, check_run_directory, write_json
 from emorec.run import run
+from emorec.schema import check_overrides, register
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("emorec")
@@ -43,9 +44,15 @@ def swept_keys(sweep_dir: Path) -> set[str]:
     return keys
 
 
+def main():
+    """Hydra's entrypoint, the config groups' schemas registered first (emorec.schema)."""
+    register()
+    return job()
+
+
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
-def main(cfg: DictConfig) -> float:
-    """Returns the validation metric of record, which Hydra's sweepers optimise."""
+def job(cfg: DictConfig) -> float:
+    """One job. Returns the validation metric of record, which Hydra's sweepers optimise."""
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     if multirun and "group" in cfg.logger:
@@ -87,7 +94,7 @@ def main(cfg: DictConfig) -> float:
 
 def cli() -> None:
     """`emorec report ...` makes tables (emorec.report), `emorec predict RUN_DIR ...` labels text
-    with a finished run (emorec.trained), `emorec convert-glm SRC DST` converts a ChatGLM2/3
+    with a finished run (emorec.predict_cli), `emorec convert-glm SRC DST` converts a ChatGLM2/3
     checkpoint (emorec.glm); anything else runs an experiment."""
     if sys.argv[1:2] == ["report"]:
         from emorec.report import main as report_main
@@ -95,7 +102,7 @@ def cli() -> None:
         report_main(sys.argv[2:])
         return
     if sys.argv[1:2] == ["predict"]:
-        from emorec.trained import main as predict_main
+        from emorec.predict_cli import main as predict_main
 
         predict_main(sys.argv[2:])
         return
@@ -104,9 +111,12 @@ def cli() -> None:
 
         convert_main(sys.argv[2:])
         return
+    register()  # the config groups' schemas, before the overrides are checked
     try:
         sys.argv += hydra_overrides(sys.argv[1:])
         asks = {"-h", "--help", "-c", "--cfg", "-i", "--info", "--hydra-help"} & set(sys.argv[1:])
+        if not asks:  # a value of the wrong type, in one line
+            check_overrides([a for a in sys.argv[1:] if "=" in a and not a.startswith("-")], CONF)
         if is_main_process() and not asks:  # the first process of a torchrun run locks the folder
             check_run_directory(planned_directory(sys.argv[1:]))
     except EmorecError as e:

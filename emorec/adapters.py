@@ -11,7 +11,7 @@ that batch); `text` from the keys and values the model itself computes for a tex
 import torch
 from peft import PeftConfig, PeftModel, PromptTuningInit, initialize_kv_prefix_from_past_key_values
 
-from emorec.reference import base_of, device_of, on_device
+from emorec.tensors import base_of, device_of, on_device
 
 
 def prepare(config: PeftConfig, init: str | None, decoder_classifier: bool) -> PeftConfig:

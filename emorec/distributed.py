@@ -11,12 +11,14 @@ computes the same metrics; only the main process writes outputs and logs to W&B.
 
 import os
 import time
+from contextlib import nullcontext
 
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 
 from emorec.errors import EmorecError
+from emorec.train import OnePass, Passes
 
 
 def world_size() -> int:
@@ -113,3 +115,27 @@ def end(accelerator: Accelerator | None) -> None:
     if accelerator is not None and torch.distributed.is_initialized():
         accelerator.wait_for_everyone()
         torch.distributed.destroy_process_group()
+
+
+class DataParallel(OnePass):
+    """Several processes (DDP or DeepSpeed ZeRO-1/2 through accelerate): every process builds
+    the same batches and trains on its stripe of rows; the engine averages the gradients, so an
+    optimizer step sees the same global batch as with one process."""
+
+    def __init__(self, passes: Passes, accelerator, model):
+        super().__init__(passes)
+        self.accelerator, self.model = accelerator, model
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+
+    def backward(self, rows: list[int], scale: float, last: bool) -> torch.Tensor:
+        # Gradients are exchanged once per step, on each process's last pass.
+        with nullcontext() if last else self.accelerator.no_sync(self.model):
+            loss = self.passes.loss_of(rows)
+            self.accelerator.backward(loss * scale)
+        return loss.detach().float()
+
+    def agree(self, values: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(values.to(self.accelerator.device, torch.float64), "sum")
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()

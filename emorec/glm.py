@@ -262,7 +262,7 @@ def load_chatglm(name_or_path: str, chat: str, revision: str | None = None, **op
     with `options`: dtype, device, attention, quantisation)."""
     import hashlib
 
-    from emorec.download import cache_dir
+    from emorec.data.files import cache_dir
     from emorec.model import load_pretrained
 
     source = fetch_checkpoint(name_or_path, revision)

@@ -1,11 +1,17 @@
 """Experiment loggers. `logger=wandb` (default) and `logger=none` pick one of these two; they
-share the same five methods and nothing else."""
+share the same five methods and nothing else. `make_logger` makes a run's, and saves its config
+beside it."""
 
 import netrc
 import os
 import secrets
 import string
 from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from emorec.errors import instantiate
+from emorec.upgrade import versioned
 
 
 def has_wandb_credentials() -> bool:
@@ -115,3 +121,15 @@ class NullLogger:
 
     def finish(self) -> None:
         pass
+
+
+def make_logger(logger: DictConfig, run_config: dict, out: Path, main: bool, resume: bool):
+    """The run's logger (the first process only), and the resolved config saved beside it, with
+    the version of the code that wrote it (emorec.upgrade). A resumed run's logger continues the
+    run it logged to before."""
+    if not main:
+        return NullLogger()
+    OmegaConf.save(OmegaConf.create(versioned(run_config)), out / "config.yaml")
+    # A partial, so the run's config reaches the logger as a plain dict (instantiate would turn
+    # keyword arguments into DictConfig nodes and instantiate the _target_s inside them).
+    return instantiate(logger, _partial_=True)(run_config=run_config, dir=str(out), resume=resume)

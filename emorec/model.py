@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from emorec.download import cache_dir, hub_offline
+from emorec.data.files import cache_dir, hub_offline
 from emorec.errors import EmorecError
 
 log = logging.getLogger(__name__)
@@ -277,7 +277,7 @@ def base_fingerprint(model) -> dict:
     input embeddings and 64 of their values, spread over the whole matrix (a different model,
     even of the same architecture, differs there; the same model in bf16 or fp32 agrees to
     bf16 rounding). The embeddings are never quantised, so QLoRA bases have them too."""
-    from emorec.reference import base_of
+    from emorec.tensors import base_of
 
     weight = base_of(model).get_input_embeddings().weight.detach()
     flat = weight.reshape(-1)

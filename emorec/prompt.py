@@ -8,7 +8,7 @@ prediction ranks the label set by the likelihood of each answer.
 
 from dataclasses import dataclass
 
-from emorec.data import Example
+from emorec.data.records import Example
 from emorec.errors import EmorecError
 
 
@@ -31,6 +31,18 @@ class Context:
             return render_context(turns, self.before), text
         lines = "".join(f"{line}\n" for line in _lines(turns))
         return "", self.after.format(context=lines, current=_lines([(speaker, text)])[0])
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """The prompt's wording (the `prompt` config group): the instruction `template` ({labels},
+    {text}), the chat template's system turn (None: the template's default), the cue that ends a
+    prompt without a chat template, and how dialogue context is laid out."""
+
+    template: str
+    system: str | None = None
+    cue: str = "\nAnswer:"
+    context: Context = Context()
 
 
 def join_labels(labels: list[str]) -> str:
@@ -71,24 +83,17 @@ def render_prompt(
 
 
 def encode_prompts(
-    tokenizer,
-    examples: list[Example],
-    template: str,
-    system: str | None,
-    labels: list[str],
-    max_length: int,
-    context_window: int = 0,
-    context: Context = Context(),
-    cue: str = "\nAnswer:",
+    tokenizer, examples: list[Example], fmt: PromptFormat, labels: list[str], max_length: int, context_window: int = 0
 ) -> list[list[int]]:
     """Token ids of each example's prompt, at most max_length long.
 
-    With context_window=k, the k previous turns of the dialogue join the prompt as `context`
+    With context_window=k, the k previous turns of the dialogue join the prompt as `fmt.context`
     lays them out. A prompt that does not fit loses its oldest turns first, so the utterance to
     classify stays whole; only when no context is left does the utterance itself lose words
     from its end. The instruction and the template always stay whole.
     """
     special = tokenizer.chat_template is None  # the chat template writes its own special tokens
+    template, system, cue, context = fmt.template, fmt.system, fmt.cue, fmt.context
 
     def render(ex: Example, text: str, turns) -> str:
         if not context_window:

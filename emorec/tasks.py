@@ -9,11 +9,33 @@ returns (tokens of each prompt computed once for all, a function from a batch of
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from emorec import reference
+from emorec.tensors import device_of, on_device
+
+
+class Task(Protocol):
+    """What a run trains and evaluates: LabelWords, LabelHead or SequenceClassifier."""
+
+    streams: bool  # whether evaluation batches may run in several threads at once
+
+    def describe(self) -> dict: ...
+
+    def lengths(self, prompts: list[list[int]], targets: list[int]) -> list[int]:
+        """Each training example's tokens, its answer's included."""
+
+    def shared_length(self, model, prompts: list[list[int]]) -> int:
+        """The tokens a pass of these prompts runs once for all of them."""
+
+    def loss(self, model, prompts: list[list[int]], targets: list[int]) -> torch.Tensor: ...
+
+    def predictor(self, model, prompts: list[list[int]]) -> tuple[int, Callable]:
+        """(tokens every prompt shares, run(batch of prompts) -> (label indices, extras))."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +66,7 @@ class Balance:
         """The weights of examples with these labels (None: unweighted)."""
         if self.weights is None:
             return None
-        return reference.on_device([self.weights[t] for t in targets], device, torch.float32)
+        return on_device([self.weights[t] for t in targets], device, torch.float32)
 
     def adjusted(self, scores: torch.Tensor) -> torch.Tensor:
         return scores if self.adjust is None else scores - scores.new_tensor(self.adjust)
@@ -83,7 +105,7 @@ class LabelWords:
         return self.impl.shared_length(model, prompts)
 
     def loss(self, model, prompts: list[list[int]], targets: list[int]) -> torch.Tensor:
-        weights = self.balance.of_targets(targets, reference.device_of(model))
+        weights = self.balance.of_targets(targets, device_of(model))
         return self.impl.loss(model, prompts, [self.answers[t] for t in targets], self.pad_id, weights)
 
     def predictor(self, model, prompts: list[list[int]]):
@@ -101,7 +123,7 @@ class LabelWords:
 
 
 class LabelHead(LabelWords):
-    """A decoder with a classification head over the labels (head=classifier, emorec.head): the
+    """A decoder with a classification head over the labels (head=classifier, emorec.classifier): the
     head's logits at the prompt's last token are what a causal LM's next-token logits are there,
     over the labels instead of the vocabulary. So it is label scoring with one-token answers,
     label i's "token" being i: trained with cross-entropy, predicting the argmax, through the
@@ -137,7 +159,7 @@ class SequenceClassifier:
         return 0
 
     def loss(self, model, prompts: list[list[int]], targets: list[int]) -> torch.Tensor:
-        weights = self.balance.of_targets(targets, reference.device_of(model))
+        weights = self.balance.of_targets(targets, device_of(model))
         return reference.classifier_loss(model, prompts, targets, self.pad_id, weights)
 
     def predictor(self, model, prompts: list[list[int]]):

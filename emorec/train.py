@@ -1,27 +1,21 @@
 """The training loop, flat: batches, forward and backward, clip, step, callbacks.
 
-How a step's backward is done is a strategy chosen once (`OnePass` here; `DataParallel` for
-several processes; `fast.streams.Streamed` for thread streams); what else happens around the
-steps (logging, validation with the best weights kept, checkpoints and stop signals) are
-callbacks. The loop's resumable state is one `TrainingProgress`.
+How a step's backward is done is a strategy chosen once by emorec.fast (`OnePass` here;
+`distributed.DataParallel` for several processes; `fast.streams.Streamed` for thread streams);
+what else happens around the steps (logging, validation with the best weights kept,
+checkpoints and stop signals) are callbacks (emorec.callbacks). The loop's resumable state is one `TrainingProgress`.
 """
 
 import logging
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from emorec.batches import passes, train_batches
-from emorec.checkpoint import Interrupted, load_checkpoint, restore_rng, save_checkpoint, torch_rng_state
 from emorec.errors import EmorecError
-from emorec.metrics import METRICS
-from emorec.reference import host_copy
 
 log = logging.getLogger(__name__)
 
@@ -175,30 +169,6 @@ class OnePass:
         pass
 
 
-class DataParallel(OnePass):
-    """Several processes (DDP or DeepSpeed ZeRO-1/2 through accelerate): every process builds
-    the same batches and trains on its stripe of rows; the engine averages the gradients, so an
-    optimizer step sees the same global batch as with one process."""
-
-    def __init__(self, passes: Passes, accelerator, model):
-        super().__init__(passes)
-        self.accelerator, self.model = accelerator, model
-        self.rank, self.world = accelerator.process_index, accelerator.num_processes
-
-    def backward(self, rows: list[int], scale: float, last: bool) -> torch.Tensor:
-        # Gradients are exchanged once per step, on each process's last pass.
-        with nullcontext() if last else self.accelerator.no_sync(self.model):
-            loss = self.passes.loss_of(rows)
-            self.accelerator.backward(loss * scale)
-        return loss.detach().float()
-
-    def agree(self, values: torch.Tensor) -> torch.Tensor:
-        return self.accelerator.reduce(values.to(self.accelerator.device, torch.float64), "sum")
-
-    def barrier(self) -> None:
-        self.accelerator.wait_for_everyone()
-
-
 def numerical_fault(what: str) -> EmorecError:
     return EmorecError(
         f"{what}; lower optimizer.lr or use trainer.precision=fp32 (the last checkpoint holds the weights before it)"
@@ -213,7 +183,8 @@ def check_finite(params, step: int) -> None:
 def train(model, backward: OnePass, optimizer, scheduler, plan: Plan, callbacks=(), progress=None) -> TrainingProgress:
     """Train for `plan.steps` optimizer steps over epochs of length-grouped batches, continuing
     from `progress` when given. Callbacks see every step (`on_step(progress, epoch)`) and epoch
-    end (`on_epoch_end(progress)`; their time there is not training time)."""
+    end (`on_epoch_end(progress)`; their time there is not training time), and may end training
+    before an epoch (`done(progress)`: early stopping)."""
     p = progress or TrainingProgress()
     params = [q for q in model.parameters() if q.requires_grad]
     generator = torch.Generator().manual_seed(plan.seed)
@@ -221,7 +192,7 @@ def train(model, backward: OnePass, optimizer, scheduler, plan: Plan, callbacks=
         generator.set_state(p.generator)
     clock = time.perf_counter()
     try:
-        while p.step < plan.steps:
+        while p.step < plan.steps and not any(callback.done(p) for callback in callbacks):
             model.train()
             p.generator = generator.get_state()
             batches = train_batches(backward.passes.lengths, plan.batch_size, generator)
@@ -256,157 +227,3 @@ def train(model, backward: OnePass, optimizer, scheduler, plan: Plan, callbacks=
         for callback in callbacks:
             callback.close()
     return p
-
-
-class Callback:
-    def on_step(self, progress: TrainingProgress, epoch: float) -> None:
-        pass
-
-    def on_epoch_end(self, progress: TrainingProgress) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class LogLoss(Callback):
-    """Every `every` steps and at the last: the mean batch loss since the last log, the learning
-    rate and the epoch, to `log(metrics, step)` and the progress bar."""
-
-    def __init__(self, log, scheduler, every: int, steps: int, start: int = 0, show: bool = True):
-        self.log, self.scheduler, self.every, self.steps = log, scheduler, every, steps
-        self.bar = tqdm(total=steps, initial=start, desc="train", disable=not show)
-
-    def on_step(self, progress: TrainingProgress, epoch: float) -> None:
-        self.bar.update()
-        if progress.step % self.every == 0 or progress.step == self.steps:
-            progress.settle()
-            mean = sum(progress.running) / len(progress.running)
-            progress.running = []
-            self.bar.set_postfix(loss=f"{mean:.4f}")
-            self.log(
-                {"train/loss": mean, "train/lr": self.scheduler.get_last_lr()[0], "train/epoch": epoch}, progress.step
-            )
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-class WallClock(Callback):
-    """Stamps the progress with the run's wall time (`wall()`) at every step and epoch end, before
-    the checkpointer saves it."""
-
-    def __init__(self, wall: Callable[[], float]):
-        self.wall = wall
-
-    def on_step(self, progress: TrainingProgress, epoch: float) -> None:
-        progress.wall_seconds = self.wall()
-
-    def on_epoch_end(self, progress: TrainingProgress) -> None:
-        progress.wall_seconds = self.wall()
-
-
-class KeepBest(Callback):
-    """Validation at each epoch's end (`evaluate(desc)` returns (predictions, metrics)); the
-    trainable weights of the best epoch by the metric of record stay in host memory (adapters are
-    small; a fully fine-tuned model then takes no second copy on the GPU) and `restore` puts them
-    back."""
-
-    def __init__(self, model, evaluate, metric: str, log):
-        self.model, self.evaluate, self.metric, self.log = model, evaluate, metric, log
-        self.value, self.epoch, self.state, self.val = -math.inf, None, None, None
-
-    def on_epoch_end(self, progress: TrainingProgress) -> None:
-        result, m = self.evaluate(f"val epoch {progress.epoch}")
-        self.log({f"val/{k}": m[k] for k in METRICS if k in m}, progress.step)
-        log.info(
-            "epoch %d step %d: val %s %.4f, accuracy %.4f",
-            progress.epoch,
-            progress.step,
-            self.metric,
-            m[self.metric],
-            m["accuracy"],
-        )
-        if m[self.metric] > self.value:
-            state = {n: host_copy(p) for n, p in self.model.named_parameters() if p.requires_grad}
-            self.value, self.epoch, self.state, self.val = m[self.metric], progress.epoch, state, (result, m)
-
-    def restore(self) -> None:
-        if self.state is not None:
-            with torch.no_grad():
-                for n, p in self.model.named_parameters():
-                    if n in self.state:
-                        p.copy_(self.state[n])
-
-
-class Checkpointer(Callback):
-    """Checkpoints every `every` steps (0: only at epoch ends), at each epoch's end, and when
-    `stop()` names a signal, after which training raises Interrupted. All processes stop at the
-    same step; the first writes."""
-
-    def __init__(
-        self, out: Path, model, optimizer, scheduler, best: KeepBest, *, every: int, keep: int, stop, backward
-    ):
-        self.out, self.model, self.optimizer, self.scheduler, self.best = out, model, optimizer, scheduler, best
-        self.every, self.keep, self.stop, self.backward = every, keep, stop, backward
-
-    def trainable(self) -> dict:
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-
-    def on_step(self, progress: TrainingProgress, epoch: float) -> None:
-        signal_name = self.stop()
-        flag = torch.tensor([float(signal_name is not None)])  # on the host: agree moves it
-        if self.backward.world > 1 and self.backward.agree(flag)[0]:
-            signal_name = signal_name or "SIGTERM"  # a signal may reach the processes at different steps
-        if signal_name or (self.every and progress.step % self.every == 0):
-            path = self.save(progress)
-            if signal_name:
-                raise Interrupted(signal_name, progress.step, path)
-
-    def on_epoch_end(self, progress: TrainingProgress) -> None:
-        self.save(progress)
-
-    def save(self, progress: TrainingProgress) -> Path | None:
-        state = progress.state_dict()  # reads the pending losses: a non-finite one stops here
-        check_finite(self.trainable().values(), progress.step)  # never a checkpoint of broken weights
-        tensors = {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            **torch_rng_state(),
-            "generator": state.pop("generator"),
-        }
-        path = None
-        if self.backward.rank == 0:  # every process holds the same state
-            best = {"best_value": self.best.value, "best_epoch": self.best.epoch}
-            path = save_checkpoint(
-                self.out,
-                progress.step,
-                weights=self.trainable(),
-                best=self.best.state,
-                tensors=tensors,
-                state={"progress": state, **best},
-                keep=self.keep,
-            )
-        self.backward.barrier()
-        return path
-
-    def restore(self, path: Path) -> TrainingProgress:
-        """Load a checkpoint into the model, optimizer, scheduler, best-so-far and RNGs."""
-        saved = load_checkpoint(path)
-        params = self.trainable()
-        if set(params) != set(saved["weights"]):
-            raise EmorecError(
-                f"checkpoint {path} holds other weights than this run trains; resume with the same adapter"
-            )
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(saved["weights"][n])
-        self.optimizer.load_state_dict(saved["tensors"]["optimizer"])
-        self.scheduler.load_state_dict(saved["tensors"]["scheduler"])
-        state = saved["state"]
-        # The best epoch's validation is recomputed from its weights at the end (deterministic).
-        self.best.value, self.best.epoch, self.best.state = state["best_value"], state["best_epoch"], saved["best"]
-        restore_rng(state, saved["tensors"])
-        progress = TrainingProgress()
-        progress.load_state_dict({**state["progress"], "generator": saved["tensors"]["generator"]})
-        return progress

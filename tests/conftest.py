@@ -7,7 +7,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from emorec.schema import register
 from tests.meld_fixture import MELD_DIR
+
+register()  # the config groups' schemas, as emorec's entrypoint does before Hydra composes
 
 CONF = str(Path(__file__).parent.parent / "conf")
 CHATML = (

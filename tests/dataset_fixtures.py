@@ -222,7 +222,25 @@ def write_iemocap(folder: Path) -> Path:
     return folder
 
 
+def write_emocontext(folder: Path) -> Path:
+    """Tab-separated, a header, one three-turn conversation a line; a quote is just a character."""
+    data = {
+        "train": [
+            ("0", "you there?", "yes, here", "i got the job!!", "happy"),
+            ("1", 'he said "no"', "why?", "dunno", "others"),
+        ],
+        "dev": [("2", "my cat died", "so sorry", "i miss her", "sad")],
+        "test": [("3", "you broke it", "not me", "liar, i am so mad", "angry"), ("4", "hi", "hello", "bye", "others")],
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in data.items():
+        lines = ["id\tturn1\tturn2\tturn3\tlabel", *("\t".join(row) for row in rows)]
+        (folder / f"{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
 WRITERS = {
+    "emocontext": write_emocontext,
     "emorynlp": write_emorynlp,
     "friends": write_friends,
     "mastodon": write_mastodon,

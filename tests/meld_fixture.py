@@ -69,16 +69,16 @@ def predict_test_split(model, tokenizer, cfg) -> dict:
     them: the check that a saved adapter predicts what the run wrote."""
     import torch
 
-    from emorec.datasets import load_meld
+    from emorec.data.corpora import load_meld
+    from emorec.evaluate import predict
     from emorec.fast import Fast, dispatch
-    from emorec.predict import predict
-    from emorec.prompt import encode_answers, encode_prompts, scoring_answers
+    from emorec.prompt import PromptFormat, encode_answers, encode_prompts, scoring_answers
     from emorec.tasks import LabelWords
 
     labels = list(cfg.dataset.labels)
     test = load_meld(labels, data_dir=str(MELD_DIR))["test"]
     answers = scoring_answers(encode_answers(tokenizer, cfg.prompt.template, cfg.prompt.system, labels))
-    ids = encode_prompts(tokenizer, test, cfg.prompt.template, cfg.prompt.system, labels, 256)
+    ids = encode_prompts(tokenizer, test, PromptFormat(cfg.prompt.template, cfg.prompt.system), labels, 256)
     engine = dispatch(model, Fast(), torch.device("cpu"))
     task = LabelWords(answers, answers, labels, tokenizer.pad_token_id, False, engine.answers)
     return predict(model, task, ids, engine, batch_size=3, autocast=False)

@@ -18,6 +18,7 @@ from hydra.errors import HydraException
 import emorec.model
 from emorec.errors import EmorecError
 from emorec.run import run
+from emorec.schema import check_overrides
 from tests.conftest import CONF
 from tests.meld_fixture import MELD_DIR
 
@@ -26,16 +27,13 @@ ROOT = Path(__file__).parent.parent
 # (id, overrides, a part of the message). All are rejected before a model loads.
 BEFORE_MODEL = [
     ("batch size 0", ["trainer.batch_size=0"], "trainer.batch_size=0 is not valid; it must be a positive integer"),
-    ("batch size text", ["trainer.batch_size=abc"], "trainer.batch_size='abc' is not valid; it must be a positive"),
     ("eval batch size < 0", ["trainer.eval_batch_size=-2"], "trainer.eval_batch_size=-2 is not valid"),
     ("lora rank 0", ["adapter=lora", "adapter.r=0"], "adapter.r=0 is not valid; it must be a positive integer"),
-    ("lora rank 2.5", ["adapter=lora", "adapter.r=2.5"], "adapter.r=2.5 is not valid"),
     ("prefix length 0", ["adapter=ptuning_v2", "adapter.num_virtual_tokens=0"], "adapter.num_virtual_tokens=0"),
-    ("lr 0", ["optimizer.lr=0"], "optimizer.lr=0 is not valid; it must be a number > 0"),
+    ("lr 0", ["optimizer.lr=0"], "optimizer.lr=0.0 is not valid; it must be a number > 0"),
     ("lr negative", ["optimizer.lr=-0.001"], "optimizer.lr=-0.001 is not valid"),
-    ("lr text", ["optimizer.lr=fast"], "optimizer.lr='fast' is not valid"),
     ("dropout 1.5", ["adapter=lora", "adapter.dropout=1.5"], "adapter.dropout=1.5 is not valid; it must be a"),
-    ("warmup ratio 2", ["trainer.warmup_ratio=2"], "trainer.warmup_ratio=2 is not valid"),
+    ("warmup ratio 2", ["trainer.warmup_ratio=2"], "trainer.warmup_ratio=2.0 is not valid"),
     ("max steps negative", ["trainer.max_steps=-5"], "trainer.max_steps=-5 is not valid; it must be a positive"),
     ("max train 0", ["dataset.max_train=0"], "dataset.max_train=0 is not valid"),
     ("checkpoint every negative", ["trainer.checkpoint_every=-1"], "trainer.checkpoint_every=-1 is not valid"),
@@ -64,7 +62,6 @@ BEFORE_MODEL = [
     ("template without text", ["prompt.template='Classify to {labels}'"], "prompt.template has no {text} field"),
     ("context field", ["prompt.context='Before: {turns}'"], "prompt.context has an unknown field"),
     ("eval streams 0", ["fast.eval_streams=0"], "fast.eval_streams=0 is not valid; it must be a positive integer"),
-    ("fast switch text", ["fast.pack=maybe"], "fast.pack='maybe' is not valid; it must be true or false"),
     ("missing data", ["dataset.data_dir=/nonexistent/meld"], "dataset.data_dir=/nonexistent/meld"),
     (
         "model folder missing",
@@ -93,11 +90,48 @@ BEFORE_MODEL = [
         ["head=classifier", "head.init=vocab"],
         "head.init='vocab' is not valid; it must be labels or random",
     ),
-    ("head lr 0", ["head=classifier", "head.lr=0"], "head.lr=0 is not valid; it must be a number > 0 or null"),
-    ("balance negative", ["trainer.balance=-1"], "trainer.balance=-1 is not valid; it must be a number >= 0"),
+    ("head lr 0", ["head=classifier", "head.lr=0"], "head.lr=0.0 is not valid; it must be a number > 0 or null"),
+    ("balance negative", ["trainer.balance=-1"], "trainer.balance=-1.0 is not valid; it must be a number >= 0"),
     ("context layout", ["prompt.context_layout=middle"], "prompt.context_layout='middle' is not valid"),
     ("context after field", ["prompt.context_after='{turns}'"], "prompt.context_after has an unknown field"),
 ]
+
+
+# Values of the wrong type: Hydra refuses them as it composes (the groups' schemas,
+# emorec.schema), and the entrypoint says so in one line before Hydra starts.
+WRONG_TYPE = [
+    ("batch size text", ["trainer.batch_size=abc"], "trainer.batch_size='abc' is not valid; it must be an integer"),
+    ("lora rank 2.5", ["adapter=lora", "adapter.r=2.5"], "adapter.r=2.5 is not valid; it must be an integer"),
+    ("lr text", ["optimizer.lr=fast"], "optimizer.lr='fast' is not valid; it must be a number"),
+    ("fast switch text", ["fast.pack=maybe"], "fast.pack='maybe' is not valid; it must be true or false"),
+    (
+        "max steps text",
+        ["trainer.max_steps=ten"],
+        "trainer.max_steps='ten' is not valid; it must be an integer or null",
+    ),
+]
+
+
+@pytest.mark.parametrize("overrides,expected", [c[1:] for c in WRONG_TYPE], ids=[c[0] for c in WRONG_TYPE])
+def test_a_value_of_the_wrong_type_is_refused_as_the_config_composes(overrides, expected):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"), pytest.raises(HydraException):
+        compose("config", overrides=overrides)
+    with pytest.raises(EmorecError) as e:
+        check_overrides(overrides, CONF)
+    assert str(e.value) == expected
+
+
+def test_the_cli_tells_a_wrong_type_in_one_line(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "emorec", "trainer.batch_size=abc", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == "emorec: error: trainer.batch_size='abc' is not valid; it must be an integer"
+    assert not (tmp_path / "run").exists()  # refused before Hydra made the run's directory
 
 
 @pytest.fixture
@@ -230,7 +264,7 @@ def test_csv_cut_in_the_middle_of_a_record(make_cfg, tmp_path, no_model_load, ca
     )
     assert "test_sent_emo.csv does not end with a newline: its last line may be cut short" in caplog.text
     # Skipped, the row is counted; the other seven remain.
-    from emorec.datasets import load_meld
+    from emorec.data.corpora import load_meld
 
     splits = load_meld(
         ["neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear"], str(folder), on_bad_row="skip"
@@ -239,7 +273,7 @@ def test_csv_cut_in_the_middle_of_a_record(make_cfg, tmp_path, no_model_load, ca
 
 
 def test_json_and_jsonl_cut_short(make_cfg, tmp_path, no_model_load):
-    from emorec.data import read_json
+    from emorec.data.readers import read_json
 
     path = tmp_path / "dialogues.json"
     path.write_text(json.dumps([[{"utterance": "hi", "emotion": "joy"}]] * 3)[:-20])
@@ -260,8 +294,7 @@ def test_json_and_jsonl_cut_short(make_cfg, tmp_path, no_model_load):
 
 
 def test_a_local_file_unlike_the_release_is_named_with_both_digests(caplog):
-    from emorec.data import check_digests
-    from emorec.download import sha256_of
+    from emorec.data.files import check_digests, sha256_of
 
     path = MELD_DIR / "test_sent_emo.csv"
     check_digests(MELD_DIR, ["test_sent_emo.csv"], {"test_sent_emo.csv": "0" * 64})

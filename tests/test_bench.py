@@ -1,16 +1,15 @@
 """The benchmark's lever rows (experiments/bench/bench.py) are valid runs: each composes, and
 each switches off exactly the levers listed after it."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
+from experiments.bench import bench
+from experiments.common import matmul_peak
+
 REPO = Path(__file__).parent.parent
-spec = importlib.util.spec_from_file_location("bench", REPO / "experiments/bench/bench.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
 
 # What each lever's "off" setting looks like in the composed config.
 OFF = {
@@ -64,6 +63,6 @@ def test_matmul_peak_is_a_plausible_measurement(dtype):
 
     # Small sizes: one emulated bf16 matmul of 1024 takes seconds.
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    peak = bench.matmul_peak(dtype, seconds=0.3, sizes=(256, 384, 512, 768))
+    peak = matmul_peak(dtype, seconds=0.3, sizes=(256, 384, 512, 768))
     # GFLOP/s of a real matmul on any CPU: about 1 where bf16 is emulated (no AVX-512 BF16 or AMX)
     assert 0.1 < peak < 100_000

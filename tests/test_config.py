@@ -72,7 +72,7 @@ def test_cli_help_lists_groups_and_options():
     assert out.returncode == 0, out.stderr
     for line in [
         "adapter: dora, full, ia3, lora, none, prompt_tuning, ptuning, ptuning_v2",
-        "dataset: chsims, csv, dailydialog, emorynlp, friends, hf, iemocap, jsonl, m3ed, mastodon, meld, "
+        "dataset: chsims, csv, dailydialog, emocontext, emorynlp, friends, hf, iemocap, jsonl, m3ed, mastodon, meld, "
         "meld_sentiment, mosi2, mosi3, sst2, sst5",
         "experiment: cpu_budget, cpu_full",
         "head: classifier, lm",

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from emorec.data import normalise_text, subsample
-from emorec.datasets import MELD_FILES, load_meld
-from emorec.download import sha256_of
+from emorec.data.corpora import MELD_FILES, load_meld
+from emorec.data.files import sha256_of
+from emorec.data.records import normalise_text
+from emorec.data.splits import subsample
 from emorec.errors import EmorecError
 from tests.meld_fixture import MELD_DIR
 

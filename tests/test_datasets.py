@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from emorec.data import in_holdout
-from emorec.download import sha256_of
-from emorec.errors import EmorecError
-from emorec.run import instantiate
+from emorec.data.files import sha256_of
+from emorec.data.readers import in_holdout
+from emorec.errors import EmorecError, instantiate
 from tests.dataset_fixtures import IEMOCAP_DIALOGUES, WRITERS
 
 CONF = str(Path(__file__).parent.parent / "conf")
@@ -82,6 +81,25 @@ def test_mastodon(fixture_dir):
     assert sizes(data) == [3, 2, 3]
     assert words(data, "train") == ["positive", "negative", "neutral"]
     assert data.test[1].context == ((None, "servers are down"),) and data.test[2].context == ()
+
+
+def test_emocontext_classifies_the_third_turn_with_two_turns_of_context(fixture_dir):
+    data, _ = load("emocontext", fixture_dir("emocontext"))
+    assert sizes(data) == [2, 1, 2]
+    assert words(data, "train") == ["happy", "neutral"] and words(data, "test") == ["angry", "neutral"]
+    assert data.train[0].text == "i got the job!!" and data.train[0].speaker == "user"
+    assert data.train[0].context == (("user", "you there?"), ("agent", "yes, here"))
+    assert data.train[1].context[0] == ("user", 'he said "no"')  # quotes are text, not csv quoting
+
+
+def test_emocontext_bad_line_names_file_and_line(fixture_dir):
+    folder = fixture_dir("emocontext")
+    with open(folder / "dev.txt", "a", encoding="utf-8") as f:
+        f.write("5\tonly two\tfields\n")
+    with pytest.raises(EmorecError, match=r"dev.txt:3: 3 tab-separated fields, not 5; fix the row"):
+        load("emocontext", folder)
+    data, _ = load("emocontext", folder, "dataset.on_bad_row=skip")
+    assert data.skipped == 1 and sizes(data) == [2, 1, 2]
 
 
 @pytest.mark.parametrize(
@@ -238,7 +256,12 @@ def test_m3ed_movie_outside_the_split(fixture_dir):
 
 @pytest.mark.parametrize(
     "option,needle",
-    [("chsims", "github.com/thuiar/MMSA"), ("m3ed", "RUCM3ED"), ("iemocap", "IEMOCAP_full_release")],
+    [
+        ("chsims", "github.com/thuiar/MMSA"),
+        ("m3ed", "RUCM3ED"),
+        ("iemocap", "IEMOCAP_full_release"),
+        ("emocontext", "SemEval-2019 Task 3"),
+    ],
 )
 def test_undownloadable_datasets_say_where_data_comes_from(option, needle):
     with pytest.raises(EmorecError) as e:

@@ -22,9 +22,11 @@ from torch._subclasses.fake_tensor import (
 from transformers import AutoModelForCausalLM
 
 import emorec.reference
+import emorec.tensors
 from emorec import reference
 from emorec.fast import Fast, candidates, dispatch
 from emorec.fast.merge import merged_adapter
+from emorec.tensors import is_quantized
 from emorec.train import OnePass, TrainingProgress
 from tests.fake_device import DEVICE, NAME, register
 from tests.test_engine import ANSWERS, PACKED_ANSWERS, PACKED_PROMPTS, PROMPTS, lora_model, make_passes
@@ -67,7 +69,9 @@ def test_the_fake_device_raises_where_cuda_would(on_fake):
 
 def test_a_tensor_built_on_the_host_fails_the_engine_here(on_fake, monkeypatch):
     """The check can fail: with the reference's inputs left on the host, its loss raises."""
-    monkeypatch.setattr(emorec.reference, "on_device", lambda data, device, dtype=torch.long: torch.tensor(data))
+    host = lambda data, device, dtype=torch.long: torch.tensor(data)  # noqa: E731
+    monkeypatch.setattr(emorec.reference, "on_device", host)
+    monkeypatch.setattr(emorec.tensors, "on_device", host)
     with pytest.raises(FakeTensorDeviceMismatchError):
         reference.answer_loss(on_fake, PROMPTS, ANSWERS[:3], 2)
 
@@ -157,8 +161,9 @@ def test_a_sequence_classifier_on_the_device(fake_mode, tiny_model):
 # The engine: whatever computes on the model's device.
 ENGINE = [
     "reference.py",
+    "tensors.py",
     "tasks.py",
-    "predict.py",
+    "evaluate.py",
     "train.py",
     *(f"fast/{p.name}" for p in (REPO / "emorec/fast").glob("*.py")),
 ]
@@ -205,7 +210,7 @@ CUDA = torch.device("cuda")
 def test_bf16_only_where_the_gpu_computes_it_natively(monkeypatch):
     """torch.cuda.is_bf16_supported() counts emulation (V100, T4) as support; emorec asks for
     tensor cores that compute bf16 (compute capability 8.0 on)."""
-    from emorec.run import use_bf16
+    from emorec.fast import use_bf16
 
     for capability, native in [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)]:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
@@ -262,12 +267,12 @@ def test_a_quantised_base_is_never_merged(tiny_model):
     model = lora_model(tiny_model)
     assert can_merge(model)
     model.get_base_model().hf_quantizer = object()  # as transformers marks a bitsandbytes base
-    assert reference.is_quantized(model) and not can_merge(model)
+    assert is_quantized(model) and not can_merge(model)
     assert not dispatch(model, Fast(), torch.device("cpu")).chosen["merged adapter"]
 
 
 def test_merged_weights_are_restored_from_host_copies(tiny_model):
-    from emorec.reference import host_copy
+    from emorec.tensors import host_copy
 
     model = lora_model(tiny_model, dtype=torch.bfloat16)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -312,7 +317,7 @@ def test_the_classifier_head_trains_and_scores_on_the_device(fake_mode, tiny_mod
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
     from emorec.adapters import prepare
-    from emorec.head import decoder_classifier
+    from emorec.classifier import decoder_classifier
     from emorec.tasks import Balance, LabelHead
 
     torch.manual_seed(0)

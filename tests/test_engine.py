@@ -12,12 +12,12 @@ from transformers import AutoModelForCausalLM
 from emorec import reference
 from emorec.batches import passes, train_batches
 from emorec.errors import EmorecError
-from emorec.fast import Fast, candidates, dispatch, dispatch_backward
+from emorec.evaluate import predict
+from emorec.fast import Fast, candidates, dispatch
 from emorec.fast.merge import merged_adapter
 from emorec.fast.packed import PackedAttention, can_pack, shared_rows
 from emorec.fast.prefix import common_prefix
 from emorec.fast.streams import Streamed, draws_random, streamed
-from emorec.predict import predict
 from emorec.tasks import LabelWords
 from emorec.train import OnePass, Passes, Plan, TrainingProgress, train
 from tests.conftest import TINY_SIZES
@@ -318,7 +318,7 @@ def test_train_stops_on_a_nan_loss_before_any_checkpoint(tiny_model):
         progress.state_dict()
         saved.append(progress.step)
 
-    checkpointer = SimpleNamespace(on_step=save, on_epoch_end=saved.append, close=lambda: 0)
+    checkpointer = SimpleNamespace(on_step=save, on_epoch_end=saved.append, close=lambda: 0, done=lambda p: False)
     backward = OnePass(make_passes(model, SHARED, ANSWERS[:3]))
     with pytest.raises(EmorecError, match=r"^loss is nan at step 1; lower optimizer.lr"):
         train(model, backward, optimizer, scheduler, Plan(3, 3, max_grad_norm=None), [checkpointer])
@@ -368,7 +368,7 @@ def test_streams_give_results_in_order_and_stop_on_an_error():
 def test_head_positions_and_attention_choice_belong_to_one_thread_and_leave_no_trace(model):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from emorec.fast.head import HeadAt
+    from emorec.fast.lm_head import HeadAt
 
     head, ids, seen = HeadAt(model), torch.tensor([[5, 9, 30, 41, 7]], device=model.device), []
     with head.at(torch.ones(1, 1, dtype=torch.long, device=model.device)), torch.no_grad():
@@ -392,10 +392,12 @@ def train_lora(tiny_model, streams: int, **lora_kwargs) -> tuple[dict, torch.Ten
     answers = [ANSWERS[i % 3] for i in range(len(prompts))]
     model = lora_model(tiny_model, **lora_kwargs).train()
     threads = set()
-    backward = dispatch_backward(model, make_passes(model, prompts, answers, threads=threads), streams)
+    engine = dispatch(model, Fast(train_streams=streams), torch.device("cpu"))
+    backward = engine.backward(model, make_passes(model, prompts, answers, threads=threads))
     torch.manual_seed(1)  # dropout's masks, where there is dropout
     progress, weights = sgd_train(model, backward, 2, 4, max_grad_norm=1.0)
-    return {**progress.summary(), "threads": threads, "backward": type(backward)}, weights
+    stats = {"threads": threads, "backward": type(backward), "chosen": engine.chosen}
+    return {**progress.summary(), **stats}, weights
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="streams need two intra-op threads")
@@ -404,6 +406,7 @@ def test_training_streams_give_the_update_of_one_pass_and_repeat_exactly(tiny_mo
     two, two_weights = train_lora(tiny_model, streams=2)
     again, again_weights = train_lora(tiny_model, streams=2)
     assert one["backward"] is OnePass and two["backward"] is Streamed
+    assert two["chosen"]["train streams"] == 2 and two["chosen"]["backward"] == "streams"
     assert two["losses"] == pytest.approx(one["losses"], abs=TOL)
     assert torch.allclose(two_weights, one_weights, atol=1e-5)
     start = torch.cat([p.detach().flatten() for p in lora_model(tiny_model).parameters() if p.requires_grad])
@@ -425,5 +428,28 @@ def test_training_with_dropout_keeps_one_stream(tiny_model):
     two, two_weights = train_lora(tiny_model, streams=2, lora_dropout=0.1)
     # The same masks in the same order: the same pass, bit for bit.
     assert two["backward"] is OnePass
+    assert two["chosen"]["train streams"] == 1 and two["chosen"]["backward"] == "one pass"  # what ran, recorded
     assert two["losses"] == one["losses"] and torch.equal(two_weights, one_weights)
     assert two["computed_tokens"] == one["computed_tokens"] and two["threads"] == one["threads"]
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_the_load_plan_follows_the_switches_and_fast_off_turns_it_all_off(tiny_model, bf16):
+    """Under bf16 autocast the default plan stores a frozen base in bf16 and lets adapter inputs
+    stay bf16; fast=off (every switch off) loads fp32 and keeps PEFT's casts; a base that trains
+    stays fp32 whatever the switches."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from emorec.fast import apply_input_casts, plan_load
+
+    off = Fast(**{f: False for f in ("share_prefix", "pack", "head_at", "bf16_base", "bf16_adapter_inputs")})
+    auto = plan_load(Fast(), CPU, bf16, trains_base=False)
+    assert auto.dtype == (torch.bfloat16 if bf16 else torch.float32) and auto.input_casts is not bf16
+    plain = plan_load(off, CPU, bf16, trains_base=False)
+    assert plain.dtype == torch.float32 and plain.input_casts
+    assert plan_load(Fast(), CPU, bf16, trains_base=True).dtype == torch.float32
+    for plan in (auto, plain):
+        model = lora_model(tiny_model)
+        apply_input_casts(model, plan)
+        layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        assert layers and all(m.cast_input_dtype_enabled == plan.input_casts for m in layers)

@@ -1,4 +1,4 @@
-"""head=classifier: a linear head over the labels on a decoder's last prompt token (emorec.head),
+"""head=classifier: a linear head over the labels on a decoder's last prompt token (emorec.classifier),
 through every engine component and adapter, saved with the adapter and reloaded by plain
 transformers + PEFT in a fresh process."""
 
@@ -16,12 +16,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from emorec import reference
 from emorec.adapters import prepare
+from emorec.build import Optimizer
+from emorec.classifier import decoder_classifier, head_parameters
 from emorec.errors import EmorecError
+from emorec.evaluate import predict
 from emorec.fast import Fast, candidates, dispatch
-from emorec.head import decoder_classifier, head_parameters
-from emorec.predict import predict
-from emorec.run import Optimizer, run
+from emorec.run import run
 from emorec.tasks import Balance, LabelHead, LabelWords
+from emorec.tensors import all_logits
 from tests.conftest import compose_run
 from tests.dataset_fixtures import write_sst
 from tests.test_adapters import ADAPTERS
@@ -86,9 +88,7 @@ def test_every_component_matches_the_head_at_the_last_token(adapter, make_cfg, t
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.3)
     model.eval()
-    plain = torch.stack(
-        [reference.all_logits(model, input_ids=torch.tensor([p]))[0, -1].log_softmax(-1) for p in PROMPTS]
-    )
+    plain = torch.stack([all_logits(model, input_ids=torch.tensor([p]))[0, -1].log_softmax(-1) for p in PROMPTS])
     targets = [1, 3, 0, 2]
     expected = -plain[range(4), targets].mean()
     answers = [[i] for i in range(len(LABELS))]
@@ -169,13 +169,13 @@ def test_head_trains_saves_and_reloads_in_a_fresh_process(adapter, make_cfg, tin
     saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert "score" in saved["modules_to_save"]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    from emorec.datasets import load_meld
-    from emorec.prompt import encode_prompts
+    from emorec.data.corpora import load_meld
+    from emorec.prompt import PromptFormat, encode_prompts
     from tests.meld_fixture import MELD_DIR
 
     labels = list(cfg.dataset.labels)
     test = load_meld(labels, data_dir=str(MELD_DIR))["test"]
-    prompts = encode_prompts(tokenizer, test, cfg.prompt.template, cfg.prompt.system, labels, 256)
+    prompts = encode_prompts(tokenizer, test, PromptFormat(cfg.prompt.template, cfg.prompt.system), labels, 256)
     done = subprocess.run(
         [sys.executable, "-c", RELOAD, str(tiny_model), str(out / "adapter"), json.dumps(prompts)],
         capture_output=True,

@@ -14,10 +14,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from emorec import reference
 from emorec.errors import EmorecError
+from emorec.evaluate import predict
 from emorec.fast import Fast, dispatch
 from emorec.model import package_path
-from emorec.predict import predict
-from emorec.prompt import encode_prompts
+from emorec.prompt import PromptFormat, encode_prompts
 from emorec.run import run
 from emorec.tasks import SequenceClassifier
 from tests.conftest import CONF, compose_run
@@ -54,7 +54,7 @@ def test_full_fine_tuned_classifier_saves_a_model_that_predicts_the_same(tmp_pat
     saved = [r for r in rows if r["split"] == "test"]
     data = instantiate(cfg.dataset.load)
     # The encoder reads the utterance alone: [CLS] text [SEP].
-    ids = encode_prompts(tokenizer, data.test, "{text}", None, cfg.dataset.labels, 256, cue="")
+    ids = encode_prompts(tokenizer, data.test, PromptFormat("{text}", cue=""), cfg.dataset.labels, 256)
     body = tokenizer(data.test[0].text, add_special_tokens=False)["input_ids"]
     assert ids[0] == [tokenizer.cls_token_id, *body, tokenizer.sep_token_id]
     again = classify(model, tokenizer, ids)
@@ -96,7 +96,7 @@ def test_lora_classifier_trains_its_head_and_reloads(tmp_path):
     model = PeftModel.from_pretrained(base, out / "adapter").eval()
     tokenizer = AutoTokenizer.from_pretrained(MINILM)
     data = instantiate(cfg.dataset.load)
-    ids = encode_prompts(tokenizer, data.test, "{text}", None, cfg.dataset.labels, 256, cue="")
+    ids = encode_prompts(tokenizer, data.test, PromptFormat("{text}", cue=""), cfg.dataset.labels, 256)
     again = classify(model, tokenizer, ids)
     saved = [r["prediction"] for r in csv.DictReader(open(out / "predictions.csv")) if r["split"] == "test"]
     assert [cfg.dataset.labels[p] for p in again["preds"]] == saved

@@ -3,10 +3,18 @@
 import pytest
 from transformers import AutoTokenizer
 
-from emorec.data import Example
+from emorec.data.records import Example
 from emorec.errors import EmorecError
 from emorec.fast.prefix import common_prefix
-from emorec.prompt import Context, encode_answers, encode_prompts, join_labels, render_prompt, scoring_answers
+from emorec.prompt import (
+    Context,
+    PromptFormat,
+    encode_answers,
+    encode_prompts,
+    join_labels,
+    render_prompt,
+    scoring_answers,
+)
 
 TEMPLATE = "Classify the sentiment of the sentence to {labels}: {text}"
 LABELS = ["neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear"]
@@ -52,13 +60,13 @@ def test_no_chat_template(tiny_model):
 def test_truncation_keeps_template_whole(tokenizer):
     long = Example(id="x", text=" ".join(["word"] * 200), label=0)
     short = Example(id="y", text="short one", label=0)
-    full = encode_prompts(tokenizer, [short], TEMPLATE, None, LABELS, 10_000)[0]
-    ids = encode_prompts(tokenizer, [long, short], TEMPLATE, None, LABELS, len(full) + 20)
+    full = encode_prompts(tokenizer, [short], PromptFormat(TEMPLATE), LABELS, 10_000)[0]
+    ids = encode_prompts(tokenizer, [long, short], PromptFormat(TEMPLATE), LABELS, len(full) + 20)
     assert len(ids[0]) <= len(full) + 20
     assert ids[1] == full
     assert tokenizer.decode(ids[0]).endswith("word<|im_end|>\n<|im_start|>assistant\n")
     with pytest.raises(EmorecError, match="trainer.max_length"):
-        encode_prompts(tokenizer, [long], TEMPLATE, None, LABELS, 10)
+        encode_prompts(tokenizer, [long], PromptFormat(TEMPLATE), LABELS, 10)
 
 
 CONTEXT = Context(before="Conversation so far:\n{context}\n\n", layout="before")
@@ -72,36 +80,42 @@ def _with_context(text="what now?", context=TURNS):
 
 def test_context_window_zero_is_the_paper_prompt(tokenizer):
     ex = _with_context()
-    plain = encode_prompts(tokenizer, [Example(id="z", text="what now?", label=0)], TEMPLATE, None, LABELS, 256)
-    assert encode_prompts(tokenizer, [ex], TEMPLATE, None, LABELS, 256, 0, CONTEXT) == plain
+    plain = encode_prompts(tokenizer, [Example(id="z", text="what now?", label=0)], PromptFormat(TEMPLATE), LABELS, 256)
+    assert encode_prompts(tokenizer, [ex], PromptFormat(TEMPLATE, context=CONTEXT), LABELS, 256, 0) == plain
 
 
 def test_context_window_puts_the_last_k_turns_first(tokenizer):
-    ids = encode_prompts(tokenizer, [_with_context()], TEMPLATE, None, LABELS, 256, 2, CONTEXT)
+    ids = encode_prompts(tokenizer, [_with_context()], PromptFormat(TEMPLATE, context=CONTEXT), LABELS, 256, 2)
     assert tokenizer.decode(ids[0]) == (
         "<|im_start|>user\nConversation so far:\nsecond thing said\nCal: third thing said\n\n"
         "Classify the sentiment of the sentence to neutral, joy, surprise, anger, sadness, disgust or fear: "
         "what now?<|im_end|>\n<|im_start|>assistant\n"
     )
     # A window wider than the dialogue so far takes all of it; the first utterance has none.
-    wide = tokenizer.decode(encode_prompts(tokenizer, [_with_context()], TEMPLATE, None, LABELS, 256, 9, CONTEXT)[0])
+    wide = tokenizer.decode(
+        encode_prompts(tokenizer, [_with_context()], PromptFormat(TEMPLATE, context=CONTEXT), LABELS, 256, 9)[0]
+    )
     assert "Ann: first thing said\nsecond thing said\nCal: third thing said\n\n" in wide
-    first = encode_prompts(tokenizer, [_with_context(context=())], TEMPLATE, None, LABELS, 256, 3, CONTEXT)
+    first = encode_prompts(
+        tokenizer, [_with_context(context=())], PromptFormat(TEMPLATE, context=CONTEXT), LABELS, 256, 3
+    )
     assert "Conversation" not in tokenizer.decode(first[0])
 
 
 def test_context_truncation_drops_oldest_turns_and_keeps_the_utterance_whole(tokenizer):
     ex = _with_context(text="the utterance to classify stays whole")
-    full = encode_prompts(tokenizer, [ex], TEMPLATE, None, LABELS, 10_000, 3, CONTEXT)[0]
-    two = encode_prompts(tokenizer, [_with_context(ex.text, TURNS[1:])], TEMPLATE, None, LABELS, 10_000, 3, CONTEXT)
+    full = encode_prompts(tokenizer, [ex], PromptFormat(TEMPLATE, context=CONTEXT), LABELS, 10_000, 3)[0]
+    two = encode_prompts(
+        tokenizer, [_with_context(ex.text, TURNS[1:])], PromptFormat(TEMPLATE, context=CONTEXT), LABELS, 10_000, 3
+    )
     # One token short of the full prompt: the oldest turn goes, the rest is exactly the 2-turn prompt.
-    cut = encode_prompts(tokenizer, [ex], TEMPLATE, None, LABELS, len(full) - 1, 3, CONTEXT)[0]
+    cut = encode_prompts(tokenizer, [ex], PromptFormat(TEMPLATE, context=CONTEXT), LABELS, len(full) - 1, 3)[0]
     assert cut == two[0]
     # Shorter than any context allows: no context, and the utterance itself still whole.
-    bare = encode_prompts(tokenizer, [ex], TEMPLATE, None, LABELS, 10_000, 0, CONTEXT)[0]
-    assert encode_prompts(tokenizer, [ex], TEMPLATE, None, LABELS, len(bare), 3, CONTEXT)[0] == bare
+    bare = encode_prompts(tokenizer, [ex], PromptFormat(TEMPLATE, context=CONTEXT), LABELS, 10_000, 0)[0]
+    assert encode_prompts(tokenizer, [ex], PromptFormat(TEMPLATE, context=CONTEXT), LABELS, len(bare), 3)[0] == bare
     # Only below that does the utterance lose words.
-    shorter = encode_prompts(tokenizer, [ex], TEMPLATE, None, LABELS, len(bare) - 2, 3, CONTEXT)[0]
+    shorter = encode_prompts(tokenizer, [ex], PromptFormat(TEMPLATE, context=CONTEXT), LABELS, len(bare) - 2, 3)[0]
     assert len(shorter) <= len(bare) - 2 and "stays whole" not in tokenizer.decode(shorter)
 
 
@@ -109,16 +123,16 @@ def test_context_after_the_instruction_keeps_the_shared_prefix(tokenizer):
     """Layout after: the instruction and label list first, then the turns with their speakers,
     then the utterance to classify, marked: the prompts of a batch share everything up to the
     label list, where the layout before shares only the chat header."""
-    ids = encode_prompts(tokenizer, [_with_context()], TEMPLATE, None, LABELS, 256, 2, AFTER)
+    ids = encode_prompts(tokenizer, [_with_context()], PromptFormat(TEMPLATE, context=AFTER), LABELS, 256, 2)
     assert tokenizer.decode(ids[0]) == (
         "<|im_start|>user\nClassify the sentiment of the sentence to neutral, joy, surprise, anger, sadness, "
         "disgust or fear: \nDialogue:\nsecond thing said\nCal: third thing said\nSentence: Bob: what now?"
         "<|im_end|>\n<|im_start|>assistant\n"
     )
     batch = [_with_context(), _with_context("something else", (("Dee", "other words"),)), _with_context(context=())]
-    plain = encode_prompts(tokenizer, batch, TEMPLATE, None, LABELS, 256)
-    after = encode_prompts(tokenizer, batch, TEMPLATE, None, LABELS, 256, 3, AFTER)
-    before = encode_prompts(tokenizer, batch, TEMPLATE, None, LABELS, 256, 3, CONTEXT)
+    plain = encode_prompts(tokenizer, batch, PromptFormat(TEMPLATE), LABELS, 256)
+    after = encode_prompts(tokenizer, batch, PromptFormat(TEMPLATE, context=AFTER), LABELS, 256, 3)
+    before = encode_prompts(tokenizer, batch, PromptFormat(TEMPLATE, context=CONTEXT), LABELS, 256, 3)
     instruction = tokenizer(
         "<|im_start|>user\nClassify the sentiment of the sentence to neutral, joy, surprise, anger, sadness, "
         "disgust or fear:",
@@ -131,9 +145,13 @@ def test_context_after_the_instruction_keeps_the_shared_prefix(tokenizer):
 
 def test_context_after_truncates_the_oldest_turns_first(tokenizer):
     ex = _with_context(text="the utterance to classify stays whole")
-    full = encode_prompts(tokenizer, [ex], TEMPLATE, None, LABELS, 10_000, 3, AFTER)[0]
-    two = encode_prompts(tokenizer, [_with_context(ex.text, TURNS[1:])], TEMPLATE, None, LABELS, 10_000, 3, AFTER)[0]
-    assert encode_prompts(tokenizer, [ex], TEMPLATE, None, LABELS, len(full) - 1, 3, AFTER)[0] == two
-    none = encode_prompts(tokenizer, [_with_context(ex.text, ())], TEMPLATE, None, LABELS, 10_000, 3, AFTER)[0]
-    assert encode_prompts(tokenizer, [ex], TEMPLATE, None, LABELS, len(none), 3, AFTER)[0] == none
+    full = encode_prompts(tokenizer, [ex], PromptFormat(TEMPLATE, context=AFTER), LABELS, 10_000, 3)[0]
+    two = encode_prompts(
+        tokenizer, [_with_context(ex.text, TURNS[1:])], PromptFormat(TEMPLATE, context=AFTER), LABELS, 10_000, 3
+    )[0]
+    assert encode_prompts(tokenizer, [ex], PromptFormat(TEMPLATE, context=AFTER), LABELS, len(full) - 1, 3)[0] == two
+    none = encode_prompts(
+        tokenizer, [_with_context(ex.text, ())], PromptFormat(TEMPLATE, context=AFTER), LABELS, 10_000, 3
+    )[0]
+    assert encode_prompts(tokenizer, [ex], PromptFormat(TEMPLATE, context=AFTER), LABELS, len(none), 3)[0] == none
     assert "Sentence: Bob: the utterance to classify stays whole" in tokenizer.decode(none)

@@ -144,8 +144,39 @@ def test_the_reference_path_trains_and_predicts_as_the_fast_one(make_cfg, tmp_pa
         "train streams": 1,
         "max pass tokens": 1024,
         "eval batch tokens": None,
+        "backward": "one pass",
+        "base dtype": "float32",
+        "adapter input casts": True,
     }
     assert plain["train"]["losses"] == pytest.approx(fast["train"]["losses"], abs=1e-4)
     assert plain["train"]["computed_tokens"] == plain["train"]["tokens"] > fast["train"]["computed_tokens"]
     for split in ("val", "test"):
         assert plain[split]["confusion_matrix"] == fast[split]["confusion_matrix"]
+
+
+def test_a_run_records_the_streams_it_used(make_cfg, tmp_path):
+    """Dropout keeps training in one stream (threads would draw its masks in any order), and
+    generation keeps evaluation in one: metrics.json says what ran, not what was asked for."""
+    dropout = run(make_cfg("adapter.dropout=0.1", "trainer.max_steps=2", f"output_dir={tmp_path / 'dropout'}"))
+    assert dropout["fast"]["train streams"] == 1 and dropout["fast"]["backward"] == "one pass"
+    recorded = json.loads((tmp_path / "dropout" / "metrics.json").read_text())["fast"]
+    assert recorded["train streams"] == 1 and recorded["eval streams"] == min(2, torch.get_num_threads())
+    generate = run(make_cfg("adapter=none", "trainer.predict=generate", f"output_dir={tmp_path / 'generate'}"))
+    assert generate["fast"]["eval streams"] == 1
+
+
+def test_early_stopping_ends_training_after_patience_epochs_without_a_better_dev_metric(make_cfg, tmp_path):
+    """With a learning rate too small to move the predictions, the dev metric never improves on
+    epoch 1: patience 1 stops after epoch 2, of 5. A resumed run stops there too."""
+    from emorec.callbacks import KeepBest
+    from emorec.train import TrainingProgress
+
+    cfg = make_cfg("trainer.epochs=5", "trainer.patience=1", "optimizer.lr=1e-12")
+    metrics = run(cfg)
+    assert metrics["train"]["epochs"] == 2 and metrics["best_epoch"] == 1
+    full = run(make_cfg("trainer.epochs=5", "optimizer.lr=1e-12", f"output_dir={tmp_path / 'all'}"))
+    assert full["train"]["epochs"] == 5 and full["train"]["steps"] == 5 * (metrics["train"]["steps"] // 2)
+    assert metrics["train"]["steps"] % 2 == 0 and full["best_epoch"] == 1  # never better after epoch 1
+    best = KeepBest(None, None, "macro_f1", None, patience=1)
+    best.epoch = 1
+    assert best.done(TrainingProgress(epoch=2)) and not best.done(TrainingProgress(epoch=1))

@@ -18,15 +18,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from emorec.metrics import METRICS
+from experiments.paper import report, study
 from tests.conftest import CONF
 from tests.meld_fixture import MELD_DIR
 
 REPO = Path(__file__).parent.parent
 PAPER = REPO / "experiments" / "paper"
 NUMBERS_MD = REPO.parent / "shared" / "paper" / "numbers.md"
-sys.path.insert(0, str(PAPER))  # the study's two scripts import each other as siblings
-import report  # noqa: E402
-import study  # noqa: E402
 
 
 def transcription(path: Path) -> dict:
@@ -136,7 +134,7 @@ def finished_study(tiny_model, tmp_path_factory):
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     for key, value in (("user.email", "t@t"), ("user.name", "t")):
         subprocess.run(["git", "-C", str(repo), "config", key, value], check=True)
-    command = [sys.executable, str(PAPER / "study.py"), "run", "--datasets", "meld", "--budget", "none"]
+    command = [sys.executable, "-m", "experiments.paper.study", "run", "--datasets", "meld", "--budget", "none"]
     command += ["--name", "tiny", "--runs", str(repo / "runs"), "--outputs", str(tmp / "out"), "--commit"]
     # fp32 for every job: `auto` would pick bf16 where the CPU computes it natively (MiniLM's jobs too).
     every = ["trainer.max_steps=2", "trainer.batch_size=2", "trainer.num_threads=1", "logger=none", "dataset.max_dev=6"]

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from emorec.data import in_holdout
-from emorec.errors import EmorecError
-from emorec.run import instantiate
+from emorec.data.readers import in_holdout
+from emorec.errors import EmorecError, instantiate
 
 CONF = str(Path(__file__).parent.parent / "conf")
 

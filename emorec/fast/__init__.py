@@ -1,68 +1,176 @@
-"""emorec's speed components, and the one place that says which serves a run.
+"""emorec's speed components, and the one place that says which serves a run: the per-device
+plan.
 
 Each component computes what `emorec.reference` computes, faster, for some models, adapters or
-devices. `dispatch` chooses once, at setup, from the `fast` config group: for each concern its
-dispatch_* functions are tried in order, the first that answers wins, and the plain path comes
-last. `fast=off` is the reference path everywhere.
+devices. The plan is made in two steps from the `fast` config group and the device:
+`plan_load`, before the model loads (the frozen base's dtype, the attention kernel, PEFT's input
+casts), and `dispatch`, after it (the Engine: answer component, streams, batching, and the
+backward strategy once the training passes exist). For each concern its dispatch_* functions
+are tried in order, the first that answers wins, and the plain path comes last. The Engine
+records what was built (`chosen`, written to metrics.json). `fast=off` is the reference path
+everywhere.
 
 - answer loss and label scores: packed pass (packed.py), prefix cache (prefix.py), LM head at
   the needed positions only (prefix.py without a prefix), reference;
-- a training step's backward: data parallel (train.py), thread streams (streams.py), one pass
-  (train.py);
+- a training step's backward: data parallel (emorec.distributed), thread streams (streams.py),
+  one pass (emorec.train);
 - evaluation: merged adapter (merge.py), token-budget batches (batches.py), thread streams
   (streams.py), each or the plain way.
 
-Some choices are per device, made at setup from the device alone: the attention kernel the model
-loads with (`dispatch_attention`), the packed pass's attention (fused SDPA on a GPU), thread
-streams (CPU only), token budgets sized to the device's memory (`token_budgets`), a fused
-optimizer on a GPU (`optimizer_options`).
+Some choices are per device, made at setup from the device alone: bf16 autocast under
+trainer.precision=auto (`use_bf16`), the attention kernel the model loads with
+(`dispatch_attention`), the packed pass's attention (fused SDPA on a GPU), thread streams (CPU
+only), token budgets sized to the device's memory (`token_budgets`), a fused optimizer on a GPU
+(`optimizer_options`).
 """
 
 import importlib.util
 import inspect
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
+from typing import Protocol
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from emorec.batches import row_batches, token_batches
-from emorec.fast.head import HeadAt
+from emorec.distributed import DataParallel
+from emorec.errors import EmorecError
+from emorec.fast.lm_head import HeadAt
 from emorec.fast.merge import can_merge, merged_adapter
 from emorec.fast.packed import Packed, can_pack
 from emorec.fast.prefix import PrefixCache, can_share_prefix
 from emorec.fast.streams import Streamed, draws_random
-from emorec.reference import Reference, base_of
-from emorec.train import DataParallel, OnePass, Passes
+from emorec.reference import Reference
+from emorec.tensors import base_of
+from emorec.train import OnePass, Passes
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: Hydra's schema of the group, whose nodes must take overrides
 class Fast:
-    """The `fast` config group: which components a run may use (each exact up to rounding);
-    dispatch decides where each applies."""
+    """The `fast` config group and its schema (emorec.schema): which components a run may use
+    (each exact up to rounding); dispatch decides where each applies."""
 
     share_prefix: bool = True  # the prompts' shared first tokens run once per batch
     pack: bool = True  # ... inside the rows' own pass (packed attention)
     head_at: bool = True  # the LM head only at the positions the loss or the scores need
-    bf16_base: bool = True  # with bf16: a frozen base stored in bf16 (see run.build_model)
+    bf16_base: bool = True  # with bf16: a frozen base stored in bf16 (see plan_load)
+    bf16_adapter_inputs: bool = True  # with bf16: an adapter's input stays bf16 (see plan_load)
     merge_adapter: bool = True  # LoRA/DoRA/IA3 folded into the weights while predicting
     token_batches: bool = True  # evaluation batches cut by tokens, not rows
     eval_streams: int = 1  # evaluation batches in this many threads at once (CPU)
     train_streams: int = 1  # training passes as this many pieces in threads (CPU)
 
+    def __post_init__(self):
+        for name in ("eval_streams", "train_streams"):
+            if not getattr(self, name) > 0:
+                raise EmorecError(f"fast.{name}={getattr(self, name)!r} is not valid; it must be a positive integer")
+
+
+class AnswerComponent(Protocol):
+    """What computes a causal LM's answer loss and label scores: Packed, PrefixCache or
+    reference.Reference, each the same quantities up to rounding."""
+
+    def shared_length(self, model, prompts: list[list[int]]) -> int:
+        """The tokens a pass of these prompts runs once for all of them."""
+
+    def loss(self, model, prompts, answers, pad_id: int, weights=None) -> torch.Tensor:
+        """The answers' mean negative log-likelihood (reference.answer_loss)."""
+
+    def open(self, model, prompts: list[list[int]]):
+        """What a whole evaluation set shares (its prefix's cache), or None."""
+
+    def scores(self, model, prompts, answers, pad_id: int, first_token: bool, prefix=None) -> torch.Tensor:
+        """(batch, labels) log-likelihoods (reference.score_labels)."""
+
+
+class Backward(Protocol):
+    """How a training step's forward and backward passes run (OnePass, Streamed, DataParallel)."""
+
+    passes: Passes
+    rank: int
+    world: int
+
+    def step(self, batches: list[list[int]], progress) -> torch.Tensor: ...
+
+    def agree(self, values: torch.Tensor) -> torch.Tensor: ...
+
+    def barrier(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """How the model loads on this device, chosen before it loads."""
+
+    dtype: torch.dtype  # of the loaded weights
+    bf16: bool  # bf16 autocast (trainer.precision on this device)
+    input_casts: bool  # PEFT casts each adapter's input to the adapter's dtype
+    device: torch.device
+
+    def attention(self, requested: str | None) -> str | None:
+        return dispatch_attention(requested, self.device, self.dtype)
+
+    def describe(self) -> dict:
+        return {"base dtype": str(self.dtype).removeprefix("torch."), "adapter input casts": self.input_casts}
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast where the hardware computes bf16 natively (tensor cores from Ampere, compute
+    capability 8.0, on; AVX-512 BF16/AMX on CPUs): elsewhere it is emulated and slower than
+    fp32 (torch.cuda.is_bf16_supported() counts emulation on a V100 or T4 as support)."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def plan_load(fast: Fast, device: torch.device, bf16: bool, trains_base: bool) -> LoadPlan:
+    """A frozen base is stored in bf16 under bf16 autocast: autocast would otherwise cast every
+    weight at every forward (15 % of a training step here), and it halves the memory. Weights
+    that train stay fp32 (PEFT keeps adapter weights fp32, emorec.classifier makes a decoder's
+    head fp32), so optimizer updates are not rounded away: a base that trains (full fine-tuning;
+    an encoder, whose new head PEFT copies in the base's dtype) loads in fp32.
+    PEFT casts each adapter's input to the adapter's fp32 weights, and autocast casts it back:
+    two copies per adapter call (8 % of a step here). Every forward of a run is under autocast,
+    so the input can stay bf16 (as with PEFT's helpers.disable_input_dtype_casting)."""
+    dtype = torch.bfloat16 if bf16 and fast.bf16_base and not trains_base else torch.float32
+    return LoadPlan(dtype, bf16, not (bf16 and fast.bf16_adapter_inputs), device)
+
+
+def apply_input_casts(model, plan: LoadPlan) -> None:
+    """Turn PEFT's adapter input casts off where the plan says so (see plan_load)."""
+    if not plan.input_casts:
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = False
+
 
 @dataclass
 class Engine:
-    """The components chosen for one run."""
+    """The components chosen for one run, and (`chosen`) what was built."""
 
-    answers: object  # loss, scores, open, shared_length: Packed, PrefixCache or Reference
+    answers: AnswerComponent
     eval_batches: Callable[[list[int], int], list[list[int]]]
     eval_streams: int
     merge: Callable  # model -> context manager
     train_streams: int
     max_pass_tokens: int | None  # a training pass's padded tokens (batches.passes)
     chosen: dict
+
+    def for_task(self, task) -> "Engine":
+        """The engine as the task can use it: generation keeps one evaluation stream."""
+        if task.streams:
+            return self
+        return replace(self, eval_streams=1, chosen={**self.chosen, "eval streams": 1})
+
+    def backward(self, model, passes: Passes, accelerator=None) -> Backward:
+        """The training step's backward strategy (dispatch_backward), recorded in `chosen`."""
+        name, strategy = dispatch_backward(model, passes, self.train_streams, accelerator)
+        self.chosen["backward"] = name
+        return strategy
 
 
 def packs(model, fast: Fast) -> bool:
@@ -104,9 +212,9 @@ def answer_components(model, fast: Fast, device: torch.device):
     return (found for d in ANSWERS if (found := d(model, fast, head, device)))
 
 
-def candidates(model, fast: Fast = Fast()) -> list[tuple[str, object]]:
+def candidates(model, fast: Fast | None = None) -> list[tuple[str, object]]:
     """Every answer component for `model`, those of a GPU too (each runs on any device)."""
-    return list(answer_components(model, fast, torch.device("cuda")))
+    return list(answer_components(model, fast or Fast(), torch.device("cuda")))
 
 
 def dispatch_attention(requested: str | None, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -162,14 +270,18 @@ def optimizer_options(make_optimizer, device: torch.device) -> dict:
     return {"fused": True} if device.type == "cuda" and takes_fused and "fused" not in keywords else {}
 
 
-def dispatch(model, fast: Fast, device: torch.device, max_pass_tokens="auto") -> Engine:
-    """The components for `model` (after its adapter) on `device`. Thread streams are a CPU
-    lever: on a GPU they would serialise on one CUDA stream."""
+def dispatch(model, fast: Fast, device: torch.device, max_pass_tokens="auto", processes: int = 1) -> Engine:
+    """The components for `model` (after its adapter) on `device`, in a run of `processes`.
+    Thread streams are a CPU lever (on a GPU they would serialise on one CUDA stream), one per
+    intra-op thread at most; training keeps one stream with several processes and with dropout,
+    whose masks several threads would draw in whichever order they reach them."""
     name, answers = next(answer_components(model, fast, device))
-    cpu = device.type == "cpu"
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
     merge = fast.merge_adapter and can_merge(model)
     pass_tokens, eval_tokens = token_budgets(model, device, max_pass_tokens)
-    eval_streams, train_streams = (fast.eval_streams, fast.train_streams) if cpu else (1, 1)
+    eval_streams = min(fast.eval_streams, threads)
+    one_stream = processes > 1 or draws_random(model)
+    train_streams = 1 if one_stream else min(fast.train_streams, threads)
     return Engine(
         answers=answers,
         eval_batches=partial(token_batches, max_tokens=eval_tokens) if fast.token_batches else row_batches,
@@ -189,13 +301,11 @@ def dispatch(model, fast: Fast, device: torch.device, max_pass_tokens="auto") ->
     )
 
 
-def dispatch_backward(model, passes: Passes, streams: int, accelerator=None) -> OnePass:
-    """How a training step's passes run: several processes; thread streams (one per intra-op
-    thread at most, and not with dropout, whose masks several threads would draw in whichever
-    order they reach them); one pass after another."""
+def dispatch_backward(model, passes: Passes, streams: int, accelerator=None) -> tuple[str, Backward]:
+    """(name, strategy) of how a training step's passes run: several processes; thread streams
+    (`streams`, as dispatch chose them); one pass after another."""
     if accelerator is not None:
-        return DataParallel(passes, accelerator, model)
-    streams = min(streams, torch.get_num_threads())
-    if streams > 1 and not draws_random(model):
-        return Streamed(passes, [p for p in model.parameters() if p.requires_grad], streams)
-    return OnePass(passes)
+        return "data parallel", DataParallel(passes, accelerator, model)
+    if streams > 1:
+        return "streams", Streamed(passes, [p for p in model.parameters() if p.requires_grad], streams)
+    return "one pass", OnePass(passes)

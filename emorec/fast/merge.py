@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
-from emorec.reference import host_copy, is_quantized
+from emorec.tensors import host_copy, is_quantized
 
 
 def can_merge(model) -> bool:

@@ -17,9 +17,10 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from emorec.errors import EmorecError
-from emorec.fast.head import HeadAt
+from emorec.fast.lm_head import HeadAt
 from emorec.fast.prefix import PrefixCache, can_share_prefix
-from emorec.reference import base_of, device_of, on_device, right_pad, weighted_mean
+from emorec.reference import weighted_mean
+from emorec.tensors import base_of, device_of, on_device, right_pad
 
 
 class Packing(NamedTuple):

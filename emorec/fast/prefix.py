@@ -13,8 +13,9 @@ import copy
 import torch
 from accelerate.utils import extract_model_from_parallel
 
-from emorec.fast.head import HeadAt
-from emorec.reference import base_of, device_of, on_device, right_pad, weighted_mean
+from emorec.fast.lm_head import HeadAt
+from emorec.reference import weighted_mean
+from emorec.tensors import base_of, device_of, on_device, right_pad
 
 
 def common_prefix(prompts: list[list[int]]) -> int:

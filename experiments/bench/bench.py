@@ -16,7 +16,7 @@ here at the same precision, counted two ways on real tokens (padding is waste, n
   once per batch, not once per example.
 Writes experiments/bench/results.json and prints the table and the ratios.
 
-    python experiments/bench/bench.py [--train 480] [--eval 300] [--repeats 3] [--skip-peer]
+    python -m experiments.bench.bench [--train 480] [--eval 300] [--repeats 3] [--skip-peer]
 """
 
 import argparse
@@ -26,10 +26,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+from experiments.common import matmul_peak
 
 HERE = Path(__file__).parent
 # Cumulative levers: each row adds one to the row before; the last row is emorec's default.
@@ -61,32 +62,6 @@ def levers() -> list[tuple[str, list[str]]]:
     for i, name in enumerate(later):
         rows.append((f"+ {name}", [o for k in later[i + 1 :] for o in LATER[k]]))
     return rows
-
-
-def matmul_peak(dtype: torch.dtype, seconds: float = 2.0, device: str = "cpu", sizes=(1024, 2048, 3072)) -> float:
-    """GFLOP/s of the best square matmul size, dense, on `device` (on a CPU, on the threads torch
-    uses; on a GPU, waiting for the device before the clock is read). `seconds` bounds the whole
-    measurement, warm-ups included: a dtype the CPU only emulates (bf16 without AVX-512 BF16 or
-    AMX runs at about 1 GFLOP/s) stops after its first size instead of taking minutes."""
-
-    def sync():
-        if device != "cpu":
-            torch.cuda.synchronize(device)
-
-    best, begin = 0.0, time.perf_counter()
-    for n in sizes:
-        a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
-        a @ b  # warm-up
-        sync()
-        reps, start = 0, time.perf_counter()
-        while reps == 0 or time.perf_counter() - start < seconds / len(sizes):
-            a @ b
-            reps += 1
-        sync()
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start) / 1e9)
-        if time.perf_counter() - begin > seconds:
-            break
-    return best
 
 
 def emorec_overrides(overrides: list[str], n_train: int, n_eval: int) -> list[str]:

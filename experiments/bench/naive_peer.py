@@ -4,7 +4,7 @@ loss over the whole sequence, fp32, every sequence padded to a fixed length, eva
 `generate` and parsing the text. Same model, data, prompt wording, LoRA and optimiser settings
 as emorec's run. Writes one JSON of figures.
 
-    python experiments/bench/naive_peer.py --out peer.json --train 480 --eval 300
+    python -m experiments.bench.naive_peer --out peer.json --train 480 --eval 300
 
 On a GPU (experiments/gpu/gpu_check.py calls `peer` in its process) it trains under bf16 autocast
 (TrainingArguments(bf16=True)) on fp32 weights, as the recipes do, with any model emorec's
@@ -20,8 +20,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
-from emorec.data import subsample
-from emorec.datasets import load_meld
+from emorec.data.corpora import load_meld
+from emorec.data.splits import subsample
 from emorec.metrics import classification_metrics
 from emorec.model import load_gguf_from_package
 from emorec.reference import parse_label

@@ -5,14 +5,14 @@ another, each resumable, and each finished job's config and metrics (no predicti
 MELD's text) are copied to runs/<job>/ at once, so a later session continues where this one
 stopped.
 
-    EMOREC_DATA_DIR=../shared/datasets python experiments/classifiers/jobs.py [--only JOB ...]
-    python experiments/classifiers/jobs.py --list
+    EMOREC_DATA_DIR=../shared/datasets python -m experiments.classifiers.jobs [--only JOB ...]
+    python -m experiments.classifiers.jobs --list
 """
 
 import argparse
 from pathlib import Path
 
-from emorec.study import Job, is_done, run_job
+from experiments.common import Job, is_done, run_job
 
 HERE = Path(__file__).parent
 # name -> the run's overrides (every other setting is emorec's default).

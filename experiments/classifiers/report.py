@@ -3,7 +3,7 @@ initialisation, dialogue context, class balance, test and dev metrics, training 
 Post-hoc logit adjustment needs no training: with the jobs' predictions.csv at hand (--outputs),
 it is swept on each job's dev predictions and the dev-best tau applied to test.
 
-    python experiments/classifiers/report.py [--outputs outputs/classifiers] > experiments/classifiers/table.md
+    python -m experiments.classifiers.report [--outputs outputs/classifiers] > experiments/classifiers/table.md
 """
 
 import argparse

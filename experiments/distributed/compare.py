@@ -3,7 +3,7 @@ default model, LoRA rank 8, MELD (480 training utterances, 300 dev, 300 test), t
 batch (16) and seed, in bf16 (the default) and in fp32. Writes
 experiments/distributed/results.json and prints the comparison.
 
-    python experiments/distributed/compare.py [--train 480] [--eval 300]
+    python -m experiments.distributed.compare [--train 480] [--eval 300]
 """
 
 import argparse

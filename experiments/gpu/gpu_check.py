@@ -14,12 +14,11 @@
 Each section's result is written as it finishes (--out, JSON), so a run cut short keeps what it
 did; --quick runs tiny sizes (to try the script on a CPU: --device cpu --quick).
 
-    EMOREC_DATA_DIR=... python experiments/gpu/gpu_check.py --out gpu_check.json
+    EMOREC_DATA_DIR=... python -m experiments.gpu.gpu_check --out gpu_check.json
 """
 
 import argparse
 import gc
-import importlib.util
 import json
 import math
 import sys
@@ -31,26 +30,19 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from emorec.run import instantiate, run
+from emorec.errors import instantiate
+from emorec.run import run
+from emorec.schema import register
+from experiments.bench import naive_peer
+from experiments.common import matmul_peak
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
 
-def bench_module(name: str):
-    """A script of experiments/bench/ as a module (they are not a package)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "experiments/bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-naive_peer, bench_script = bench_module("naive_peer"), bench_module("bench")
-
-
-def matmul_peak(device: str) -> float:
+def bf16_peak_tflops(device: str) -> float:
     """TFLOP/s of dense bf16 matmuls on `device` (8192^3 on a GPU), as the CPU bench measures."""
     sizes = (8192,) if device != "cpu" else (1024,)
-    return bench_script.matmul_peak(torch.bfloat16, seconds=1.0, device=device, sizes=sizes) / 1e3
+    return matmul_peak(torch.bfloat16, seconds=1.0, device=device, sizes=sizes) / 1e3
 
 
 def free(device: str) -> None:
@@ -263,6 +255,7 @@ def profile_section(device: str, tokenizer: list[str], models: tuple[str, ...], 
 
 
 def main() -> None:
+    register()  # the config groups' schemas, before composing
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     parser.add_argument("--device", default="cuda")
@@ -280,7 +273,7 @@ def main() -> None:
     tokenizer = [f"model.tokenizer={args.tokenizer}"] if args.tokenizer else []
     q = args.quick
     result = {"device": torch.cuda.get_device_name() if args.device != "cpu" else "cpu", "torch": torch.__version__}
-    result["bf16_peak_tflops"] = peak = matmul_peak(args.device)
+    result["bf16_peak_tflops"] = peak = bf16_peak_tflops(args.device)
     print(f"[gpu_check] {result['device']}: bf16 matmul {peak:.0f} TFLOP/s", flush=True)
     main_sizes = ["dataset.max_train=64", "dataset.max_dev=16", "dataset.max_eval=32"] if q else []
     main_sizes = main_sizes or ["dataset.max_train=512", "dataset.max_dev=300", "dataset.max_eval=400"]

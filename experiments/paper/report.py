@@ -5,7 +5,7 @@ beats the paper's zero-shot, adapted or cited numbers, or reaches 90 % of the ad
 dev selection; the setup behind every number. Written to report.md, report.csv and results.json
 beside the results, and into the README between its paper-results markers.
 
-    python experiments/paper/report.py [--results experiments/paper/runs/cpu_full] [--readme README.md]
+    python -m experiments.paper.report [--results experiments/paper/runs/cpu_full] [--readme README.md]
 """
 
 import argparse
@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from study import DATASETS, LLM, MINILM, SEEDS, best, dev_score, jobs
 
 from emorec.report import markdown_lines
-from emorec.study import read_results
+from experiments.common import read_results
+from experiments.paper.study import DATASETS, LLM, MINILM, SEEDS, best, dev_score, jobs
 
 HERE = Path(__file__).parent
 PAPER = {"none": "zero-shot", "ptuning_v2": "P-Tuning v2", "lora": "LoRA"}

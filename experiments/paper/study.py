@@ -1,15 +1,15 @@
 """The paper's study (Peng et al., ICASSP 2024) as jobs that outlive a session (its table: report.py).
 
-    EMOREC_DATA_DIR=../shared/datasets python experiments/paper/study.py run [--budget cpu_full] [--commit]
-    python experiments/paper/study.py list                    # each job: done, to run, or waiting
-    python experiments/paper/report.py --readme README.md     # the table, from runs/cpu_full
+    EMOREC_DATA_DIR=../shared/datasets python -m experiments.paper.study run [--budget cpu_full] [--commit]
+    python -m experiments.paper.study list                    # each job: done, to run, or waiting
+    python -m experiments.paper.report --readme README.md     # the table, from runs/cpu_full
 
 The grid, per dataset: zero-shot; P-Tuning v2 (prefix 32) and LoRA (rank 8), each with label
 scoring and with the classifier head; the MiniLM baseline at three learning rates. Each family's
 best configuration on the dev split (the dataset's metric of record, seed 42) then runs again
 with seeds 43 and 44, and the best LLM configuration once more with dialogue context on the
 conversation datasets. Jobs run one after another through `python -m emorec ... resume=true`;
-each finished job's config and metrics go to runs/<budget>/<job>/ (emorec.study), and the report
+each finished job's config and metrics go to runs/<budget>/<job>/ (experiments.common), and the report
 is built from that folder alone.
 """
 
@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from emorec.study import Job, commit, is_done, read_results, run_job
+from experiments.common import Job, commit, is_done, read_results, run_job
 
 HERE = Path(__file__).parent
 # Smallest training split first, so whole rows of the table fill early.

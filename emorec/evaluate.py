@@ -7,7 +7,7 @@ from tqdm import tqdm
 
 from emorec.fast import Engine
 from emorec.fast.streams import streamed
-from emorec.reference import device_of
+from emorec.tensors import device_of
 
 
 @torch.no_grad()

@@ -1,4 +1,7 @@
-"""A study that outlives a session: named jobs run one after another through the entrypoint
+"""What more than one experiment uses: the matmul peak that FLOP utilisations are measured
+against, and studies that outlive a session.
+
+A study that outlives a session: named jobs run one after another through the entrypoint
 (`python -m emorec ... resume=true`), each in its own run directory, so an interrupted job
 continues from its last checkpoint; as each finishes, its small results (`config.yaml` and
 `metrics.json`, never predictions: they hold dataset text) are copied into a results folder that
@@ -14,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 
@@ -67,3 +71,29 @@ def commit(path: Path, message: str, tries: int = 5) -> None:
         time.sleep(2 * (attempt + 1))
     error = (done.stderr or done.stdout).strip().splitlines()
     print(f"study: warning: could not commit {path}: {error[-1] if error else 'git failed'}", file=sys.stderr)
+
+
+def matmul_peak(dtype: torch.dtype, seconds: float = 2.0, device: str = "cpu", sizes=(1024, 2048, 3072)) -> float:
+    """GFLOP/s of the best square matmul size, dense, on `device` (on a CPU, on the threads torch
+    uses; on a GPU, waiting for the device before the clock is read). `seconds` bounds the whole
+    measurement, warm-ups included: a dtype the CPU only emulates (bf16 without AVX-512 BF16 or
+    AMX runs at about 1 GFLOP/s) stops after its first size instead of taking minutes."""
+
+    def sync():
+        if device != "cpu":
+            torch.cuda.synchronize(device)
+
+    best, begin = 0.0, time.perf_counter()
+    for n in sizes:
+        a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+        a @ b  # warm-up
+        sync()
+        reps, start = 0, time.perf_counter()
+        while reps == 0 or time.perf_counter() - start < seconds / len(sizes):
+            a @ b
+            reps += 1
+        sync()
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start) / 1e9)
+        if time.perf_counter() - begin > seconds:
+            break
+    return best

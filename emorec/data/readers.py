@@ -1,184 +1,18 @@
-"""What every dataset loader shares: examples and splits, finding and downloading files,
-reading them strictly, bad-row handling, and turning dialogues into examples with context.
-
-The loaders themselves, one per dataset, are in emorec.datasets.
-"""
+"""Reading a dataset's files strictly (UTF-8, csv, json: every problem names its file and
+line), handling bad rows, and turning a dialogue's rows into examples with their context."""
 
 import csv
 import io
 import json
 import logging
-import os
-import random
-import re
-import shutil
-import urllib.error
-import zipfile
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from emorec.download import cache_dir, fetch, sha256_of
+from emorec.data.records import Example, Row, Splits, normalise_text
 from emorec.errors import EmorecError
 
 log = logging.getLogger(__name__)
-
-
-Turn = tuple[str | None, str]  # (speaker or None, utterance)
-
-
-@dataclass(frozen=True)
-class Example:
-    id: str
-    text: str
-    label: int
-    speaker: str | None = None
-    dialogue_id: str | None = None
-    # Every earlier turn of the same dialogue, oldest first; dataset.context_window picks how
-    # many of the most recent ones reach the prompt.
-    context: tuple[Turn, ...] = ()
-
-
-@dataclass
-class Splits:
-    """A loader's result: the label wording (index i = label i) and the three splits."""
-
-    labels: list[str]
-    train: list[Example]
-    dev: list[Example]
-    test: list[Example]
-    skipped: int = 0  # bad rows skipped under on_bad_row=skip
-    left_out: dict[str, int] = field(default_factory=dict)  # utterances outside the task, by reason
-
-    def __getitem__(self, split: str) -> list[Example]:
-        return getattr(self, split)
-
-
-# Typographic punctuation -> ASCII, so that the same sentence tokenises the same way whichever
-# editor or release of a dataset it came through.
-_ASCII = str.maketrans(
-    {
-        "\u2018": "'",
-        "\u2019": "'",
-        "\u201c": '"',
-        "\u201d": '"',
-        "\u2013": "-",
-        "\u2014": "-",
-        "\u2026": "...",
-        "\u00a0": " ",
-    }
-)
-_C1_CONTROLS = re.compile("[\x80-\x9f]")
-
-
-def normalise_text(text: str) -> str:
-    """Undo the encoding artifacts of dialogue corpora and fold punctuation to ASCII.
-
-    Three kinds occur: UTF-8 read as cp1252 ("donâ€™t"), cp1252 bytes read as Latin-1 (a bare
-    "\\x92" for an apostrophe, as in EmotionLines), and typographic quotes and dashes.
-    """
-    if "â€" in text or "Ã" in text:
-        try:
-            text = text.encode("cp1252").decode("utf-8")
-        except UnicodeError:
-            pass  # not mojibake after all; leave it
-    text = _C1_CONTROLS.sub(lambda m: m.group().encode("latin-1").decode("cp1252", "ignore"), text)
-    return " ".join(text.translate(_ASCII).split())
-
-
-def locate(
-    name: str,
-    files: list[str],
-    data_dir: str | None = None,
-    url: str | None = None,
-    sha256: dict | None = None,
-    archive: str | None = None,
-    source: str | None = None,
-) -> Path:
-    """The folder holding a dataset's files: data_dir, else $EMOREC_DATA_DIR/<name>, else the
-    cache, filled when files are missing there from url (one file per name) or from archive (a
-    zip, possibly of zips, holding the files), each checked against sha256."""
-    if data_dir is not None:
-        folder = Path(data_dir).expanduser()
-        missing = [f for f in files if not (folder / f).is_file()]
-        if missing:
-            raise EmorecError(
-                f"dataset.data_dir={folder} lacks {', '.join(missing)}; "
-                f"point it at the folder that holds {', '.join(files)}"
-            )
-        return check_digests(folder, files, sha256)
-    if os.environ.get("EMOREC_DATA_DIR"):
-        folder = Path(os.environ["EMOREC_DATA_DIR"]).expanduser() / name
-        if all((folder / f).is_file() for f in files):
-            return check_digests(folder, files, sha256)
-    folder = cache_dir() / "datasets" / name
-    if all((folder / f).is_file() for f in files):
-        return folder
-    reason = source or "no download URL is configured"
-    if url or archive:
-        try:
-            if archive:
-                _fetch_archive(archive, folder, [f for f in files if not (folder / f).is_file()], sha256 or {})
-            for f in files:
-                if not (folder / f).is_file():
-                    fetch(f"{url.rstrip('/')}/{f}", folder / f, (sha256 or {}).get(f))
-            return folder
-        except (urllib.error.URLError, OSError, EmorecError, zipfile.BadZipFile) as e:
-            reason = f"download from {archive or url} failed: {e}"
-    raise EmorecError(
-        f"{name} data not found ({reason}); either set dataset.data_dir=/path/to/{name}, "
-        f"or set EMOREC_DATA_DIR to a folder with a {name}/ subfolder holding {', '.join(files)}"
-        + (", or allow the download" if url or archive else "")
-    )
-
-
-def check_digests(folder: Path, files: list[str], sha256: dict | None) -> Path:
-    """Local copies of files with a known digest (the downloads'): a warning for each that
-    differs, naming both digests. Not an error: a newer release or a fixed copy differs too."""
-    for f in files:
-        want = (sha256 or {}).get(f)
-        if want and (got := sha256_of(folder / f)) != want:
-            log.warning(
-                "%s: sha256 %s, not the release's %s: another version, or a damaged or cut-short copy",
-                folder / f,
-                got,
-                want,
-            )
-    return folder
-
-
-def _fetch_archive(url: str, folder: Path, files: list[str], sha256: dict) -> None:
-    """Download a zip and copy out the members whose paths end with the wanted file paths,
-    looking inside nested zips too (DailyDialog ships a zip of per-split zips). Members are
-    written to our own paths, never to the paths the archive names."""
-    archive = fetch(url, folder / ("_" + url.rstrip("/").rsplit("/", 1)[-1]))
-    try:
-        found = _extract(zipfile.ZipFile(archive), folder, set(files))
-    finally:
-        archive.unlink(missing_ok=True)
-    missing = sorted(set(files) - found)
-    if missing:
-        raise EmorecError(f"{url} holds no {', '.join(missing)}")
-    for f in files:
-        if f in sha256 and (got := sha256_of(folder / f)) != sha256[f]:
-            (folder / f).unlink()
-            raise EmorecError(f"checksum mismatch for {f} from {url}: expected sha256 {sha256[f]}, got {got}")
-
-
-def _extract(zf: zipfile.ZipFile, folder: Path, wanted: set[str]) -> set[str]:
-    found = set()
-    for member in zf.namelist():
-        target = next((f for f in wanted if member == f or member.endswith("/" + f)), None)
-        if target is not None:
-            (folder / target).parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(member) as src, open(folder / target, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            found.add(target)
-        elif member.endswith(".zip"):
-            with zf.open(member) as inner:
-                found |= _extract(zipfile.ZipFile(io.BytesIO(inner.read())), folder, wanted - found)
-    return found
 
 
 def read_text(path: Path, lines: bool = False) -> str:
@@ -302,17 +136,6 @@ class LabelIndex:
         return self.index.get(str(value).strip().lower())
 
 
-@dataclass(frozen=True)
-class Row:
-    """One utterance as read from a file, before validation."""
-
-    where: str  # file:line (or file: dialogue d, utterance u) for messages
-    id: str
-    speaker: str | None
-    text: str | None
-    label: object  # the raw label value; None for an utterance that is context only
-
-
 def dialogue_examples(
     dialogue_id: str | None,
     rows: list[Row],
@@ -362,11 +185,3 @@ def in_holdout(key: str, fraction: float) -> bool:
     """A stable pseudo-random choice of a fraction of keys (dialogues) for a held-out split:
     the same key always lands on the same side, whatever else is in the file."""
     return zlib.crc32(key.encode()) % 10_000 < fraction * 10_000
-
-
-def subsample(examples: list, n: int | None, seed: int) -> list:
-    """A seeded random subset of n examples, in their original order (all when n is None)."""
-    if n is None or n >= len(examples):
-        return examples
-    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
-    return [examples[i] for i in keep]

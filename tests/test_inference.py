@@ -12,10 +12,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import emorec
-from emorec.datasets import load_meld
+from emorec.data.corpora import load_meld
 from emorec.errors import EmorecError
+from emorec.predict_cli import main
 from emorec.run import run
-from emorec.trained import main
 from tests.meld_fixture import MELD_DIR
 
 ROOT = Path(__file__).parent.parent
@@ -186,6 +186,24 @@ def test_a_run_from_before_heads_and_context_layouts_predicts_as_it_ran(make_cfg
     saved = OmegaConf.load(out / "config.yaml")
     for node, key in [(saved, "head"), (saved.trainer, "balance"), (saved.trainer, "logit_adjust")]:
         del node[key]
+    del saved["config_version"]  # runs from then saved none
     OmegaConf.save(saved, out / "config.yaml")
+    rows = run_test_rows(out)
+    assert_reproduces(rows, emorec.load(out).predict([r["text"] for r in rows]), list(cfg.dataset.labels))
+
+
+def test_a_run_from_before_the_data_package_predicts_as_it_ran(make_cfg):
+    """Its config.yaml names the loaders by their old module and has no config version."""
+    from omegaconf import OmegaConf
+
+    from tests.test_upgrade import as_before_issue_37
+
+    cfg = make_cfg("adapter=lora", "trainer.max_steps=2", "trainer.val_every_epoch=false")
+    run(cfg)
+    out = Path(cfg.output_dir)
+    old = as_before_issue_37(OmegaConf.load(out / "config.yaml"))
+    del old["config_version"]
+    assert old["dataset"]["load"]["_target_"] == "emorec.datasets.load_meld"
+    OmegaConf.save(OmegaConf.create(old), out / "config.yaml")
     rows = run_test_rows(out)
     assert_reproduces(rows, emorec.load(out).predict([r["text"] for r in rows]), list(cfg.dataset.labels))

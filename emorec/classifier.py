@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from emorec.errors import EmorecError
-from emorec.reference import base_of
+from emorec.tensors import base_of
 
 
 def decoder_classifier(model, labels: list[str], pad_id: int, init: str, first_tokens: list[int] | None):

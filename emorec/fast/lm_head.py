@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import torch
 
-from emorec.reference import output_head, pools
+from emorec.tensors import output_head, pools
 
 
 def at_positions(tensor: torch.Tensor, from_end: torch.Tensor) -> torch.Tensor:

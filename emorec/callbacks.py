@@ -1,0 +1,193 @@
+"""What happens around the training loop's steps (emorec.train): each a callback that sees
+every step and epoch end, and may end training before an epoch (`done`). Loss logging, the
+run's wall clock, validation keeping the best weights (and stopping early), checkpoints and
+stop signals."""
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from emorec.checkpoint import Interrupted, load_checkpoint, restore_rng, save_checkpoint, torch_rng_state
+from emorec.errors import EmorecError
+from emorec.metrics import METRICS
+from emorec.tensors import host_copy
+from emorec.train import TrainingProgress, check_finite
+
+log = logging.getLogger(__name__)
+
+
+class Callback:
+    def on_step(self, progress: TrainingProgress, epoch: float) -> None:
+        pass
+
+    def done(self, progress: TrainingProgress) -> bool:
+        """Whether training should stop before the next epoch."""
+        return False
+
+    def on_epoch_end(self, progress: TrainingProgress) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class LogLoss(Callback):
+    """Every `every` steps and at the last: the mean batch loss since the last log, the learning
+    rate and the epoch, to `log(metrics, step)` and the progress bar."""
+
+    def __init__(self, log, scheduler, every: int, steps: int, start: int = 0, show: bool = True):
+        self.log, self.scheduler, self.every, self.steps = log, scheduler, every, steps
+        self.bar = tqdm(total=steps, initial=start, desc="train", disable=not show)
+
+    def on_step(self, progress: TrainingProgress, epoch: float) -> None:
+        self.bar.update()
+        if progress.step % self.every == 0 or progress.step == self.steps:
+            progress.settle()
+            mean = sum(progress.running) / len(progress.running)
+            progress.running = []
+            self.bar.set_postfix(loss=f"{mean:.4f}")
+            self.log(
+                {"train/loss": mean, "train/lr": self.scheduler.get_last_lr()[0], "train/epoch": epoch}, progress.step
+            )
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class WallClock(Callback):
+    """Stamps the progress with the run's wall time (`wall()`) at every step and epoch end, before
+    the checkpointer saves it."""
+
+    def __init__(self, wall: Callable[[], float]):
+        self.wall = wall
+
+    def on_step(self, progress: TrainingProgress, epoch: float) -> None:
+        progress.wall_seconds = self.wall()
+
+    def on_epoch_end(self, progress: TrainingProgress) -> None:
+        progress.wall_seconds = self.wall()
+
+
+class KeepBest(Callback):
+    """Validation at each epoch's end (`evaluate(desc)` returns (predictions, metrics)); the
+    trainable weights of the best epoch by the metric of record stay in host memory (adapters are
+    small; a fully fine-tuned model then takes no second copy on the GPU) and `restore` puts them
+    back. With `patience`, training stops early (`done`)."""
+
+    def __init__(self, model, evaluate, metric: str, log, patience: int | None = None):
+        self.model, self.evaluate, self.metric, self.log = model, evaluate, metric, log
+        self.value, self.epoch, self.state, self.val = -math.inf, None, None, None
+        self.patience = patience
+
+    def done(self, progress: TrainingProgress) -> bool:
+        """Early stopping: `patience` epochs have passed without a better validation metric.
+        Read from the progress and the best epoch alone, so a resumed run stops where it would
+        have."""
+        return bool(self.patience) and self.epoch is not None and progress.epoch - self.epoch >= self.patience
+
+    def on_epoch_end(self, progress: TrainingProgress) -> None:
+        result, m = self.evaluate(f"val epoch {progress.epoch}")
+        self.log({f"val/{k}": m[k] for k in METRICS if k in m}, progress.step)
+        log.info(
+            "epoch %d step %d: val %s %.4f, accuracy %.4f",
+            progress.epoch,
+            progress.step,
+            self.metric,
+            m[self.metric],
+            m["accuracy"],
+        )
+        if m[self.metric] > self.value:
+            state = {n: host_copy(p) for n, p in self.model.named_parameters() if p.requires_grad}
+            self.value, self.epoch, self.state, self.val = m[self.metric], progress.epoch, state, (result, m)
+
+    def restore(self) -> None:
+        if self.state is not None:
+            with torch.no_grad():
+                for n, p in self.model.named_parameters():
+                    if n in self.state:
+                        p.copy_(self.state[n])
+
+
+@dataclass(frozen=True)
+class Keep:
+    """When checkpoints are written and how many stay: every `every` steps (0: only at epoch
+    ends), the last `keep`; and at once when `stop()` names a signal."""
+
+    every: int
+    keep: int
+    stop: Callable[[], str | None] = lambda: None
+
+
+class Checkpointer(Callback):
+    """Checkpoints as `when` says, at each epoch's end, and when a signal arrives, after which
+    training raises Interrupted. All processes stop at the same step; the first writes."""
+
+    def __init__(self, out: Path, model, optimizer, scheduler, best: KeepBest, backward, when: Keep):
+        self.out, self.model, self.optimizer, self.scheduler, self.best = out, model, optimizer, scheduler, best
+        self.every, self.keep, self.stop, self.backward = when.every, when.keep, when.stop, backward
+
+    def trainable(self) -> dict:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def on_step(self, progress: TrainingProgress, epoch: float) -> None:
+        signal_name = self.stop()
+        flag = torch.tensor([float(signal_name is not None)])  # on the host: agree moves it
+        if self.backward.world > 1 and self.backward.agree(flag)[0]:
+            signal_name = signal_name or "SIGTERM"  # a signal may reach the processes at different steps
+        if signal_name or (self.every and progress.step % self.every == 0):
+            path = self.save(progress)
+            if signal_name:
+                raise Interrupted(signal_name, progress.step, path)
+
+    def on_epoch_end(self, progress: TrainingProgress) -> None:
+        self.save(progress)
+
+    def save(self, progress: TrainingProgress) -> Path | None:
+        state = progress.state_dict()  # reads the pending losses: a non-finite one stops here
+        check_finite(self.trainable().values(), progress.step)  # never a checkpoint of broken weights
+        tensors = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            **torch_rng_state(),
+            "generator": state.pop("generator"),
+        }
+        path = None
+        if self.backward.rank == 0:  # every process holds the same state
+            best = {"best_value": self.best.value, "best_epoch": self.best.epoch}
+            path = save_checkpoint(
+                self.out,
+                progress.step,
+                weights=self.trainable(),
+                best=self.best.state,
+                tensors=tensors,
+                state={"progress": state, **best},
+                keep=self.keep,
+            )
+        self.backward.barrier()
+        return path
+
+    def restore(self, path: Path) -> TrainingProgress:
+        """Load a checkpoint into the model, optimizer, scheduler, best-so-far and RNGs."""
+        saved = load_checkpoint(path)
+        params = self.trainable()
+        if set(params) != set(saved["weights"]):
+            raise EmorecError(
+                f"checkpoint {path} holds other weights than this run trains; resume with the same adapter"
+            )
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved["weights"][n])
+        self.optimizer.load_state_dict(saved["tensors"]["optimizer"])
+        self.scheduler.load_state_dict(saved["tensors"]["scheduler"])
+        state = saved["state"]
+        # The best epoch's validation is recomputed from its weights at the end (deterministic).
+        self.best.value, self.best.epoch, self.best.state = state["best_value"], state["best_epoch"], saved["best"]
+        restore_rng(state, saved["tensors"])
+        progress = TrainingProgress()
+        progress.load_state_dict({**state["progress"], "generator": saved["tensors"]["generator"]})
+        return progress
