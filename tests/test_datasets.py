@@ -100,6 +100,9 @@ def test_emocontext_bad_line_names_file_and_line(fixture_dir):
         load("emocontext", folder)
     data, _ = load("emocontext", folder, "dataset.on_bad_row=skip")
     assert data.skipped == 1 and sizes(data) == [2, 1, 2]
+    (folder / "test.txt").write_text("")
+    with pytest.raises(EmorecError, match=r"test.txt: the header is '', not id, turn1, turn2, turn3, label"):
+        load("emocontext", folder, "dataset.on_bad_row=skip")
 
 
 @pytest.mark.parametrize(

@@ -200,11 +200,13 @@ def load_emocontext(
     out = {}
     for split, name in EMOCONTEXT_FILES.items():
         path, examples = folder / name, []
-        header, *lines = read_text(path, lines=True).splitlines()
+        header, *lines = read_text(path, lines=True).splitlines() or [""]
         if header.split("\t") != ["id", "turn1", "turn2", "turn3", "label"]:
             raise EmorecError(f"{path}: the header is {header!r}, not id, turn1, turn2, turn3, label (tab-separated)")
         for number, line in enumerate(lines, 2):
             fields = line.split("\t")
+            if not line.strip():
+                continue  # a trailing blank line is not a row
             if len(fields) != 5:
                 bad(f"{path}:{number}", f"{len(fields)} tab-separated fields, not 5")
                 continue
