@@ -1,9 +1,10 @@
-"""One loader per dataset, each reading the dataset's own distribution format.
+"""One loader per emotion corpus, each reading the dataset's own distribution format (the
+sentiment datasets: emorec.data.sentiment).
 
 Every loader takes the prompt's label wording (`labels`), where to find the files (`data_dir`,
-else $EMOREC_DATA_DIR/<name>, else a download where an official URL exists) and
-`on_bad_row`, and returns emorec.data.records.Splits: train, dev and test Examples whose label is an
-index into `labels`, each carrying the earlier turns of its dialogue as context.
+else $EMOREC_DATA_DIR/<name>, else a download where an official URL exists) and `on_bad_row`,
+and returns emorec.data.records.Splits: train, dev and test Examples whose label is an index
+into `labels`, each carrying the earlier turns of its dialogue as context.
 """
 
 import re
