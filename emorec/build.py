@@ -46,6 +46,11 @@ class Spec:
         return cls(cfg.model, cfg.adapter, cfg.head, cfg.prompt, cfg.trainer, Fast(**cfg.fast))
 
     @property
+    def full(self) -> bool:
+        """Every weight trains (adapter=full): no PEFT adapter, and the base not frozen."""
+        return bool(self.adapter.train and self.adapter.peft is None)
+
+    @property
     def kind(self) -> str:
         """lm (label words), classifier (a decoder's head) or encoder."""
         return "encoder" if is_encoder(self.model) else self.head.name
@@ -64,8 +69,7 @@ def build(spec: Spec, env: Env, labels: list[str], balance: Balance, saved: Path
     """The model with its head and adapter on env.device, and what serves it. `saved`: a
     finished run's adapter folder (or, for adapter=full, its model folder) to load, frozen,
     instead of a new adapter."""
-    full = bool(spec.adapter.train and spec.adapter.peft is None)
-    plan = plan_load(spec.fast, env.device, env.bf16, trains_base=full or is_encoder(spec.model))
+    plan = plan_load(spec.fast, env.device, env.bf16, trains_base=spec.full or is_encoder(spec.model))
     model, tokenizer, load_seconds = build_model(spec, plan, labels, saved)
     engine = dispatch(model, spec.fast, env.device, spec.trainer.max_pass_tokens, env.rank_world[1])
     task = build_task(tokenizer, spec, labels, engine, balance)
@@ -79,8 +83,7 @@ def build_model(spec: Spec, plan: LoadPlan, labels: list[str], saved: Path | Non
     """(model with its head and adapter on its device, tokenizer, load seconds). Without an
     adapter (adapter=full) the whole model trains; otherwise the base is frozen."""
     start = time.perf_counter()
-    adapter, encoder = spec.adapter, is_encoder(spec.model)
-    full = bool(adapter.train and adapter.peft is None)
+    adapter, encoder, full = spec.adapter, is_encoder(spec.model), spec.full
     decoder_head = spec.kind == "classifier"
     whole = full and saved is not None  # a fine-tuned whole model to load, head and all
     load = saved_model(saved, encoder or decoder_head, spec.model.load) if whole else spec.model.load

@@ -14,7 +14,8 @@ from emorec.tensors import device_of
 def predict(model, task, prompts: list[list[int]], engine: Engine, *, batch_size: int, autocast: bool, desc="eval"):
     """Every prompt's predicted label index and extra (label-set probabilities, or generated
     text), the seconds it took and the throughput. Batches run in `engine.eval_streams` threads
-    at once where the task allows it; a batch's result does not depend on which stream ran it."""
+    at once (one for a task that generates: Engine.for_task); a batch's result does not depend on
+    which stream ran it."""
     model.eval()
     preds, extra = [0] * len(prompts), [None] * len(prompts)
     start = time.perf_counter()
@@ -30,7 +31,7 @@ def predict(model, task, prompts: list[list[int]], engine: Engine, *, batch_size
 
         # Batches are cut by the tokens that run per row, those after the shared prefix.
         batches = engine.eval_batches([len(p) - n for p in prompts], batch_size)
-        with streamed(run, batches, engine.eval_streams if task.streams else 1) as results:
+        with streamed(run, batches, engine.eval_streams) as results:
             for batch, (out, more) in tqdm(zip(batches, results), total=len(batches), desc=desc, leave=False):
                 for i, p, m in zip(batch, out, more):
                     preds[i], extra[i] = p, m

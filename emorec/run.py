@@ -18,6 +18,7 @@ from emorec.batches import steps_per_epoch
 from emorec.build import Built, Optimizer, Spec, build, prompts_of
 from emorec.callbacks import Checkpointer, Keep, KeepBest, LogLoss, WallClock
 from emorec.checkpoint import Interrupted, StopSignals, checkpoints, find_checkpoint, tidy_checkpoints
+from emorec.data.records import SPLITS
 from emorec.data.splits import Data, load_splits
 from emorec.distributed import end, from_slurm, gather_predictions, is_main_process, make_accelerator
 from emorec.env import Env, resolve_device, seed_everything
@@ -33,8 +34,6 @@ from emorec.tasks import Balance
 from emorec.train import Passes, Plan, train
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "dev", "test")
 
 
 def run(cfg: DictConfig) -> dict:

@@ -322,7 +322,7 @@ def validate(cfg) -> None:
     the ranges (Hydra checked the types as it composed)."""
     for key in TYPED:
         node = cfg.get(key)
-        if node is not None and isinstance(OmegaConf.get_type(node), type) and is_dataclass(OmegaConf.get_type(node)):
+        if node is not None and is_dataclass(OmegaConf.get_type(node)):
             OmegaConf.to_object(node)
 
 

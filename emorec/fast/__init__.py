@@ -105,7 +105,6 @@ class LoadPlan:
     """How the model loads on this device, chosen before it loads."""
 
     dtype: torch.dtype  # of the loaded weights
-    bf16: bool  # bf16 autocast (trainer.precision on this device)
     input_casts: bool  # PEFT casts each adapter's input to the adapter's dtype
     device: torch.device
 
@@ -137,7 +136,7 @@ def plan_load(fast: Fast, device: torch.device, bf16: bool, trains_base: bool) -
     two copies per adapter call (8 % of a step here). Every forward of a run is under autocast,
     so the input can stay bf16 (as with PEFT's helpers.disable_input_dtype_casting)."""
     dtype = torch.bfloat16 if bf16 and fast.bf16_base and not trains_base else torch.float32
-    return LoadPlan(dtype, bf16, not (bf16 and fast.bf16_adapter_inputs), device)
+    return LoadPlan(dtype, not (bf16 and fast.bf16_adapter_inputs), device)
 
 
 def apply_input_casts(model, plan: LoadPlan) -> None:
