@@ -61,8 +61,8 @@ test-fast: setup ## run the tests that take seconds (no slow marker)
 bench: setup ## benchmark emorec against the naive peer (HF Trainer recipe); writes experiments/bench/results.json
 	$(BIN)/python -m experiments.bench.bench $(ARGS)
 
-gpu-check: setup ## on a CUDA GPU (under 8 min on one H200): the gpu tests, then the main job against the CPU and the bench against the peer (experiments/gpu)
-	$(BIN)/python -m pytest -m gpu tests/test_gpu.py tests/test_engine.py $(ARGS)
+gpu-check: setup ## on a CUDA GPU (under 8 min on one H200): the gpu tests, the main job against the CPU, the training step's acceptance (experiments/gpu)
+	$(BIN)/python -m pytest -m gpu tests/test_gpu.py tests/test_engine.py tests/test_static.py $(ARGS)
 	$(BIN)/python -m experiments.gpu.gpu_check --out experiments/gpu/results.json
 
 paper: setup ## the paper's study: zero-shot, P-Tuning v2 and LoRA (label scoring and head), MiniLM, seeds, dialogue context; then the table (experiments/paper; resumable: done jobs are skipped)

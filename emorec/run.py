@@ -139,7 +139,11 @@ def fit(built: Built, training: tuple, trainer: DictConfig, optimizer: Optimizer
         # and the optimizer. The scheduler stays plain: it steps once per optimizer step, as with
         # one process (accelerate's wrapper would step it once per process).
         trained, optimizer = env.accelerator.prepare(model, optimizer)
-    backward = built.engine.backward(trained, training_passes(built, trained, training, env), env.accelerator)
+    backward = built.engine.backward(
+        trained,
+        training_passes(built, trained, training, env, -(-trainer.batch_size // env.rank_world[1])),
+        env.accelerator,
+    )
     signals = StopSignals()
     when = Keep(trainer.checkpoint_every, trainer.keep_checkpoints, lambda: signals.received)
     checkpointer = Checkpointer(env.out, model, optimizer, scheduler, best, backward, when)
@@ -166,10 +170,11 @@ def fit(built: Built, training: tuple, trainer: DictConfig, optimizer: Optimizer
     return stats
 
 
-def training_passes(built: Built, trained, training: tuple, env: Env) -> Passes:
-    """How the training rows become passes: the task's loss over rows, under autocast."""
+def training_passes(built: Built, trained, training: tuple, env: Env, batch_size: int) -> Passes:
+    """How the training rows become passes: the task's loss over rows (at the engine's static
+    shapes where it chose them, for this process's `batch_size` rows of a batch), under autocast."""
     prompts, targets = training
-    task = built.task
+    task = built.engine.for_training(built.task, trained, prompts, targets, batch_size)
 
     def loss_of(rows: list[int]) -> torch.Tensor:
         # Autocast is per thread: each training stream sets its own.

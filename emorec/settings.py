@@ -75,6 +75,10 @@ RESUME_MAY_CHANGE |= {"trainer.num_threads", "dataset.data_dir", "sweep_name"}
 RESUME_MAY_CHANGE |= {"trainer.max_pass_tokens"}
 # The same attention by another kernel (auto chooses eager on a CPU, as runs before auto did).
 RESUME_MAY_CHANGE |= {"model.attn_implementation", "model.load.attn_implementation"}
+# The same loss at other shapes, compiled or not, with other kernels (emorec.fast.static): the
+# same computation up to rounding, so a run from before them resumes under today's defaults.
+RESUME_MAY_CHANGE |= {f"fast.{k}" for k in ("static_shapes", "compile", "compile_scope", "buckets", "bucket_multiple")}
+RESUME_MAY_CHANGE |= {"fast.fused_kernels"}
 
 
 def check_resume_config(cfg: DictConfig, checkpoint: Path) -> None:

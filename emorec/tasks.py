@@ -7,6 +7,7 @@ returns (tokens of each prompt computed once for all, a function from a batch of
 (predicted label indices, per-example extras)).
 """
 
+import copy
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -105,8 +106,16 @@ class LabelWords:
         return self.impl.shared_length(model, prompts)
 
     def loss(self, model, prompts: list[list[int]], targets: list[int]) -> torch.Tensor:
-        weights = self.balance.of_targets(targets, device_of(model))
+        # The static step takes its values on the host, to copy them to the device in one go.
+        device = "cpu" if getattr(self.impl, "host_inputs", False) else device_of(model)
+        weights = self.balance.of_targets(targets, device)
         return self.impl.loss(model, prompts, [self.answers[t] for t in targets], self.pad_id, weights)
+
+    def with_impl(self, impl) -> "LabelWords":
+        """This task, its loss and scores computed by `impl`."""
+        task = copy.copy(self)
+        task.impl = impl
+        return task
 
     def predictor(self, model, prompts: list[list[int]]):
         if self.tokenizer is not None:

@@ -91,7 +91,20 @@ def early_stopping(cfg: dict) -> None:
     cfg.setdefault("trainer", {}).setdefault("patience", None)
 
 
-UPGRADES = [fast_group, added_settings, data_package, early_stopping]
+def static_step(cfg: dict) -> None:
+    """4 -> 5 (issue 38): the static training step and torch.compile, switches of the fast group;
+    runs before them trained at each batch's own shape, eagerly."""
+    if "fast" in cfg:
+        fast = cfg["fast"]
+        fast.setdefault("static_shapes", False)
+        fast.setdefault("compile", False)
+        fast.setdefault("compile_scope", "layer")
+        fast.setdefault("buckets", 8)
+        fast.setdefault("bucket_multiple", 8)
+        fast.setdefault("fused_kernels", False)
+
+
+UPGRADES = [fast_group, added_settings, data_package, early_stopping, static_step]
 VERSION = len(UPGRADES)
 
 

@@ -144,6 +144,9 @@ def test_the_reference_path_trains_and_predicts_as_the_fast_one(make_cfg, tmp_pa
         "train streams": 1,
         "max pass tokens": 1024,
         "eval batch tokens": None,
+        "static step": "off",
+        "compile": "off",
+        "fused kernels": "none",
         "backward": "one pass",
         "base dtype": "float32",
         "adapter input casts": True,
@@ -152,6 +155,38 @@ def test_the_reference_path_trains_and_predicts_as_the_fast_one(make_cfg, tmp_pa
     assert plain["train"]["computed_tokens"] == plain["train"]["tokens"] > fast["train"]["computed_tokens"]
     for split in ("val", "test"):
         assert plain[split]["confusion_matrix"] == fast[split]["confusion_matrix"]
+
+
+def test_a_static_step_run_trains_as_the_packed_pass_and_records_its_buckets(make_cfg, tmp_path):
+    """fast.static_shapes=true on a CPU (a GPU's default): in fp32 the losses (up to rounding)
+    and predictions of the packed pass; metrics.json says what the static step ran."""
+    packed = run(make_cfg("trainer.precision=fp32", "trainer.max_steps=4", f"output_dir={tmp_path / 'packed'}"))
+    static = run(
+        make_cfg(
+            "trainer.precision=fp32", "trainer.max_steps=4", "fast.static_shapes=true", f"output_dir={tmp_path / 's'}"
+        )
+    )
+    recorded = json.loads((tmp_path / "s" / "metrics.json").read_text())["fast"]
+    assert packed["fast"]["static step"] == "off" and packed["fast"]["train streams"] == 2
+    step = recorded["static step"]
+    assert step["attention"] == "sdpa" and step["rows"] == 4 and 1 <= len(step["lengths"]) <= 8
+    assert recorded["compile"] == "off" and recorded["train streams"] == 1
+    assert static["train"]["losses"] == pytest.approx(packed["train"]["losses"], abs=1e-4)
+    for split in ("val", "test"):
+        assert static[split]["confusion_matrix"] == packed[split]["confusion_matrix"]
+
+
+def test_a_compiled_run_trains_as_the_eager_static_step(make_cfg, tmp_path):
+    """fast.compile=true on a CPU: inductor compiles the decoder layer once per bucket (two
+    here); in fp32 the eager static step's losses and predictions."""
+    common = ("trainer.precision=fp32", "trainer.max_steps=4", "fast.buckets=2", "fast.static_shapes=true")
+    eager = run(make_cfg(*common, f"output_dir={tmp_path / 'eager'}"))
+    compiled = run(make_cfg(*common, "fast.compile=true", f"output_dir={tmp_path / 'compiled'}"))
+    assert compiled["fast"]["compile"] == "layer (default)" and eager["fast"]["compile"] == "off"
+    assert len(compiled["fast"]["static step"]["lengths"]) == 2
+    assert compiled["train"]["losses"] == pytest.approx(eager["train"]["losses"], abs=1e-4)
+    for split in ("val", "test"):
+        assert compiled[split]["confusion_matrix"] == eager[split]["confusion_matrix"]
 
 
 def test_a_run_records_the_streams_it_used(make_cfg, tmp_path):

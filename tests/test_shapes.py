@@ -1,7 +1,7 @@
 """experiments/shapes (issue 38's baseline): the pass shapes and padding of an epoch, counted
 from the engine's own batching and prefix rule, checked on prompts whose answer is known."""
 
-from experiments.shapes.shapes import epoch_shapes
+from experiments.shapes.shapes import epoch_shapes, static_shapes
 
 
 def test_one_batch_of_16_rows_sharing_a_prefix_of_3():
@@ -23,3 +23,16 @@ def test_a_budget_splits_a_batch_into_passes():
     lengths = [len(p) + 1 for p in prompts]
     split = epoch_shapes(prompts, lengths, seed=0, max_tokens=500)
     assert split["passes"] == 2 and split["distinct_shapes"] == 1 and split["padding"] == 0
+
+
+def test_static_shapes_round_passes_up_to_buckets():
+    # 160 rows after the prefix [1, 2, 3] of 1-40 tokens of their own, then a one-token answer.
+    prompts = [[1, 2, 3] + [10 + k % 7] * (1 + k % 40) for k in range(160)]
+    lengths = [len(p) + 1 for p in prompts]
+    static = static_shapes(prompts, lengths, [1], seed=5, most=2, multiple=16)
+    assert static["prefix"] == 3 and static["passes"] == 10
+    assert static["distinct_shapes"] <= 2 and len(static["lengths"]) <= 2
+    assert all(t % 16 == 0 for t in static["lengths"]) and static["lengths"][-1] <= 3 + 16 * 41
+    # More buckets, less padding; every pass fits its bucket.
+    more = static_shapes(prompts, lengths, [1], seed=5, most=8, multiple=16)
+    assert 0 < more["padding"] < static["padding"] < 1 and more["distinct_shapes"] <= 8

@@ -14,13 +14,17 @@ everywhere.
   the needed positions only (prefix.py without a prefix), reference;
 - a training step's backward: data parallel (emorec.distributed), thread streams (streams.py),
   one pass (emorec.train);
+- a training pass: the static step (static.py: a few fixed lengths, buckets.py; no host work;
+  compiled per decoder layer or whole), or the answer component's own loss;
+- fused kernels where a GPU step runs eagerly (kernels.py: Liger Kernel);
 - evaluation: merged adapter (merge.py), token-budget batches (batches.py), thread streams
   (streams.py), each or the plain way.
 
 Some choices are per device, made at setup from the device alone: bf16 autocast under
 trainer.precision=auto (`use_bf16`), the attention kernel the model loads with
-(`dispatch_attention`), the packed pass's attention (fused SDPA on a GPU), thread streams (CPU
-only), token budgets sized to the device's memory (`token_budgets`), a fused optimizer on a GPU
+(`dispatch_attention`), the packed pass's attention (fused SDPA on a GPU), the static step and
+torch.compile (on a GPU; FlexAttention there when compiled), thread streams (CPU only), token
+budgets sized to the device's memory (`token_budgets`), a fused optimizer on a GPU
 (`optimizer_options`).
 """
 
@@ -38,10 +42,13 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from emorec.batches import row_batches, token_batches
 from emorec.distributed import DataParallel
 from emorec.errors import EmorecError
+from emorec.fast.buckets import plan_buckets
+from emorec.fast.kernels import dispatch_kernels
 from emorec.fast.lm_head import HeadAt
 from emorec.fast.merge import can_merge, merged_adapter
 from emorec.fast.packed import Packed, can_pack
-from emorec.fast.prefix import PrefixCache, can_share_prefix
+from emorec.fast.prefix import PrefixCache, can_share_prefix, common_prefix
+from emorec.fast.static import Static, StaticPacked, dispatch_static
 from emorec.fast.streams import Streamed, draws_random
 from emorec.reference import Reference
 from emorec.tensors import base_of
@@ -62,11 +69,26 @@ class Fast:
     token_batches: bool = True  # evaluation batches cut by tokens, not rows
     eval_streams: int = 1  # evaluation batches in this many threads at once (CPU)
     train_streams: int = 1  # training passes as this many pieces in threads (CPU)
+    static_shapes: str = "auto"  # training passes at a few fixed shapes (static.py); auto: where compiled or on a GPU
+    compile: str = "auto"  # torch.compile the static step, once per bucket; auto: on a GPU
+    compile_scope: str = "layer"  # layer: one decoder layer's graph, run by all; step: the whole step (+ CUDA graphs)
+    buckets: int = 8  # the most distinct lengths static passes run at (buckets.py)
+    bucket_multiple: int = 8  # each a multiple of this
+    fused_kernels: bool = True  # Liger Kernel's RMSNorm and SwiGLU on a GPU where the step runs eagerly
 
     def __post_init__(self):
-        for name in ("eval_streams", "train_streams"):
+        for name in ("eval_streams", "train_streams", "buckets", "bucket_multiple"):
             if not getattr(self, name) > 0:
                 raise EmorecError(f"fast.{name}={getattr(self, name)!r} is not valid; it must be a positive integer")
+        for name in ("static_shapes", "compile"):
+            value = str(getattr(self, name)).lower()
+            if value not in ("auto", "true", "false"):
+                raise EmorecError(f"fast.{name}={getattr(self, name)!r} is not valid; use auto, true or false")
+            setattr(self, name, value)
+        if self.compile == "true" and self.static_shapes == "false":
+            raise EmorecError("fast.compile=true compiles the static step; set fast.static_shapes=auto or true")
+        if self.compile_scope not in ("layer", "step"):
+            raise EmorecError(f"fast.compile_scope={self.compile_scope!r} is not valid; use layer or step")
 
 
 class AnswerComponent(Protocol):
@@ -158,12 +180,31 @@ class Engine:
     train_streams: int
     max_pass_tokens: int | None  # a training pass's padded tokens (batches.passes)
     chosen: dict
+    static: "Static | None" = None  # the static training step, where it serves (dispatch_static)
 
     def for_task(self, task) -> "Engine":
         """The engine as the task can use it: generation keeps one evaluation stream."""
         if task.streams:
             return self
         return replace(self, eval_streams=1, chosen={**self.chosen, "eval streams": 1})
+
+    def for_training(self, task, model, prompts: list[list[int]], targets: list[int], batch_size: int):
+        """The task as training runs it: with the static step, its loss at the training set's
+        shape buckets (its prompts' common prefix, lengths from its passes; `batch_size`: this
+        process's rows of a batch), compiled where the plan says; else the task as it is."""
+        answers = getattr(task, "answers", None)
+        if self.static is None or answers is None or not isinstance(task.impl, Packed):
+            return task
+        n = common_prefix(prompts)
+        if n == 0:
+            self.chosen["static step"] = "off: the training prompts share no prefix"
+            return task
+        lengths = task.lengths(prompts, targets)
+        options = (self.static.most, self.static.multiple, self.max_pass_tokens)
+        buckets = plan_buckets(lengths, prompts[0][:n], [len(answers[t]) for t in set(targets)], batch_size, options)
+        impl = StaticPacked(model, task.impl, buckets, self.static.attention, self.static.compiled)
+        self.chosen["static step"] = {"attention": self.static.attention, **buckets.describe()}
+        return task.with_impl(impl)
 
     def backward(self, model, passes: Passes, accelerator=None) -> Backward:
         """The training step's backward strategy (dispatch_backward), recorded in `chosen`."""
@@ -279,7 +320,10 @@ def dispatch(model, fast: Fast, device: torch.device, max_pass_tokens="auto", pr
     merge = fast.merge_adapter and can_merge(model)
     pass_tokens, eval_tokens = token_budgets(model, device, max_pass_tokens)
     eval_streams = min(fast.eval_streams, threads)
-    one_stream = processes > 1 or draws_random(model)
+    static = dispatch_static(model, fast, device, packs(model, fast))
+    kernels = dispatch_kernels(model, fast, device, static)
+    # A static pass runs whole: streams would cut it into pieces of other shapes.
+    one_stream = processes > 1 or draws_random(model) or static is not None
     train_streams = 1 if one_stream else min(fast.train_streams, threads)
     return Engine(
         answers=answers,
@@ -296,7 +340,13 @@ def dispatch(model, fast: Fast, device: torch.device, max_pass_tokens="auto", pr
             "train streams": train_streams,
             "max pass tokens": pass_tokens,
             "eval batch tokens": eval_tokens,
+            "static step": "on" if static else "off",
+            "compile": f"{static.compiled[0]} ({static.compiled[1] or 'default'})"
+            if static and static.compiled
+            else "off",
+            "fused kernels": kernels,
         },
+        static=static,
     )
 
 

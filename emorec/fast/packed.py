@@ -32,14 +32,15 @@ class Packing(NamedTuple):
     token of its row, so the causal mask alone hides it), and `keep` one place of every token
     in the (rows x width) layout, in token order. `prefix`: per layer, the (key, value) of a
     prefix computed before, each (kv heads, length, dim). `mask`: for packed_sdpa_attention,
-    which keys each token sees, (tokens, cached prefix + tokens), True where it attends."""
+    which keys each token sees, (tokens, cached prefix + tokens), True where it attends; for
+    packed_flex_attention, a BlockMask (emorec.fast.static makes both from its row ids)."""
 
     n: int
     rows: int
     index: torch.Tensor | None = None
     keep: torch.Tensor | None = None
     prefix: list | None = None
-    mask: torch.Tensor | None = None
+    mask: object = None
 
 
 def shared_rows(
@@ -74,9 +75,10 @@ def shared_rows(
 def packed_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, packed=None, **kwargs):
     """Attention over one packed sequence (see Packing): the prefix attends causally to itself,
     each row to the whole prefix and causally to itself. The math is transformers' eager
-    attention (scores in the input dtype, softmax in fp32). Query heads are grouped under the
-    key/value head they share, so the prefix's keys are never repeated per row or head, and
-    every row's scores against them come from one matmul per key/value head.
+    attention (scores in the input dtype, softmax in fp32), the query scaled before the
+    matmuls. Query heads are grouped under the key/value head they share, so the prefix's keys
+    are never repeated per row or head, and every row's scores against them come from one
+    matmul per key/value head.
     query (1, heads, tokens, dim), key and value (1, kv heads, tokens, dim); returns
     (1, tokens, heads, dim)."""
     if kwargs.get("sliding_window") or kwargs.get("softcap") or (dropout and module.training):
@@ -84,12 +86,15 @@ def packed_attention(module, query, key, value, attention_mask, scaling, dropout
     n, rows, index, keep, cached, _ = packed
     kv, total, dim = key.shape[1:]
     groups = query.shape[1] // kv
-    low = torch.finfo(query.dtype).min
-    q = query[0].unflatten(0, (kv, groups))  # (kv, groups, tokens, dim)
+    # Scaled once here rather than each block of scores after its matmul: one op, not three.
+    q = (query[0] * scaling).unflatten(0, (kv, groups))  # (kv, groups, tokens, dim)
     k, v = key[0], value[0]  # (kv, tokens, dim)
 
     def causal(size):
         return torch.ones(size, size, dtype=torch.bool, device=query.device).triu(1)
+
+    def masked(scores, mask):  # the scores' own lowest value (under autocast, not the query's dtype)
+        return scores.masked_fill(mask, torch.finfo(scores.dtype).min)
 
     def softmax(scores):
         return torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
@@ -97,14 +102,20 @@ def packed_attention(module, query, key, value, attention_mask, scaling, dropout
     outs = []
     if cached is not None:
         kp, vp = cached[module.layer_idx]
+        qf, kf, vf = q, k, v
     else:
-        kp, vp = k[:, :n], v[:, :n]
-        own = torch.matmul(q[:, :, :n], kp.transpose(-1, -2).unsqueeze(1)) * scaling
-        outs.append(torch.matmul(softmax(own.masked_fill(causal(n), low)), vp.unsqueeze(1)))
+        # Split, not sliced: a split's backward is one concatenation, two slices' are two
+        # zero-filled copies and a sum.
+        (qp, qf), (kp, kf), (vp, vf) = (
+            q.split([n, total - n], 2),
+            k.split([n, total - n], 1),
+            v.split([n, total - n], 1),
+        )
+        own = torch.matmul(qp, kp.transpose(-1, -2).unsqueeze(1))
+        outs.append(torch.matmul(softmax(masked(own, causal(n))), vp.unsqueeze(1)))
     prefix = kp.shape[1]
     # Every token's scores against the prefix: one matmul per key/value head.
-    qf, kf, vf = q[:, :, n:], k[:, n:], v[:, n:]
-    to_prefix = torch.matmul(qf.reshape(kv, -1, dim), kp.transpose(-1, -2)).view(kv, groups, -1, prefix) * scaling
+    to_prefix = torch.matmul(qf.reshape(kv, -1, dim), kp.transpose(-1, -2)).view(kv, groups, -1, prefix)
     # Within rows, in the (rows, width) layout (gathered from the shared one), causal.
     if index is None:
         width = (total - n) // rows
@@ -113,8 +124,8 @@ def packed_attention(module, query, key, value, attention_mask, scaling, dropout
     else:
         width = index.shape[1]
         qr, to_prefix, kr, vr = qf[:, :, index], to_prefix[:, :, index], kf[:, None, index], vf[:, None, index]
-    to_self = torch.matmul(qr, kr.transpose(-1, -2)) * scaling
-    probs = softmax(torch.cat([to_prefix, to_self.masked_fill(causal(width), low)], -1))
+    to_self = torch.matmul(qr, kr.transpose(-1, -2))
+    probs = softmax(torch.cat([to_prefix, masked(to_self, causal(width))], -1))
     from_prefix = torch.matmul(probs[..., :prefix].reshape(kv, -1, prefix), vp).view(kv, groups, rows, width, dim)
     out_rows = (from_prefix + torch.matmul(probs[..., prefix:], vr)).flatten(2, 3)
     outs.append(out_rows if keep is None else out_rows[:, :, keep])
@@ -152,9 +163,24 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, scaling, dr
     if packed.prefix is not None:
         kp, vp = packed.prefix[module.layer_idx]
         key, value = torch.cat([kp[None].to(key.dtype), key], 2), torch.cat([vp[None].to(value.dtype), value], 2)
+    # Keys repeated per query head rather than enable_gqa, which rules out the memory-efficient
+    # kernel that an explicit mask needs.
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=packed.mask, scale=scaling)
+    return out.transpose(1, 2), None
+
+
+def packed_flex_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, packed=None, **kwargs):
+    """Attention through FlexAttention and `packed.mask`, a BlockMask (emorec.fast.static):
+    compiled, one fused kernel per layer that skips the blocks of rows against each other, with
+    no dense mask and no per-shape plan. (Eager, it materialises the scores; and it has no CPU
+    backward in torch 2.13.) Same shapes as packed_attention; no cached prefix."""
+    if kwargs.get("sliding_window") or kwargs.get("softcap") or (dropout and module.training):
+        raise EmorecError("this model's attention has a window, soft-capping or dropout; set fast.pack=false")
+    from torch.nn.attention.flex_attention import flex_attention
+
+    out = flex_attention(query, key, value, block_mask=packed.mask, scale=scaling, enable_gqa=True)
     return out.transpose(1, 2), None
 
 
@@ -236,7 +262,12 @@ class Packed:
         layout = Packing(n, rows, mask=padded_mask(n, rows, width, device) if self.fused else None)
         with self.attention.packed():
             logits, _ = self.head.run(
-                model, flat.shape[1] - at[None], input_ids=flat, position_ids=positions[None], packed=layout
+                model,
+                flat.shape[1] - at[None],
+                input_ids=flat,
+                position_ids=positions[None],
+                packed=layout,
+                use_cache=False,  # else each layer's keys and values are copied into a new cache
             )
         logp = torch.log_softmax(logits[0].float(), dim=-1).gather(-1, ids[row, col][:, None])[:, 0]
         return weighted_mean(-torch.zeros(rows, device=device).index_add(0, row, logp), weights)
@@ -259,5 +290,7 @@ class Packed:
             layout = layout._replace(mask=shared_mask(n, layout.index, len(tokens)))
         with self.attention.packed():
             from_end = len(tokens) - on_device(last, device)[:, None]
-            logits, _ = self.head.run(model, from_end, input_ids=flat, position_ids=positions, packed=layout)
+            logits, _ = self.head.run(
+                model, from_end, input_ids=flat, position_ids=positions, packed=layout, use_cache=False
+            )
         return torch.log_softmax(logits[:, 0].float(), dim=-1)[:, [a[0] for a in answers]]

@@ -4,7 +4,10 @@
    the weights are drawn on the CPU, so both runs start alike) on a MELD-sized subset, on the
    CPU in fp32 and on the GPU in fp32 and in its default precision: losses finite and falling,
    metrics within a tolerance of the CPU run.
-2. The benchmark on the same GPU: emorec against the naive peer (HF Trainer + PEFT, bf16
+2. Issue 38's acceptance (`step`, experiments/gpu/step_check.py): matmul peaks at the step's
+   shapes, the training step's variants cold and warm, a kernel profile, numerics, and the
+   naive and tuned peers; the earlier benchmark (`small`, `large`) on request:
+3. The benchmark on the same GPU: emorec against the naive peer (HF Trainer + PEFT, bf16
    autocast, generate + parse; experiments/bench/naive_peer.py) on a SmolLM2-135M-shaped and a
    Qwen2.5-7B-shaped model (randomly initialised on the GPU, no download), with emorec's prefix
    sharing variants (packed pass through SDPA, prefix cache, none) and emorec's own generation
@@ -35,6 +38,7 @@ from emorec.run import run
 from emorec.schema import register
 from experiments.bench import naive_peer
 from experiments.common import matmul_peak
+from experiments.gpu import step_check
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -264,10 +268,13 @@ def main() -> None:
     parser.add_argument(
         "--sections",
         nargs="*",
-        default=["main", "small", "large"],
-        help="main, small, large, profile (where time goes)",
+        default=["main", "peaks", "step"],
+        help="main, peaks, step (issue 38: step_check.py), small, large (the bench), profile (where time goes)",
     )
     parser.add_argument("--profile-model", default="random_qwen2_5_7b", help="the model shape the profile runs")
+    parser.add_argument("--step-models", nargs="*", default=["random_smollm2_135m", "random_qwen2_5_7b"])
+    parser.add_argument("--step-train", type=int, default=256, help="training examples the step section draws from")
+    parser.add_argument("--warm", type=int, default=30, help="warm steps timed per variant")
     parser.add_argument("--profile-variants", type=int, default=4, help="how many of the profile's variants run")
     args = parser.parse_args()
     tokenizer = [f"model.tokenizer={args.tokenizer}"] if args.tokenizer else []
@@ -282,6 +289,8 @@ def main() -> None:
         "small": lambda: bench("random_smollm2_135m", args.device, 64 if q else 480, 32 if q else 300, peak, tokenizer),
         "large": lambda: bench("random_qwen2_5_7b", args.device, 32 if q else 192, 16 if q else 128, peak, tokenizer),
         "profile": lambda: profile_section(args.device, tokenizer, (args.profile_model,), args.profile_variants),
+        "peaks": lambda: step_check.peaks(args.device, q),
+        "step": lambda: step_models(args, peak, result),
     }
     failed = False
     for name in args.sections:
@@ -298,6 +307,20 @@ def main() -> None:
     print_summary(result)
     failed = failed or not result.get("main", {}).get("passed", True)
     sys.exit(1 if failed else 0)
+
+
+def step_models(args, peak: float, result: dict) -> dict:
+    """step_check's section on each of args.step_models, the JSON written after each phase."""
+    out = result["step"] = {}
+
+    def save(model_result: dict) -> None:
+        out[model_result["model"]] = model_result
+        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+    for model in args.step_models:
+        args.step_model = model
+        step_check.print_table(step_check.section(args, peak, save))
+    return out
 
 
 def print_profile(profiles: dict) -> None:

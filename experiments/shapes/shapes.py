@@ -23,6 +23,7 @@ from emorec.batches import passes, train_batches
 from emorec.build import Spec, prompts_of
 from emorec.data.splits import load_splits
 from emorec.errors import instantiate
+from emorec.fast.buckets import pass_tokens, plan_buckets
 from emorec.fast.prefix import common_prefix
 from emorec.fast.streams import pieces_of
 from emorec.prompt import encode_answers
@@ -58,6 +59,28 @@ def epoch_shapes(prompts: list[list[int]], lengths: list[int], seed: int, max_to
     }
 
 
+def static_shapes(prompts, lengths: list[int], slots: list[int], seed: int, most: int = 8, multiple: int = 8) -> dict:
+    """The same for the static step (emorec.fast.static) on a GPU: one packed sequence per
+    pass, the training set's common prefix, then the rows without padding between them, padded
+    up to its bucket's length (emorec.fast.buckets, chosen from other epochs' passes than the
+    one counted here); `slots`: each label's answer tokens."""
+    n = common_prefix(prompts)
+    buckets = plan_buckets(lengths, prompts[0][:n], slots, 16, (most, multiple, None))
+    shapes, computed, real = Counter(), 0, 0
+    for batch in train_batches(lengths, 16, torch.Generator().manual_seed(seed)):
+        tokens = pass_tokens(lengths, n, batch)
+        shapes[buckets.length(tokens)] += 1
+        computed += buckets.length(tokens)
+        real += tokens
+    return {
+        "passes": sum(shapes.values()),
+        "distinct_shapes": len(shapes),
+        "padding": 1 - real / computed,
+        "prefix": n,
+        "lengths": list(buckets.lengths),
+    }
+
+
 def measure(dataset: str, overrides: list[str]) -> dict:
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("config", overrides=[f"dataset={dataset}", "logger=none", *overrides])
@@ -71,6 +94,7 @@ def measure(dataset: str, overrides: list[str]) -> dict:
     return {
         "train": len(lengths),
         "gpu": epoch_shapes(prompts, lengths, cfg.seed),
+        "static": static_shapes(prompts, lengths, [len(a) for a in answers], cfg.seed),
         "cpu": epoch_shapes(prompts, lengths, cfg.seed, max_tokens=1024, streams=2),
     }
 
@@ -86,12 +110,14 @@ def main() -> None:
     results = {name: measure(name, extra.get(name, [])) for name in args.datasets}
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     head = "| dataset | train | steps | GPU: distinct shapes | distinct T | padding "
-    print(head + "| CPU: passes | distinct shapes | padding |\n" + "|---" * 9 + "|")
+    head += "| static: shapes | padding | lengths "
+    print(head + "| CPU: passes | distinct shapes | padding |\n" + "|---" * 12 + "|")
     for name, r in results.items():
-        g, c = r["gpu"], r["cpu"]
+        g, s, c = r["gpu"], r["static"], r["cpu"]
         print(
             f"| {name} | {r['train']} | {g['passes']} | {g['distinct_shapes']} | {g['distinct_lengths']} | "
-            f"{g['padding']:.1%} | {c['passes']} | {c['distinct_shapes']} | {c['padding']:.1%} |"
+            f"{g['padding']:.1%} | {s['distinct_shapes']} | {s['padding']:.1%} | {s['lengths']} | "
+            f"{c['passes']} | {c['distinct_shapes']} | {c['padding']:.1%} |"
         )
 
 
