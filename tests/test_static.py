@@ -66,8 +66,11 @@ def test_chosen_lengths_waste_least_and_keep_the_longest():
 def test_buckets_hold_every_pass_drawn_and_longer_ones_run_as_they_are():
     lengths = [13 + (i * 37) % 90 for i in range(500)]
     buckets = plan_buckets(lengths, [1, 2, 3], [2, 3], 16, (4, 16, None))
-    assert len(buckets.lengths) <= 4 and buckets.rows == 16 and buckets.slots == 3 and buckets.prefix == (1, 2, 3)
-    assert all(t % 16 == 0 for t in buckets.lengths) and buckets.lengths[-1] <= 3 + 16 * 100
+    assert buckets.rows == 16 and buckets.slots == 3 and buckets.prefix == (1, 2, 3)
+    # Four chosen from the passes drawn, and the longest possible: the 16 longest rows together.
+    longest = 3 + sum(sorted(t - 3 for t in lengths)[-16:])
+    assert len(buckets.lengths) == 5 and buckets.lengths[-1] == -(-longest // 16) * 16
+    assert all(t % 16 == 0 for t in buckets.lengths)
     assert buckets.length(buckets.lengths[0] - 5) == buckets.lengths[0]
     assert buckets.length(10_000) == 10_000
     # With a token budget, passes of at most 512 padded tokens: their lengths are smaller.
@@ -190,8 +193,10 @@ def test_the_static_step_has_no_graph_breaks(tiny_model, attention):
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
 
-def test_the_compiled_step_compiles_once_per_bucket_and_gives_the_eager_loss(tiny_model):
-    model = lora_model(tiny_model).train()
+def compiled_against_eager(model, compiled_step) -> tuple[int, list[int]]:
+    """Runs `compiled_step(buckets, backend)` (a compiled step_loss) on four passes at buckets of
+    16 and 32 tokens, each loss against the eager step's, its backward after: (graphs compiled,
+    each pass's length). The backend counts graphs and runs them as traced (no inductor)."""
     compiled = []
 
     def backend(graph, example_inputs):
@@ -199,11 +204,11 @@ def test_the_compiled_step_compiles_once_per_bucket_and_gives_the_eager_loss(tin
         return graph.forward
 
     torch._dynamo.reset()
-    # The passes below are 3 + 9, 3 + 7, 3 + 10 and 3 + 29 tokens long.
     buckets = Buckets((5, 9, 30), (16, 32), 4, 4)
-    step = CompiledStep(step_loss, None, len(buckets.lengths), backend=backend)
+    step = compiled_step(buckets, backend)
     impl = StaticPacked(model, static_task(model, torch.device("cpu")).impl.packed, buckets, "sdpa", None)
     other = (OTHER[0], [ANSWERS[t] for t in OTHER[1]])
+    # Passes of 3 + 9, 3 + 7, 3 + 10 and 3 + 29 tokens.
     batches = [(PROMPTS[:2], ANSWERS[:2]), other, (PROMPTS[2:3], ANSWERS[2:3]), (PROMPTS, ANSWERS)]
     lengths = []
     for prompts, answers in batches:
@@ -214,7 +219,15 @@ def test_the_compiled_step_compiles_once_per_bucket_and_gives_the_eager_loss(tin
         loss.backward()
         lengths.append(inputs.ids.shape[1])
         assert loss.item() == pytest.approx(eager.item(), abs=1e-5)
-    assert lengths == [16, 16, 16, 32] and len(compiled) == len(buckets.lengths)
+    return len(compiled), lengths
+
+
+def test_the_compiled_step_compiles_once_per_bucket_and_gives_the_eager_loss(tiny_model):
+    model = lora_model(tiny_model).train()
+    graphs, lengths = compiled_against_eager(
+        model, lambda b, backend: CompiledStep(step_loss, None, 2, backend=backend)
+    )
+    assert lengths == [16, 16, 16, 32] and graphs == 2
 
 
 def test_compiled_layers_compile_one_graph_per_bucket_for_every_layer(tiny_model):
@@ -229,26 +242,35 @@ def test_compiled_layers_compile_one_graph_per_bucket_for_every_layer(tiny_model
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(config)
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).train()
-    compiled = []
+    layers = decoder_layers(model)
+    graphs, lengths = compiled_against_eager(
+        model, lambda b, backend: CompiledLayers(step_loss, layers, None, 2, backend=backend)
+    )
+    assert len(layers) == 4 and lengths == [16, 16, 16, 32] and graphs == 2
+    assert all(layer._compiled_call_impl is None for layer in layers)  # eager again outside the step
+
+
+def test_flex_attentions_block_mask_made_each_step_compiles_once(tiny_model):
+    """The block mask is made in each step from its row ids (its mask_mod a new closure each
+    time): the compiled layers still run one graph for passes of one length. Forward only (no
+    CPU backward for FlexAttention)."""
+    model = lora_model(tiny_model)
+    graphs = []
 
     def backend(graph, example_inputs):
-        compiled.append(graph)
+        graphs.append(graph)
         return graph.forward
 
     torch._dynamo.reset()
     buckets = Buckets((5, 9, 30), (16, 32), 4, 4)
-    layers = decoder_layers(model)
-    step = CompiledLayers(step_loss, layers, None, len(buckets.lengths), backend=backend)
-    impl = StaticPacked(model, static_task(model, torch.device("cpu")).impl.packed, buckets, "sdpa", None)
-    for prompts, answers in [(PROMPTS[:2], ANSWERS[:2]), (PROMPTS[2:3], ANSWERS[2:3]), (PROMPTS, ANSWERS)]:
-        inputs = prepare(prompts, answers, None, 2, buckets, torch.device("cpu"))
-        with impl.attention.packed():
-            loss = step(model, inputs, impl.mask)
-            eager = step_loss(model, inputs, impl.mask)
-        loss.backward()
-        assert loss.item() == pytest.approx(eager.item(), abs=1e-5)
-    assert len(layers) == 4 and len(compiled) == len(buckets.lengths)
-    assert all(layer._compiled_call_impl is None for layer in layers)  # eager again outside the step
+    impl = StaticPacked(model, static_task(model, torch.device("cpu")).impl.packed, buckets, "flex", None)
+    step = CompiledLayers(step_loss, decoder_layers(model), None, 2, backend=backend)
+    other = (OTHER[0], [ANSWERS[t] for t in OTHER[1]])
+    with torch.no_grad(), impl.attention.packed():
+        for prompts, answers in [(PROMPTS[:2], ANSWERS[:2]), other, (PROMPTS[2:3], ANSWERS[2:3])]:
+            inputs = prepare(prompts, answers, None, 2, buckets, torch.device("cpu"))
+            assert step(model, inputs, impl.mask).item() == pytest.approx(step_loss(model, inputs, impl.mask).item())
+    assert len(graphs) == 1
 
 
 def test_the_plan_compiles_where_asked_and_records_it(tiny_model):

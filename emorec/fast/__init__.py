@@ -72,7 +72,7 @@ class Fast:
     static_shapes: str = "auto"  # training passes at a few fixed shapes (static.py); auto: where compiled or on a GPU
     compile: str = "auto"  # torch.compile the static step, once per bucket; auto: on a GPU
     compile_scope: str = "layer"  # layer: one decoder layer's graph, run by all; step: the whole step (+ CUDA graphs)
-    buckets: int = 8  # the most distinct lengths static passes run at (buckets.py)
+    buckets: int = 8  # lengths chosen for static passes, and one for the longest possible (buckets.py)
     bucket_multiple: int = 8  # each a multiple of this
     fused_kernels: bool = True  # Liger Kernel's RMSNorm and SwiGLU on a GPU where the step runs eagerly
 

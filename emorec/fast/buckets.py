@@ -5,9 +5,10 @@ shape, so a step whose shape follows each batch (32-59 shapes per epoch here:
 experiments/shapes) pays those costs all epoch. A static pass is one packed sequence: the
 task's shared prefix, then its rows one after the other without padding between them, then
 padding up to one of a few lengths (its bucket). The buckets are chosen from the training set's
-own passes: the list of at most `most` multiples of `multiple` that wastes the fewest tokens
-(dynamic programming over the passes' lengths), its last entry the longest pass drawn, so later
-epochs rarely meet a longer one (which then runs at its own length).
+own passes (16 epochs drawn as training draws them): the list of at most `most` multiples of
+`multiple` that wastes the fewest tokens (dynamic programming over the passes' lengths), its
+last entry the longest pass drawn; and one more, the longest pass possible, which an epoch
+rarely meets, so that no pass ever runs at a length of its own.
 """
 
 import bisect
@@ -67,7 +68,7 @@ def choose_lengths(lengths: Counter, most: int, multiple: int = 8) -> tuple[int,
     return tuple(sorted(chosen))
 
 
-EPOCHS_DRAWN = 4  # epochs whose passes' lengths the buckets are chosen from
+EPOCHS_DRAWN = 16  # epochs whose passes' lengths the buckets are chosen from
 
 
 @dataclass(frozen=True)
@@ -111,9 +112,12 @@ def plan_buckets(
         for batch in train_batches(lengths, batch_size, torch.Generator().manual_seed(seed)):
             for rows in passes(batch, max(lengths[j] for j in batch) - n, max_tokens):
                 totals[pass_tokens(lengths, n, rows)] += 1
-    # The longest pass any epoch can draw (the longest rows together) is always a bucket, so
-    # no pass runs at a length of its own; it weighs nothing in where the others go.
+    chosen = choose_lengths(totals, most, multiple)
+    # One more for the longest pass any epoch could draw (the longest rows together), so that
+    # no pass ever runs at a length of its own: an epoch rarely meets it (it is longer than all
+    # the passes of EPOCHS_DRAWN epochs).
     longest = sorted(lengths)[-batch_size:]
     rows = len(passes(list(range(len(longest))), longest[-1] - n, max_tokens)[0])
-    totals[n + sum(t - n for t in longest[-rows:])] += 0
-    return Buckets(tuple(prefix), choose_lengths(totals, most, multiple), batch_size, max(answer_lengths))
+    cap = round_up(n + sum(t - n for t in longest[-rows:]), multiple)
+    chosen += (cap,) if cap > chosen[-1] else ()
+    return Buckets(tuple(prefix), chosen, batch_size, max(answer_lengths))

@@ -49,6 +49,40 @@ def main() -> None:
         json.dump(result, f, indent=2)
 
 
+def training_arguments(output_dir: str, steps: int, seed: int, gpu: bool, **changes) -> TrainingArguments:
+    """The peers' Trainer settings, emorec's run's: batch 16, lr 5e-4 with 5 % linear warm-up
+    and decay, gradients clipped to 1, bf16 autocast on a GPU; `changes` on top."""
+    settings = dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=16,
+        max_steps=steps,
+        learning_rate=5e-4,
+        lr_scheduler_type="linear",
+        warmup_steps=max(1, round(0.05 * steps)),
+        max_grad_norm=1.0,
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not gpu,
+        bf16=gpu,
+        seed=seed,
+        dataloader_num_workers=0,
+    )
+    return TrainingArguments(**{**settings, **changes})
+
+
+def train_seconds(trainer, gpu: bool) -> float:
+    """Seconds `trainer.train()` takes (on a GPU, until its work is done; peak memory counted
+    from its start)."""
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.train()
+    if gpu:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def peer(load, n_train: int, n_eval: int, pad_to: int = 128, seed: int = 42, device: str = "cpu") -> dict:
     """Train and evaluate the peer recipe; its figures."""
     torch.manual_seed(seed)
@@ -86,32 +120,10 @@ def peer(load, n_train: int, n_eval: int, pad_to: int = 128, seed: int = 42, dev
     steps = n_train // 16
     trainer = Trainer(
         model=model,
-        args=TrainingArguments(
-            output_dir="/tmp/emorec-naive-peer",
-            per_device_train_batch_size=16,
-            max_steps=steps,
-            learning_rate=5e-4,
-            lr_scheduler_type="linear",
-            warmup_steps=max(1, round(0.05 * steps)),
-            weight_decay=0.01,
-            max_grad_norm=1.0,
-            logging_steps=10,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=not gpu,
-            bf16=gpu,
-            seed=seed,
-            dataloader_num_workers=0,
-        ),
+        args=training_arguments("/tmp/emorec-naive-peer", steps, seed, gpu, weight_decay=0.01),
         train_dataset=rows,
     )
-    if gpu:
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    trainer.train()
-    if gpu:
-        torch.cuda.synchronize()
-    train_s = time.perf_counter() - start
+    train_s = train_seconds(trainer, gpu)
 
     model.eval()
     tokenizer.padding_side = "left"

@@ -8,15 +8,14 @@ Training only: its figures are compared with emorec's training step.
 """
 
 import importlib.util
-import time
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
+from transformers import DataCollatorWithFlattening, Trainer
 
 from emorec.data.corpora import load_meld
 from emorec.data.splits import subsample
-from experiments.bench.naive_peer import LABELS, PROMPT
+from experiments.bench.naive_peer import LABELS, PROMPT, train_seconds, training_arguments
 
 
 def rows_of(tokenizer, examples) -> list[dict]:
@@ -47,33 +46,11 @@ def peer(load, n_train: int, seed: int = 42, device: str = "cuda") -> dict:
     steps = n_train // 16
     trainer = Trainer(
         model=model,
-        args=TrainingArguments(
-            output_dir="/tmp/emorec-tuned-peer",
-            per_device_train_batch_size=16,
-            max_steps=steps,
-            learning_rate=5e-4,
-            lr_scheduler_type="linear",
-            warmup_steps=max(1, round(0.05 * steps)),
-            max_grad_norm=1.0,
-            logging_steps=10,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=not gpu,
-            bf16=gpu,
-            seed=seed,
-            dataloader_num_workers=0,
-            use_liger_kernel=liger,
-        ),
+        args=training_arguments("/tmp/emorec-tuned-peer", steps, seed, gpu, use_liger_kernel=liger),
         train_dataset=rows,
         data_collator=DataCollatorWithFlattening(),
     )
-    if gpu:
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    trainer.train()
-    if gpu:
-        torch.cuda.synchronize()
-    train_s = time.perf_counter() - start
+    train_s = train_seconds(trainer, gpu)
     tokens = sum(len(r["input_ids"]) for r in rows) * steps * 16 / len(rows)
     result = {
         "system": "tuned peer (HF Trainer + PEFT, bf16 base, SDPA, DataCollatorWithFlattening, answer loss"

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from emorec.batches import train_batches
+from emorec.batches import passes, train_batches
 from emorec.build import Spec, build, prompts_of
 from emorec.data.splits import load_splits
 from emorec.env import Env, seed_everything
@@ -55,14 +55,15 @@ def setup(fast: dict, seed: int):
     return built, prompts, [ex.label for ex in data.train]
 
 
-def one_bucket(prompts, targets, task, count: int) -> list[list[int]]:
-    """`count` + 1 full batches that all run at the static step's most common length (the same
-    batches for every variant)."""
+def one_bucket(prompts, targets, task, count: int, max_tokens: int) -> list[list[int]]:
+    """`count` + 1 full batches that all run at the static step's most common length as one
+    pass (of at most `max_tokens` padded tokens: the same batches for every variant)."""
     lengths = task.lengths(prompts, targets)
     n = common_prefix(prompts)
     slots = [len(task.answers[t]) for t in set(targets)]
-    buckets = plan_buckets(lengths, prompts[0][:n], slots, 16, (Fast.buckets, Fast.bucket_multiple, None))
+    buckets = plan_buckets(lengths, prompts[0][:n], slots, 16, (Fast.buckets, Fast.bucket_multiple, max_tokens))
     batches = [b for b in train_batches(lengths, 16, torch.Generator().manual_seed(0)) if len(b) == 16]
+    batches = [b for b in batches if len(passes(b, max(lengths[j] for j in b) - n, max_tokens)) == 1]
     bucket = [buckets.length(pass_tokens(lengths, n, b)) for b in batches]
     common = Counter(bucket).most_common(1)[0][0]
     return [b for b, t in zip(batches, bucket) if t == common][: count + 1]
@@ -81,7 +82,7 @@ def measure(name: str, fast: dict, steps: int, seed: int) -> dict:
     passes = Passes(loss_of, lengths, lambda rows: task.shared_length(model, [prompts[j] for j in rows]), 1024)
     backward = built.engine.backward(model, passes)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    batches = one_bucket(prompts, targets, built.task, steps)
+    batches = one_bucket(prompts, targets, built.task, steps, built.engine.max_pass_tokens)
     times = []
     for batch in batches:
         start = time.perf_counter()
@@ -115,11 +116,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--keep", action="store_true", help="keep the other variants' results in --out")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results.json")
     args = parser.parse_args()
     # Cold means cold: inductor's on-disk cache of compiled graphs starts empty.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="emorec-inductor-")
-    results = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    results = json.loads(args.out.read_text()) if args.keep and args.out.is_file() else {}
+    results.update(threads=torch.get_num_threads(), torch=torch.__version__)
     for name in args.variants:
         results[name] = measure(name, VARIANTS[name], args.steps, args.seed)
         args.out.write_text(json.dumps(results, indent=2) + "\n")  # after each variant

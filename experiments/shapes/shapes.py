@@ -1,6 +1,7 @@
-"""Issue 38's baseline: how many distinct training step shapes one epoch runs, and how much of
-what it computes is padding, per dataset, with the default config (SmolLM2's tokenizer, batch
-16, the packed pass: the shared prefix once per pass, each row padded to the pass's widest).
+"""Issue 38: how many distinct training step shapes one epoch runs, and how much of what it
+computes is padding, per dataset, with the default config (SmolLM2's tokenizer, batch 16): the
+packed pass (the shared prefix once per pass, each row padded to the pass's widest) and the
+static step (static_shapes: the rows unpadded, the pass padded up to its bucket's length).
 
 Counted from the batches and passes the engine builds (emorec.batches, the prefix rule of
 emorec.fast.prefix.common_prefix), without running the model:
