@@ -1,7 +1,7 @@
 """experiments/shapes (issue 38's baseline): the pass shapes and padding of an epoch, counted
 from the engine's own batching and prefix rule, checked on prompts whose answer is known."""
 
-from experiments.shapes.shapes import epoch_shapes, static_shapes
+from experiments.shapes.shapes import epoch_shapes, evaluation_shapes, static_shapes
 
 
 def test_one_batch_of_16_rows_sharing_a_prefix_of_3():
@@ -36,3 +36,10 @@ def test_static_shapes_round_passes_up_to_buckets():
     # More buckets, less padding; every pass fits its bucket.
     more = static_shapes(prompts, lengths, [1], seed=5, most=8, multiple=16)
     assert 0 < more["padding"] < static["padding"] < 1 and more["distinct_shapes"] <= 9
+
+
+def test_evaluation_shapes_count_the_token_budgets_batches():
+    prompts = [[1] * (10 + k % 30) for k in range(300)]  # 300 prompts of 10-39 tokens
+    shapes = evaluation_shapes(prompts, budgets=(400, 100_000))
+    # One batch holds all 300 rows at the larger budget; at 400 tokens, 10-40 rows per batch.
+    assert shapes["100000"] == 1 and 300 // 40 <= shapes["400"] <= 300 // 10 + 1

@@ -273,6 +273,26 @@ def test_flex_attentions_block_mask_made_each_step_compiles_once(tiny_model):
     assert len(graphs) == 1
 
 
+def test_a_compiler_failure_costs_speed_not_the_run(tiny_model, caplog):
+    """A backend that fails: the step runs eagerly from then on, with the same loss, and the
+    engine's record says compiling failed."""
+    model = lora_model(tiny_model).train()
+
+    def failing(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    torch._dynamo.reset()
+    engine = dispatch(model, Fast(static_shapes="true"), torch.device("cpu"))
+    task = engine.for_training(
+        LabelWords(ANSWERS, ANSWERS, ["a", "b", "c", "d"], 2, True, engine.answers), model, PROMPTS, [0, 1, 2, 3], 4
+    )
+    expected = task.loss(model, PROMPTS, [0, 1, 2, 3]).item()
+    task.impl.step = CompiledStep(step_loss, None, 1, backend=failing)
+    assert task.loss(model, PROMPTS, [0, 1, 2, 3]).item() == pytest.approx(expected, abs=1e-6)
+    assert task.impl.step is step_loss and engine.chosen["compile"] == "off: compiling failed (BackendCompilerFailed)"
+    assert "torch.compile failed" in caplog.text
+
+
 def test_the_plan_compiles_where_asked_and_records_it(tiny_model):
     model = lora_model(tiny_model)
     cpu = torch.device("cpu")
@@ -359,3 +379,38 @@ def test_the_default_gpu_plan_compiles_the_static_step_and_matches_the_reference
         loss.backward()
         assert loss.item() == pytest.approx(expected.item(), abs=1e-4)
         assert torch.allclose(grads(model), ref, atol=1e-4)
+
+
+def test_fused_kernels_patch_this_model_only(tiny_model, monkeypatch):
+    """Liger (a stand-in here: the real one needs Triton and a GPU) replaces the RMSNorm class in
+    transformers' Llama module as well as this model's norms: the class is put back, the
+    model's own modules keep the kernels, and a compiled step asks for none."""
+    import sys
+    import types
+
+    from transformers.models.llama import modeling_llama
+
+    from emorec.fast.kernels import dispatch_kernels
+
+    class FusedNorm(torch.nn.Module):
+        pass
+
+    def apply(model, **kwargs):
+        assert kwargs["rms_norm"] and kwargs["swiglu"] and not kwargs["rope"]
+        modeling_llama.LlamaRMSNorm = FusedNorm  # what Liger does to the module
+        model.model.norm.fused = True  # and to the instance
+
+    liger = types.ModuleType("liger_kernel.transformers")
+    liger._apply_liger_kernel_to_instance = apply
+    patch = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    patch.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": apply}
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", liger)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", patch)
+    model = lora_model(tiny_model)
+    original = modeling_llama.LlamaRMSNorm
+    assert dispatch_kernels(model, Fast(), torch.device("cuda"), None) == "liger (RMSNorm, SwiGLU)"
+    assert modeling_llama.LlamaRMSNorm is original and model.base_model.model.model.norm.fused
+    compiled = type(dispatch(model, Fast(compile="true"), torch.device("cpu")).static)("flex", ("layer", None), 8, 8)
+    assert dispatch_kernels(model, Fast(), torch.device("cuda"), compiled) == "none"
+    assert dispatch_kernels(model, Fast(fused_kernels=False), torch.device("cuda"), None) == "none"

@@ -202,7 +202,7 @@ class Engine:
         lengths = task.lengths(prompts, targets)
         options = (self.static.most, self.static.multiple, self.max_pass_tokens)
         buckets = plan_buckets(lengths, prompts[0][:n], [len(answers[t]) for t in set(targets)], batch_size, options)
-        impl = StaticPacked(model, task.impl, buckets, self.static.attention, self.static.compiled)
+        impl = StaticPacked(model, task.impl, buckets, self.static.attention, self.static.compiled, self.chosen)
         self.chosen["static step"] = {"attention": self.static.attention, **buckets.describe()}
         return task.with_impl(impl)
 

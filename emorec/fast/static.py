@@ -19,6 +19,7 @@ costing host time, and a new attention plan for every new batch length. So here:
 """
 
 import inspect
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -28,6 +29,8 @@ import torch
 from emorec.fast.buckets import Buckets
 from emorec.fast.packed import Packed, PackedAttention, Packing, packed_flex_attention, packed_sdpa_attention
 from emorec.tensors import base_of
+
+log = logging.getLogger(__name__)
 
 
 class StepInputs(NamedTuple):
@@ -200,12 +203,24 @@ class StaticPacked:
 
     host_inputs = True
 
-    def __init__(self, model, packed: Packed, buckets: Buckets, attention: str, compiled: tuple | None):
-        self.packed, self.buckets = packed, buckets
-        function, self.mask = ATTENTION[attention]
-        self.attention = PackedAttention(model, function)
+    def __init__(self, model, packed: Packed, buckets: Buckets, attention: str, compiled: tuple | None, chosen=None):
+        self.packed, self.buckets, self.chosen = packed, buckets, {} if chosen is None else chosen
+        self.model = model
+        self.eager(attention)
         self.device = next(model.parameters()).device
-        self.step = compiled_step(model, compiled, len(buckets.lengths)) if compiled else step_loss
+        if compiled:
+            self.step = compiled_step(model, compiled, len(buckets.lengths))
+
+    def eager(self, attention: str) -> None:
+        function, self.mask = ATTENTION[attention]
+        self.attention, self.step = PackedAttention(self.model, function), step_loss
+
+    def compile_failed(self, error: Exception) -> None:
+        """A compiler's failure costs speed, not the run: the step runs eagerly from here on (with
+        SDPA: eager FlexAttention materialises its scores), and metrics.json says so."""
+        log.warning("torch.compile failed (%s); the static step runs eagerly (fast.compile=false skips it)", error)
+        self.eager("sdpa")
+        self.chosen["compile"] = f"off: compiling failed ({type(error).__name__})"
 
     def starts_with_prefix(self, prompts: list[list[int]]) -> bool:
         n = len(self.buckets.prefix)
@@ -219,6 +234,13 @@ class StaticPacked:
             weights = None if weights is None else torch.as_tensor(weights, device=self.device)
             return self.packed.loss(model, prompts, answers, pad_id, weights)
         inputs = prepare(prompts, answers, weights, pad_id, self.buckets, self.device)
+        try:
+            with self.attention.packed():
+                return self.step(model, inputs, self.mask)
+        except torch._dynamo.exc.TorchDynamoException as error:  # compiling, before any of the step ran
+            if self.step is step_loss:
+                raise
+            self.compile_failed(error)
         with self.attention.packed():
             return self.step(model, inputs, self.mask)
 

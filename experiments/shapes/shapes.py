@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from emorec.batches import passes, train_batches
+from emorec.batches import passes, token_batches, train_batches
 from emorec.build import Spec, prompts_of
 from emorec.data.splits import load_splits
 from emorec.errors import instantiate
@@ -82,6 +82,14 @@ def static_shapes(prompts, lengths: list[int], slots: list[int], seed: int, most
     }
 
 
+def evaluation_shapes(prompts: list[list[int]], budgets=(16384, 65536)) -> dict:
+    """The batches (each its own shape) that evaluating these prompts runs on a GPU, per token
+    budget (emorec.fast.token_budgets: 16,384 where the model's sizes are unknown; 65,536, the
+    most, for a 7B model on a large GPU), batches.token_batches cutting them longest first."""
+    lengths = [len(p) for p in prompts]
+    return {str(b): len({(len(x), max(lengths[i] for i in x)) for x in token_batches(lengths, 16, b)}) for b in budgets}
+
+
 def measure(dataset: str, overrides: list[str]) -> dict:
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("config", overrides=[f"dataset={dataset}", "logger=none", *overrides])
@@ -97,6 +105,10 @@ def measure(dataset: str, overrides: list[str]) -> dict:
         "gpu": epoch_shapes(prompts, lengths, cfg.seed),
         "static": static_shapes(prompts, lengths, [len(a) for a in answers], cfg.seed),
         "cpu": epoch_shapes(prompts, lengths, cfg.seed, max_tokens=1024, streams=2),
+        "test": len(data.test),
+        "evaluation_shapes": evaluation_shapes(
+            prompts_of(tokenizer, spec, data.test, data.labels, cfg.dataset.context_window)
+        ),
     }
 
 
@@ -120,6 +132,10 @@ def main() -> None:
             f"{g['padding']:.1%} | {s['distinct_shapes']} | {s['padding']:.1%} | {s['lengths']} | "
             f"{c['passes']} | {c['distinct_shapes']} | {c['padding']:.1%} |"
         )
+    print("\n| dataset | test | evaluation shapes at 16,384 tokens | at 65,536 |\n|---|---|---|---|")
+    for name, r in results.items():
+        e = r["evaluation_shapes"]
+        print(f"| {name} | {r['test']} | {e['16384']} | {e['65536']} |")
 
 
 if __name__ == "__main__":
