@@ -193,17 +193,24 @@ def test_the_static_step_has_no_graph_breaks(tiny_model, attention):
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
 
+class CountingBackend:
+    """A torch.compile backend that counts the graphs it is given and runs them as traced (no
+    inductor); made with dynamo's caches emptied."""
+
+    def __init__(self):
+        torch._dynamo.reset()
+        self.graphs = []
+
+    def __call__(self, graph, example_inputs):
+        self.graphs.append(graph)
+        return graph.forward
+
+
 def compiled_against_eager(model, compiled_step) -> tuple[int, list[int]]:
     """Runs `compiled_step(buckets, backend)` (a compiled step_loss) on four passes at buckets of
     16 and 32 tokens, each loss against the eager step's, its backward after: (graphs compiled,
-    each pass's length). The backend counts graphs and runs them as traced (no inductor)."""
-    compiled = []
-
-    def backend(graph, example_inputs):
-        compiled.append(graph)
-        return graph.forward
-
-    torch._dynamo.reset()
+    each pass's length)."""
+    backend = CountingBackend()
     buckets = Buckets((5, 9, 30), (16, 32), 4, 4)
     step = compiled_step(buckets, backend)
     impl = StaticPacked(model, static_task(model, torch.device("cpu")).impl.packed, buckets, "sdpa", None)
@@ -219,7 +226,7 @@ def compiled_against_eager(model, compiled_step) -> tuple[int, list[int]]:
         loss.backward()
         lengths.append(inputs.ids.shape[1])
         assert loss.item() == pytest.approx(eager.item(), abs=1e-5)
-    return len(compiled), lengths
+    return len(backend.graphs), lengths
 
 
 def test_the_compiled_step_compiles_once_per_bucket_and_gives_the_eager_loss(tiny_model):
@@ -255,13 +262,7 @@ def test_flex_attentions_block_mask_made_each_step_compiles_once(tiny_model):
     time): the compiled layers still run one graph for passes of one length. Forward only (no
     CPU backward for FlexAttention)."""
     model = lora_model(tiny_model)
-    graphs = []
-
-    def backend(graph, example_inputs):
-        graphs.append(graph)
-        return graph.forward
-
-    torch._dynamo.reset()
+    backend = CountingBackend()
     buckets = Buckets((5, 9, 30), (16, 32), 4, 4)
     impl = StaticPacked(model, static_task(model, torch.device("cpu")).impl.packed, buckets, "flex", None)
     step = CompiledLayers(step_loss, decoder_layers(model), None, 2, backend=backend)
@@ -270,7 +271,7 @@ def test_flex_attentions_block_mask_made_each_step_compiles_once(tiny_model):
         for prompts, answers in [(PROMPTS[:2], ANSWERS[:2]), other, (PROMPTS[2:3], ANSWERS[2:3])]:
             inputs = prepare(prompts, answers, None, 2, buckets, torch.device("cpu"))
             assert step(model, inputs, impl.mask).item() == pytest.approx(step_loss(model, inputs, impl.mask).item())
-    assert len(graphs) == 1
+    assert len(backend.graphs) == 1
 
 
 def test_a_compiler_failure_costs_speed_not_the_run(tiny_model, caplog):
