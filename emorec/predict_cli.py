@@ -39,6 +39,8 @@ def read_inputs(args) -> tuple[list[str], list[list[Turn]] | None, list[str | No
 def _read_file(path: Path, args) -> list[dict]:
     if not path.is_file():
         raise EmorecError(f"--input {path} does not exist; fix the path")
+    if not path.read_text(errors="replace").strip():
+        raise EmorecError(f"--input {path} is empty; give it texts (one per line in a .txt, rows in a csv or jsonl)")
     columns = {"text": args.column, "dialogue": args.dialogue_column, "speaker": args.speaker_column}
     columns = {k: c for k, c in columns.items() if c}
     if path.suffix == ".txt":
@@ -55,6 +57,8 @@ def _read_file(path: Path, args) -> list[dict]:
         found = list(rows[0]) if rows else []
     else:
         raise EmorecError(f"--input {path}: use a .csv, .tsv, .jsonl or .txt file")
+    if not rows:
+        raise EmorecError(f"--input {path} has a header ({', '.join(map(str, found))}) but no rows; add rows to label")
     missing = [c for c in columns.values() if c not in found]
     if missing:
         raise EmorecError(

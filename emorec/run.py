@@ -17,7 +17,7 @@ from transformers import get_scheduler
 from emorec.batches import steps_per_epoch
 from emorec.build import Built, Optimizer, Spec, build, prompts_of
 from emorec.callbacks import Checkpointer, Keep, KeepBest, LogLoss, WallClock
-from emorec.checkpoint import Interrupted, StopSignals, checkpoints, find_checkpoint, tidy_checkpoints
+from emorec.checkpoint import FOLDER, Interrupted, StopSignals, checkpoints, find_checkpoint, tidy_checkpoints
 from emorec.data.records import SPLITS
 from emorec.data.splits import Data, load_splits
 from emorec.distributed import end, from_slurm, gather_predictions, is_main_process, make_accelerator
@@ -87,6 +87,9 @@ def setup(trainer: DictConfig, seed: int, out: Path, resume) -> Env:
     if is_main_process():  # with the directory locked: what a killed run left half-written
         tidy_checkpoints(out)
     checkpoint = find_checkpoint(resume, out)
+    if checkpoint is None and resume is True:
+        # Also a run killed while writing its first checkpoint (tidied away above).
+        log.warning("resume=true: no complete checkpoint in %s: starting from the beginning", out / FOLDER)
     if checkpoint is None and resume is not True and checkpoints(out):
         raise EmorecError(
             f"{out} holds checkpoints of an earlier run; continue it with resume=true, or choose another hydra.run.dir"

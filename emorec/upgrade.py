@@ -104,7 +104,20 @@ def static_step(cfg: dict) -> None:
         fast.setdefault("fused_kernels", False)
 
 
-UPGRADES = [fast_group, added_settings, data_package, early_stopping, static_step]
+def inferred_delimiter(cfg: dict) -> None:
+    """5 -> 6 (issue 39): a csv file's delimiter, "," by default before, is inferred from its
+    name when unset (.tsv: tab). An old "," stays where a data file is a .tsv (which it read
+    as comma-separated) and becomes unset elsewhere, where that means ","."""
+    load = (cfg.get("dataset") or {}).get("load") or {}
+    if not str(load.get("_target_", "")).endswith("load_table") or load.get("delimiter") != ",":
+        return
+    files = load.get("data_files")
+    names = list(files.values()) if isinstance(files, dict) else [files]
+    if not any(str(name).lower().endswith(".tsv") for name in names):
+        load["delimiter"] = None
+
+
+UPGRADES = [fast_group, added_settings, data_package, early_stopping, static_step, inferred_delimiter]
 VERSION = len(UPGRADES)
 
 

@@ -429,3 +429,56 @@ def test_qlora_without_bitsandbytes_or_a_gpu_says_what_it_needs(make_cfg, no_mod
         run(make_cfg("model.quantization=4bit"))
     assert "model.quantization=4bit needs " in str(e.value)
     assert "pip install bitsandbytes" in str(e.value) or "a CUDA GPU" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "name,content,expected",
+    [
+        ("empty.csv", "", "is empty; give it texts"),
+        ("empty.txt", "\n\n", "is empty; give it texts"),
+        ("header.csv", "text,speaker\n", "has a header (text, speaker) but no rows; add rows to label"),
+    ],
+)
+def test_predict_names_an_empty_input_file(tmp_path, name, content, expected):
+    """Read before any model loads: the run directory need not exist for this error."""
+    path = tmp_path / name
+    path.write_text(content)
+    out = subprocess.run(
+        [sys.executable, "-m", "emorec", "predict", str(tmp_path / "no-run"), "--input", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == f"emorec predict: error: --input {path} {expected}" + (
+        " (one per line in a .txt, rows in a csv or jsonl)" if "is empty" in expected else ""
+    )
+
+
+def test_a_small_file_whose_held_out_dev_comes_out_empty_is_one_line(tmp_path):
+    """Four training rows: the 10 % held out as dev gets none; the run stops before any model
+    loads, saying how to fix it (it crashed with an IndexError after training before)."""
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    train.write_text("text,label\n" + "".join(f"row {i},{'ab'[i % 2]}\n" for i in range(4)))
+    test.write_text("text,label\nsome text,a\n")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "emorec",
+            "dataset=csv",
+            f"dataset.load.data_files={{train: {train}, test: {test}}}",
+            "logger=none",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == (
+        "emorec: error: csv: the dev split has no examples (4 train); give a dev file, or raise "
+        "dataset.load.dev_fraction (now 0.1)"
+    ), last
+    assert not (tmp_path / "run" / "metrics.json").exists()

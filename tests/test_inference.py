@@ -142,7 +142,7 @@ def test_errors_are_one_line_and_say_what_to_do(make_cfg, tiny_model, tmp_path, 
     out = Path(cfg.output_dir)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
-    assert "no texts to label; give --text TEXT, --input FILE" in predict_error(capsys, out, "--input", empty)
+    assert f"--input {empty} is empty; give it texts" in predict_error(capsys, out, "--input", empty)
     table = write_csv(tmp_path / "in.csv", [{"sentence": "hello"}])
     message = predict_error(capsys, out, "--input", table)
     assert "has no column 'text' (it has sentence); choose one with --column" in message

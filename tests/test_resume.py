@@ -199,10 +199,15 @@ def test_a_checkpoint_moved_aside_mid_replacement_takes_its_name_back(tmp_path):
 
 
 def test_resume_true_without_checkpoints_starts_fresh(tiny_model, tmp_path, uninterrupted):
+    """Also after a kill during the first checkpoint's write (its temporary folder left), and
+    it says so."""
     run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step-00000004.tmp12345").mkdir(parents=True)  # outputs.atomic's temporary
     out = emorec(tiny_model, run_dir, "resume=true")
     assert out.returncode == 0, out.stderr
     assert final(run_dir) == uninterrupted
+    said = f"resume=true: no complete checkpoint in {run_dir / 'checkpoints'}: starting from the beginning"
+    assert said in out.stdout + out.stderr
 
 
 @pytest.mark.parametrize(

@@ -73,7 +73,9 @@ def test_csv_with_another_delimiter(tmp_path, delimiter):
     path = write_table(tmp_path / "data.tsv", _rows(), delimiter)
     args = [f"dataset.load.data_files={path}", "dataset.load.columns.split=split", *DIALOGUES]
     check_dialogue_rows(load("csv", *args, f"dataset.load.delimiter='{delimiter}'"))
-    # Read as comma-separated, the file has one column, and the error says what to set.
+    # Named .csv and read as comma-separated, the file has one column; the error says what to set.
+    other = write_table(tmp_path / "data.csv", _rows(), delimiter)
+    args = [f"dataset.load.data_files={other}", "dataset.load.columns.split=split", *DIALOGUES]
     with pytest.raises(EmorecError, match=r"missing column\(s\) text, label.*set dataset.load.delimiter"):
         load("csv", *args)
 
@@ -270,3 +272,31 @@ def test_run_on_a_hub_format_dataset(hf, make_cfg, tmp_path):
     metrics = run(make_cfg("dataset=hf", f"dataset.load.path={tmp_path / 'emotion'}", "trainer.epochs=1"))
     assert metrics["dataset"] == "hf" and metrics["data"]["labels"] == ["sadness", "joy", "anger"]
     assert metrics["val"]["n"] == 6 and metrics["test"]["n"] == 9 and metrics["train"]["steps"] == 6
+
+
+@pytest.mark.parametrize("spelling", ["\\t", "tab", "TSV", None])
+def test_a_tab_as_a_shell_passes_it_or_inferred_from_a_tsv_name(tmp_path, spelling):
+    """bash passes "\\t" on as a backslash and a t; tab and tsv say the same; unset, a .tsv file
+    is tab-separated."""
+    path = write_table(tmp_path / "data.tsv", _rows(), "\t")
+    args = [f"dataset.load.data_files={path}", "dataset.load.columns.split=split", *DIALOGUES]
+    given = [] if spelling is None else [f"dataset.load.delimiter='{spelling}'"]
+    check_dialogue_rows(load("csv", *args, *given))
+
+
+def test_a_delimiter_of_several_characters_is_one_clear_line(tmp_path):
+    path = write_table(tmp_path / "data.csv", _rows())
+    args = [f"dataset.load.data_files={path}", "dataset.load.columns.split=split", "dataset.load.delimiter=';;'"]
+    with pytest.raises(EmorecError, match=r"dataset.load.delimiter=';;' is not one character; use tab"):
+        load("csv", *args)
+
+
+def test_an_old_runs_comma_becomes_unset_unless_it_read_a_tsv():
+    from emorec.upgrade import inferred_delimiter
+
+    for files, expected in (("a.csv", None), ({"train": "a.tsv", "test": "b.tsv"}, ",")):
+        cfg = {
+            "dataset": {"load": {"_target_": "emorec.data.tables.load_table", "delimiter": ",", "data_files": files}}
+        }
+        inferred_delimiter(cfg)
+        assert cfg["dataset"]["load"]["delimiter"] == expected

@@ -32,14 +32,36 @@ def read_text(path: Path, lines: bool = False) -> str:
     return text
 
 
+# Spellings of a delimiter that a shell or a YAML file passes on as they are: `"\t"` typed in
+# bash reaches the program as a backslash and a t.
+DELIMITERS = {"\\t": "\t", "tab": "\t", "tsv": "\t", "comma": ",", "csv": ",", "semicolon": ";", "pipe": "|"}
+
+
+def delimiter_of(value, path: Path) -> str:
+    """The one-character delimiter of a csv file: `value` as given (a character, or \\t, tab,
+    tsv, comma, semicolon, pipe), or, None, inferred from the file's name (.tsv: tab, else ,)."""
+    if value is None:
+        return "\t" if path.suffix.lower() == ".tsv" else ","
+    value = str(value)
+    if len(value) == 1:
+        return value
+    if value.lower() in DELIMITERS:
+        return DELIMITERS[value.lower()]
+    raise EmorecError(
+        f"dataset.load.delimiter={value!r} is not one character; use tab (or \\t), ',', ';' or '|', "
+        "or leave it unset to infer it from the file name (.tsv: tab)"
+    )
+
+
 def read_csv(
-    path: Path, required: list[str], delimiter: str = ",", header: bool = True, bad=None
+    path: Path, required: list[str], delimiter: str | None = None, header: bool = True, bad=None
 ) -> list[tuple[int, dict]]:
     """Rows of a CSV file with their 1-based line numbers, keyed by the header's names (or, with
     header=False, by position: "0", "1", ...); checks that the required columns exist. A file
     cut short is an error: a quoted field never closed always (the rows cannot be told apart),
     a row with fewer or more fields than the header as a bad row (`bad`: emorec.data.BadRows;
-    None raises)."""
+    None raises). `delimiter`: see delimiter_of."""
+    delimiter = delimiter_of(delimiter, path)
     reader = csv.reader(io.StringIO(read_text(path, lines=True), newline=""), delimiter=delimiter, strict=True)
     rows, line, names = [], 1, None
     try:
