@@ -6,10 +6,13 @@ turn holding that label's word (e.g. "sadness<|im_end|>"). Training teaches the 
 prediction ranks the label set by the likelihood of each answer.
 """
 
+import logging
 from dataclasses import dataclass
 
 from emorec.data.records import Example
 from emorec.errors import EmorecError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -107,17 +110,34 @@ def encode_prompts(
     contexts = [ex.context[-context_window:] if context_window else () for ex in examples]
     prompts = [render(ex, ex.text, turns) for ex, turns in zip(examples, contexts)]
     ids = tokenizer(prompts, add_special_tokens=special)["input_ids"]  # one batched call for all
+    cut = 0
     for i, ex in enumerate(examples):
-        turns, words = contexts[i], ex.text.split()
+        turns, text = contexts[i], ex.text
         while len(ids[i]) > max_length and turns:
             turns = turns[1:]
             ids[i] = encode(ex, ex.text, turns)
+        cut += len(ids[i]) > max_length
         while len(ids[i]) > max_length:
-            if len(words) <= 1:
-                raise EmorecError(f"the prompt alone is longer than trainer.max_length={max_length}; raise it")
-            words = words[: max(1, len(words) - max(1, (len(ids[i]) - max_length) // 2))]
-            ids[i] = encode(ex, " ".join(words), ())
+            if not text:
+                raise EmorecError(
+                    f"{ex.id}: the prompt without its utterance is longer than trainer.max_length={max_length}; "
+                    "raise it, or shorten prompt.template and prompt.system"
+                )
+            text = shortened(text, len(ids[i]) - max_length)
+            ids[i] = encode(ex, text, ())
+    if cut:
+        log.info("%d utterance(s) lost their end to fit trainer.max_length=%d", cut, max_length)
     return ids
+
+
+def shortened(text: str, over: int) -> str:
+    """`text` without its end, for a prompt `over` tokens too long: words while it has several
+    (half the excess each time, as a word is often two tokens), else characters (a token holds
+    one at least), so a word longer than the limit is cut too."""
+    words = text.split()
+    if len(words) > 1:
+        return " ".join(words[: max(1, len(words) - max(1, over // 2))])
+    return text[: max(0, len(text) - over)]
 
 
 def encode_answers(tokenizer, template: str, system: str | None, labels: list[str]) -> list[list[int]]:

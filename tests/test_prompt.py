@@ -65,8 +65,19 @@ def test_truncation_keeps_template_whole(tokenizer):
     assert len(ids[0]) <= len(full) + 20
     assert ids[1] == full
     assert tokenizer.decode(ids[0]).endswith("word<|im_end|>\n<|im_start|>assistant\n")
-    with pytest.raises(EmorecError, match="trainer.max_length"):
+    with pytest.raises(EmorecError, match="x: the prompt without its utterance is longer than trainer.max_length=10"):
         encode_prompts(tokenizer, [long], PromptFormat(TEMPLATE), LABELS, 10)
+
+
+def test_a_word_longer_than_max_length_is_cut_too(tokenizer, caplog):
+    """10,000 characters without a space: cut by characters, counted once in the log."""
+    word = Example(id="w", text="ab" * 5000, label=0)
+    short = Example(id="y", text="short one", label=0)
+    full = encode_prompts(tokenizer, [short], PromptFormat(TEMPLATE), LABELS, 10_000)[0]
+    with caplog.at_level("INFO"):
+        ids = encode_prompts(tokenizer, [word, word, short], PromptFormat(TEMPLATE), LABELS, len(full) + 20)
+    assert len(ids[0]) <= len(full) + 20 and len(ids[0]) >= len(full) and ids[2] == full
+    assert "2 utterance(s) lost their end to fit trainer.max_length" in caplog.text
 
 
 CONTEXT = Context(before="Conversation so far:\n{context}\n\n", layout="before")

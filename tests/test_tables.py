@@ -300,3 +300,23 @@ def test_an_old_runs_comma_becomes_unset_unless_it_read_a_tsv():
         }
         inferred_delimiter(cfg)
         assert cfg["dataset"]["load"]["delimiter"] == expected
+
+
+def test_every_jsonl_row_is_checked_for_its_fields(tmp_path):
+    """Row 3 without its text: a bad row named by file and line (skippable), not a KeyError; a
+    row without its label field has no label (context only); a field no row has is a column
+    option that names nothing."""
+    path = tmp_path / "train.jsonl"
+    rows = [{"text": "fine", "label": "joy"}, {"text": "bad", "label": "anger"}, {"label": "joy"}]
+    rows += [{"text": "no label here"}, {"text": "ok", "label": "anger"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    test = write_table(tmp_path / "test.jsonl", [{"text": "t", "label": "joy"}])
+    files = f"dataset.load.data_files={{train: {path}, dev: {path}, test: {test}}}"
+    with pytest.raises(
+        EmorecError, match=r"train.jsonl:3: missing field\(s\) text; fix the row or set dataset.on_bad_row"
+    ):
+        load("jsonl", files)
+    data = load("jsonl", files, "dataset.on_bad_row=skip")
+    assert [ex.text for ex in data.train] == ["fine", "bad", "ok"] and data.skipped == 2  # train and dev
+    with pytest.raises(EmorecError, match=r"train.jsonl: no row has field\(s\) utterance; fix the data"):
+        load("jsonl", files, "dataset.load.columns.text=utterance")

@@ -91,15 +91,19 @@ def locate(
                 f"point it at the folder that holds {', '.join(files)}"
             )
         return check_digests(folder, files, sha256)
+    looked = []
     if os.environ.get("EMOREC_DATA_DIR"):
         folder = Path(os.environ["EMOREC_DATA_DIR"]).expanduser() / name
         if all((folder / f).is_file() for f in files):
             return check_digests(folder, files, sha256)
+        looked.append(str(folder))
     folder = cache_dir() / "datasets" / name
     if all((folder / f).is_file() for f in files):
         return folder
+    looked.append(str(folder))
     reason = source or "no download URL is configured"
     if url or archive:
+        existed = folder.exists()
         try:
             if archive:
                 _fetch_archive(archive, folder, [f for f in files if not (folder / f).is_file()], sha256 or {})
@@ -109,8 +113,10 @@ def locate(
             return folder
         except (urllib.error.URLError, OSError, EmorecError, zipfile.BadZipFile) as e:
             reason = f"download from {archive or url} failed: {e}"
+            if not existed:  # a failed download leaves no cache folder that looks like a start
+                shutil.rmtree(folder, ignore_errors=True)
     raise EmorecError(
-        f"{name} data not found ({reason}); either set dataset.data_dir=/path/to/{name}, "
+        f"{name} data not found in {' or '.join(looked)} ({reason}); either set dataset.data_dir=/path/to/{name}, "
         f"or set EMOREC_DATA_DIR to a folder with a {name}/ subfolder holding {', '.join(files)}"
         + (", or allow the download" if url or archive else "")
     )

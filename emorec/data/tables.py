@@ -134,7 +134,8 @@ def table_splits(
 
 def read_jsonl(path: Path, columns: Columns, bad: BadRows) -> list[tuple[int, dict]]:
     """Rows of a JSON-lines file with their line numbers; values as text (lists stay lists). A
-    line that is not a JSON object (the last one, in a file cut short) is a bad row."""
+    line that is not a JSON object (the last one, in a file cut short), or that lacks a field the
+    columns name, is a bad row."""
     rows = []
     for n, line in enumerate(read_text(path, lines=True).splitlines(), 1):
         if not line.strip():
@@ -148,10 +149,19 @@ def read_jsonl(path: Path, columns: Columns, bad: BadRows) -> list[tuple[int, di
             bad(f"{path}:{n}", "expected a JSON object per line")
             continue
         rows.append((n, {k: v if v is None or isinstance(v, list) else str(v) for k, v in obj.items()}))
-    missing = [c for c in columns.named() if rows and c not in rows[0][1]]
-    if missing:
-        raise EmorecError(f"{path}: missing field(s) {', '.join(missing)}; fix the data or dataset.load.columns")
-    return rows
+    # A field no row has is a column option that names nothing; one some rows lack, bad rows.
+    # A row without the label field has no label, as one whose label is null or empty.
+    required = [c for c in columns.named() if c != columns.label]
+    absent = [c for c in columns.named() if rows and not any(c in r for _, r in rows)]
+    if absent:
+        raise EmorecError(f"{path}: no row has field(s) {', '.join(absent)}; fix the data or dataset.load.columns")
+    kept = []
+    for n, r in rows:
+        if missing := [c for c in required if c not in r]:
+            bad(f"{path}:{n}", f"missing field(s) {', '.join(missing)}")
+            continue
+        kept.append((n, {columns.label: None, **r}))
+    return kept
 
 
 def load_table(
