@@ -320,3 +320,22 @@ def test_every_jsonl_row_is_checked_for_its_fields(tmp_path):
     assert [ex.text for ex in data.train] == ["fine", "bad", "ok"] and data.skipped == 2  # train and dev
     with pytest.raises(EmorecError, match=r"train.jsonl: no row has field\(s\) utterance; fix the data"):
         load("jsonl", files, "dataset.load.columns.text=utterance")
+
+
+def test_label_ids_map_to_the_names_by_position(tmp_path, caplog):
+    """A release whose label column holds ids: dataset.labels names them in id order (as
+    dataset=hf maps a ClassLabel), said once in the log; an id past the names is one line."""
+    train = tmp_path / "train.tsv"
+    train.write_text("".join(f"utterance {i}\t{i % 3}\tid{i}\n" for i in range(12)))
+    test = tmp_path / "test.tsv"
+    test.write_text("good\t1\tt1\nbad\t0\tt2\n")
+    files = [f"dataset.load.data_files={{train: {train}, dev: {train}, test: {test}}}", "dataset.load.header=false"]
+    files += ["dataset.load.columns.text=0", "dataset.load.columns.label=1"]
+    with caplog.at_level("INFO"):
+        data = load("csv", *files, "dataset.labels=[sad,happy,calm]")
+    assert [ex.label for ex in data.train[:4]] == [0, 1, 2, 0] and [ex.label for ex in data.test] == [1, 0]
+    assert "the label column holds ids: 0 = sad, 1 = happy, 2 = calm" in caplog.text
+    with pytest.raises(EmorecError, match="holds ids up to 2 but dataset.labels has 2 names; give one name per id"):
+        load("csv", *files, "dataset.labels=[sad,happy]")
+    # Names in the data are names, even where some look like numbers.
+    assert load("csv", *files, "dataset.labels=['0','1','2']").labels == ["0", "1", "2"]

@@ -10,6 +10,7 @@ row's file and line, and keep values as written (pandas would turn "1" into 1 an
 """
 
 import json
+import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -27,6 +28,25 @@ from emorec.data.records import SPLIT_NAMES, SPLITS, Row, Splits
 from emorec.errors import EmorecError
 
 MULTI_LABEL = "<several labels>"  # the label of a multi-label row under multi_label=drop
+
+log = logging.getLogger(__name__)
+
+
+def label_index(labels: list[str], found: set[str]) -> LabelIndex:
+    """The labels' index into the data's values: their names; or, where the values are ids
+    (integers, none of them a name), their positions in `labels`, as dataset=hf maps a
+    ClassLabel. Said once in the log, and an id past the names is an error."""
+    names = {x.strip().lower() for x in labels}
+    if not found or any(v.lower() in names for v in found) or not all(v.isdigit() for v in found):
+        return LabelIndex(labels)
+    top = max(map(int, found))
+    if top >= len(labels):
+        raise EmorecError(
+            f"the label column holds ids up to {top} but dataset.labels has {len(labels)} names; "
+            "give one name per id, in id order"
+        )
+    log.info("the label column holds ids: %s", ", ".join(f"{i} = {name}" for i, name in enumerate(labels)))
+    return LabelIndex(labels, [str(i) for i in range(len(labels))])
 
 
 @dataclass(frozen=True)
@@ -94,12 +114,13 @@ def table_splits(
             routed[split].append((where, {**r, columns.label: _one_label(where, r[columns.label], multi_label)}))
     if not routed["train"] or not routed["test"]:
         raise EmorecError(f"the data has no {'train' if not routed['train'] else 'test'} rows; give train and test")
+    found = {str(r[columns.label]).strip() for _, r in routed["train"] if r[columns.label] is not None}
+    found -= {"", MULTI_LABEL}
     if labels is None:
-        found = {str(r[columns.label]).strip() for _, r in routed["train"] if r[columns.label] is not None}
-        labels = sorted(found - {"", MULTI_LABEL})
+        labels = sorted(found)
         if len(labels) < 2:
             raise EmorecError(f"inferred labels {labels} from train; a classification task needs at least two")
-    index = LabelIndex(labels)
+    index = label_index([str(x) for x in labels], found)
 
     def dialogue_of(item):
         where, r = item
