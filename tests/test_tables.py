@@ -339,3 +339,23 @@ def test_label_ids_map_to_the_names_by_position(tmp_path, caplog):
         load("csv", *files, "dataset.labels=[sad,happy]")
     # Names in the data are names, even where some look like numbers.
     assert load("csv", *files, "dataset.labels=['0','1','2']").labels == ["0", "1", "2"]
+
+
+def test_one_file_without_a_split_column_holds_out_test_and_dev(tmp_path):
+    """An older corpus's single file: test_fraction holds test out by a hash of each row's file
+    name and line (the same wherever the file is), then dev_fraction of the rest; without it,
+    one line says what to set."""
+    rows = [{"text": f"utterance {i}", "label": "ab"[i % 2]} for i in range(200)]
+    path = write_table(tmp_path / "all.csv", rows)
+    with pytest.raises(EmorecError, match="needs dataset.load.columns.split .* or dataset.load.test_fraction=0.1"):
+        load("csv", f"dataset.load.data_files={path}")
+    data = load("csv", f"dataset.load.data_files={path}", "dataset.load.test_fraction=0.2")
+    assert 20 <= len(data.test) <= 60 and 5 <= len(data.dev) <= 35
+    texts = [{ex.text for ex in split} for split in (data.train, data.dev, data.test)]
+    assert sum(map(len, texts)) == 200 and not (texts[0] & texts[2] or texts[1] & texts[2] or texts[0] & texts[1])
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    again = load(
+        "csv", f"dataset.load.data_files={write_table(moved / 'all.csv', rows)}", "dataset.load.test_fraction=0.2"
+    )
+    assert [ex.text for ex in again.test] == [ex.text for ex in data.test]

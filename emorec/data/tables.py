@@ -95,15 +95,9 @@ def _one_label(where: str, value, multi_label: str):
     )
 
 
-def table_splits(
-    rows: dict, labels: list[str] | None, columns: Columns, dev_fraction: float, multi_label: str, bad: BadRows
-) -> Splits:
-    """Splits of rows read per source: {"train"|"dev"|"test"|any other name: [(where, row)]}.
-    With columns.split, each row goes to the split its column names; otherwise to its source's.
-    Without labels, the label set is the sorted set of train labels. Without a dev split, a
-    fixed dev_fraction of the train dialogues (or rows) is held out."""
-    if multi_label not in ("error", "first", "drop"):
-        raise EmorecError(f"dataset.multi_label={multi_label!r}; use error, first or drop")
+def route(rows: dict, columns: Columns, multi_label: str, bad: BadRows) -> dict:
+    """{split: [(where, row)]}: each row to the split its split column names, or its source's;
+    a multi-label row's label resolved by multi_label."""
     routed = {s: [] for s in SPLITS}
     for source, items in rows.items():
         for where, r in items:
@@ -112,6 +106,44 @@ def table_splits(
                 bad(where, f"split {r[columns.split]!r} is not train, dev or test")
                 continue
             routed[split].append((where, {**r, columns.label: _one_label(where, r[columns.label], multi_label)}))
+    return routed
+
+
+def hold_out(routed: dict, split: str, key_of, fraction: float) -> None:
+    """A fixed fraction of the train dialogues (or rows) moved to `split`, chosen by a hash of
+    key_of(item): the same key always lands on the same side."""
+    keys = [key_of(item) for item in routed["train"]]
+    routed[split] = [item for item, k in zip(routed["train"], keys) if in_holdout(k, fraction)]
+    routed["train"] = [item for item, k in zip(routed["train"], keys) if not in_holdout(k, fraction)]
+
+
+def table_splits(
+    rows: dict,
+    labels: list[str] | None,
+    columns: Columns,
+    dev_fraction: float,
+    multi_label: str,
+    bad: BadRows,
+    test_fraction: float | None = None,
+) -> Splits:
+    """Splits of rows read per source: {"train"|"dev"|"test"|any other name: [(where, row)]}.
+    With columns.split, each row goes to the split its column names; otherwise to its source's.
+    Without labels, the label set is the sorted set of train labels. Without a test split and
+    with test_fraction, that fixed fraction of the train dialogues (or rows) is held out as test;
+    then, without a dev split, dev_fraction of the rest."""
+    if multi_label not in ("error", "first", "drop"):
+        raise EmorecError(f"dataset.multi_label={multi_label!r}; use error, first or drop")
+    routed = route(rows, columns, multi_label, bad)
+
+    def dialogue_of(item):
+        where, r = item
+        # No dialogues: each row alone, keyed by its file (or dataset) name and line, not the
+        # folder, so the holdouts below stay the same wherever the data is.
+        return str(r[columns.dialogue]) if columns.dialogue else Path(where).name
+
+    if not routed["test"] and test_fraction:
+        # Salted: the same hash as dev's would hold out the same dialogues.
+        hold_out(routed, "test", lambda item: f"test:{dialogue_of(item)}", test_fraction)
     if not routed["train"] or not routed["test"]:
         raise EmorecError(f"the data has no {'train' if not routed['train'] else 'test'} rows; give train and test")
     found = {str(r[columns.label]).strip() for _, r in routed["train"] if r[columns.label] is not None}
@@ -122,16 +154,8 @@ def table_splits(
             raise EmorecError(f"inferred labels {labels} from train; a classification task needs at least two")
     index = label_index([str(x) for x in labels], found)
 
-    def dialogue_of(item):
-        where, r = item
-        # No dialogues: each row alone, keyed by its file (or dataset) name and line, not the
-        # folder, so the dev holdout below stays the same wherever the data is.
-        return str(r[columns.dialogue]) if columns.dialogue else Path(where).name
-
     if not routed["dev"]:
-        keys = [dialogue_of(item) for item in routed["train"]]
-        routed["dev"] = [item for item, k in zip(routed["train"], keys) if in_holdout(k, dev_fraction)]
-        routed["train"] = [item for item, k in zip(routed["train"], keys) if not in_holdout(k, dev_fraction)]
+        hold_out(routed, "dev", dialogue_of, dev_fraction)
     leave_out = {MULTI_LABEL.lower(): "several labels (dataset.multi_label=drop)"}
     out = {}
     for split, items in routed.items():
@@ -193,6 +217,7 @@ def load_table(
     dev_fraction: float = 0.1,
     multi_label: str = "error",
     on_bad_row: str = "error",
+    test_fraction: float | None = None,
     **csv_options,
 ) -> Splits:
     """A user's own data as csv or JSON lines (format csv or jsonl). data_files: one file with a
@@ -207,7 +232,12 @@ def load_table(
     columns = Columns.of(columns)
     sources = dict(data_files) if not isinstance(data_files, str | Path) else {"file": data_files}
     if "file" in sources and columns.split is None:
-        raise EmorecError("one data file needs dataset.load.columns.split naming each row's split")
+        if not test_fraction:
+            raise EmorecError(
+                "one data file needs dataset.load.columns.split naming each row's split, or "
+                "dataset.load.test_fraction=0.1 (and dev_fraction) to hold splits out of it"
+            )
+        sources = {"train": sources["file"]}
     unknown = set(sources) - {"file", *SPLITS}
     if unknown:
         raise EmorecError(f"dataset.load.data_files has split(s) {', '.join(sorted(unknown))}; use train, dev, test")
@@ -221,4 +251,4 @@ def load_table(
         else:
             read = read_jsonl(file, columns, bad)
         rows[source] = [(f"{file}:{line}", r) for line, r in read]
-    return table_splits(rows, labels, columns, dev_fraction, multi_label, bad)
+    return table_splits(rows, labels, columns, dev_fraction, multi_label, bad, test_fraction)
