@@ -359,3 +359,44 @@ def test_one_file_without_a_split_column_holds_out_test_and_dev(tmp_path):
         "csv", f"dataset.load.data_files={write_table(moved / 'all.csv', rows)}", "dataset.load.test_fraction=0.2"
     )
     assert [ex.text for ex in again.test] == [ex.text for ex in data.test]
+
+
+NAMES = ["admiration", "amusement", "anger", "annoyance", "approval", "caring"]
+
+
+def release_tsv(path: Path) -> Path:
+    """A corpus's release as it comes: text<TAB>label ids<TAB>id, no header, some rows with
+    several comma-joined ids."""
+    ids = ["0", "1", "2", "0,5", "3", "4", "5", "1", "2,3", "3", "4", "5"]
+    path.write_text("".join(f"utterance number {i}\t{v}\tr{i}\n" for i, v in enumerate(ids)))
+    return path
+
+
+def test_a_release_tsv_loads_with_the_documented_options(tmp_path, caplog):
+    """Ids map to names by position; multi-id cells are multi-label rows, resolved as asked."""
+    train, test = release_tsv(tmp_path / "train.tsv"), release_tsv(tmp_path / "test.tsv")
+    args = [f"dataset.load.data_files={{train: {train}, dev: {train}, test: {test}}}", "dataset.load.header=false"]
+    # A bare comma is Hydra's sweep syntax: quoted ("dataset.load.label_separator=','" in bash), or spelled.
+    args += ["dataset.load.columns.text=0", "dataset.load.columns.label=1", "dataset.load.label_separator=comma"]
+    args += [f"dataset.labels=[{','.join(NAMES)}]"]
+    with pytest.raises(EmorecError, match=r"train.tsv:4: 2 labels \['0', '5'\].*dataset.multi_label=first"):
+        load("csv", *args)
+    assert (
+        load("csv", *args[:-2], "dataset.load.label_separator=','", args[-1], "dataset.multi_label=first").labels
+        == NAMES
+    )
+    first = load("csv", *args, "dataset.multi_label=first")
+    assert [NAMES[ex.label] for ex in first.train][:5] == [
+        "admiration",
+        "amusement",
+        "anger",
+        "admiration",
+        "annoyance",
+    ]
+    dropped = load("csv", *args, "dataset.multi_label=drop")
+    assert len(dropped.train) == 10 and sum(dropped.left_out.values()) == 6  # 2 rows in each split
+    # Without the separator and without names, "0,5" would be a class: said in a warning.
+    plain = [a for a in args if "separator" not in a and "dataset.labels" not in a]
+    with caplog.at_level("WARNING"):
+        assert "0,5" in load("csv", *plain).labels
+    assert "label value(s) '0,5', '2,3' look like several labels joined" in caplog.text

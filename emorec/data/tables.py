@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from emorec.data.readers import (
+    DELIMITERS,
     BadRows,
     LabelIndex,
     dialogue_examples,
@@ -95,6 +96,32 @@ def _one_label(where: str, value, multi_label: str):
     )
 
 
+def split_labels(rows: list[tuple[int, dict]], label: str, separator: str | None) -> list[tuple[int, dict]]:
+    """csv rows whose label cell holds several labels joined by `separator`, as label lists."""
+    if not separator:
+        return rows
+    separator = DELIMITERS.get(str(separator).lower(), str(separator))  # comma, semicolon, pipe, tab
+    for _, r in rows:
+        parts = [p.strip() for p in str(r[label] or "").split(separator) if p.strip()]
+        r[label] = parts if len(parts) > 1 else (parts[0] if parts else r[label])
+    return rows
+
+
+def inferred_labels(found: set[str]) -> list[str]:
+    """The label set from the train rows' values, sorted; a value that looks like several
+    labels joined is taken as a class only with a warning."""
+    labels = sorted(found)
+    if joined := [v for v in labels if any(c in v for c in ",;|")]:
+        log.warning(
+            "label value(s) %s look like several labels joined: taken as classes of their own; "
+            "set dataset.load.label_separator (e.g. ',') to read them as multi-label rows",
+            ", ".join(repr(v) for v in joined[:3]),
+        )
+    if len(labels) < 2:
+        raise EmorecError(f"inferred labels {labels} from train; a classification task needs at least two")
+    return labels
+
+
 def route(rows: dict, columns: Columns, multi_label: str, bad: BadRows) -> dict:
     """{split: [(where, row)]}: each row to the split its split column names, or its source's;
     a multi-label row's label resolved by multi_label."""
@@ -149,9 +176,7 @@ def table_splits(
     found = {str(r[columns.label]).strip() for _, r in routed["train"] if r[columns.label] is not None}
     found -= {"", MULTI_LABEL}
     if labels is None:
-        labels = sorted(found)
-        if len(labels) < 2:
-            raise EmorecError(f"inferred labels {labels} from train; a classification task needs at least two")
+        labels = inferred_labels(found)
     index = label_index([str(x) for x in labels], found)
 
     if not routed["dev"]:
@@ -222,9 +247,12 @@ def load_table(
 ) -> Splits:
     """A user's own data as csv or JSON lines (format csv or jsonl). data_files: one file with a
     split column (columns.split), or a mapping of split (train, dev, test) to a file.
-    csv_options: `delimiter` (default ",") and `header` (default true) of a csv file."""
+    csv_options: `delimiter` (default: from the file name) and `header` (default true) of a csv
+    file, and `label_separator`: a label cell holding several labels joined by it (`0,5`) is a
+    multi-label row, which multi_label resolves."""
     if format not in ("csv", "jsonl"):
         raise EmorecError(f"dataset.load.format={format!r}; use csv or jsonl")
+    separator = csv_options.pop("label_separator", None)
     if unknown := set(csv_options) - {"delimiter", "header"}:
         raise EmorecError(f"dataset.load has unknown key(s) {', '.join(sorted(unknown))}; check the spelling")
     if data_files is None:
@@ -247,7 +275,7 @@ def load_table(
         if not file.is_file():
             raise EmorecError(f"dataset.load.data_files: {file} does not exist; fix the path")
         if format == "csv":
-            read = read_csv(file, columns.named(), bad=bad, **csv_options)
+            read = split_labels(read_csv(file, columns.named(), bad=bad, **csv_options), columns.label, separator)
         else:
             read = read_jsonl(file, columns, bad)
         rows[source] = [(f"{file}:{line}", r) for line, r in read]
