@@ -196,8 +196,8 @@ def takes_logits_to_keep(model) -> bool:
 
 
 class StaticPacked:
-    """The answer loss through the static step, at `buckets`' lengths; scores, and any batch
-    whose prompts do not start with the buckets' prefix, through `packed`. `attention`: a key of
+    """The answer loss of training passes (whose prompts all start with `buckets.prefix`) through
+    the static step, at `buckets`' lengths; scores through `packed`. `attention`: a key of
     ATTENTION; `compiled`: (scope, torch.compile's mode) or None (eager), see compiled_step. The
     examples' weights come on the host (`host_inputs`), as the step's other values."""
 
@@ -222,17 +222,10 @@ class StaticPacked:
         self.eager("sdpa")
         self.chosen["compile"] = f"off: compiling failed ({type(error).__name__})"
 
-    def starts_with_prefix(self, prompts: list[list[int]]) -> bool:
-        n = len(self.buckets.prefix)
-        return all(len(p) > n and tuple(p[:n]) == self.buckets.prefix for p in prompts)
-
     def shared_length(self, model, prompts: list[list[int]]) -> int:
-        return len(self.buckets.prefix) if self.starts_with_prefix(prompts) else 0
+        return len(self.buckets.prefix)  # the training prompts' common prefix (Engine.for_training)
 
     def loss(self, model, prompts, answers, pad_id: int, weights=None) -> torch.Tensor:
-        if not self.starts_with_prefix(prompts):
-            weights = None if weights is None else torch.as_tensor(weights, device=self.device)
-            return self.packed.loss(model, prompts, answers, pad_id, weights)
         inputs = prepare(prompts, answers, weights, pad_id, self.buckets, self.device)
         try:
             with self.attention.packed():
