@@ -24,7 +24,7 @@ TEST_WORKERS ?= 2
 GLM_VENV ?= .venv-glm
 GLM_SPEC ?= transformers==4.41.2 sentencepiece
 
-.PHONY: help setup glm-env run test test-fast bench gpu-check paper classifiers lint format clean
+.PHONY: help setup glm-env run test test-fast bench gpu-check paper classifiers own-data lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -73,6 +73,12 @@ paper: setup ## the paper's study: zero-shot, P-Tuning v2 and LoRA (label scorin
 classifiers: setup ## label scoring vs the classification head, P-Tuning v2's start, rare classes, context on MELD (experiments/classifiers; resumable: done jobs are skipped)
 	$(BIN)/python -m experiments.classifiers.jobs --outputs outputs/classifiers $(ARGS)
 	$(BIN)/python -m experiments.classifiers.report --outputs outputs/classifiers
+
+own-data: setup ## what to start with on your own data: +experiment=own_data against TF-IDF + LR on 8 datasets (experiments/own_data; resumable)
+	$(BIN)/python -m experiments.own_data.dair
+	$(BIN)/python -m experiments.own_data.jobs --bow
+	$(BIN)/python -m experiments.own_data.jobs $(ARGS)
+	$(BIN)/python -m experiments.own_data.report > experiments/own_data/table.md
 
 lint: setup ## ruff lint and format check
 	$(BIN)/ruff check emorec tests experiments

@@ -43,7 +43,8 @@ DATASETS = {
 PRESET = ["+experiment=own_data"]
 MINILM = ["model=minilm_l6", "adapter=full"]
 # The defaults a user met before the preset (the paper's: label scoring, one epoch; MiniLM at
-# adapter=full's learning rate), on the one corpus the paper study has not run.
+# full fine-tuning's general 5e-5, its default until this study), on the one corpus the paper
+# study has not run.
 BEFORE = {
     "dair-score": [*DAIR],
     "dair-head": [*DAIR, "head=classifier", "head.init=random"],
