@@ -88,8 +88,10 @@ def setup(trainer: DictConfig, seed: int, out: Path, resume) -> Env:
         tidy_checkpoints(out)
     checkpoint = find_checkpoint(resume, out)
     if checkpoint is None and resume is True:
-        # Also a run killed while writing its first checkpoint (tidied away above).
-        log.warning("resume=true: no complete checkpoint in %s: starting from the beginning", out / FOLDER)
+        # A checkpoints folder without a complete checkpoint: a run killed while writing its first
+        # one (tidied away above), worth a warning; no folder at all is a first start (a study's jobs).
+        say = log.warning if (out / FOLDER).is_dir() else log.info
+        say("resume=true: no complete checkpoint in %s: starting from the beginning", out / FOLDER)
     if checkpoint is None and resume is not True and checkpoints(out):
         raise EmorecError(
             f"{out} holds checkpoints of an earlier run; continue it with resume=true, or choose another hydra.run.dir"
