@@ -22,7 +22,8 @@ from emorec.data.splits import load_splits
 from emorec.schema import register
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
-# dair-ai/emotion's ids for its labels, with disgust (which it lacks) last.
+# The ids: dair-ai/emotion's label order without its love (DailyDialog has none), with
+# DailyDialog's disgust (which dair lacks) last.
 LABELS = ["sadness", "joy", "anger", "fear", "surprise", "disgust"]
 # DailyDialog's emotion -> the label here (its happiness is dair's joy).
 FROM = {
