@@ -3,6 +3,7 @@ run's model (emorec.inference.load), as csv or jsonl."""
 
 import argparse
 import csv
+import io
 import json
 import sys
 import time
@@ -39,21 +40,22 @@ def read_inputs(args) -> tuple[list[str], list[list[Turn]] | None, list[str | No
 def _read_file(path: Path, args) -> list[dict]:
     if not path.is_file():
         raise EmorecError(f"--input {path} does not exist; fix the path")
-    if not path.read_text(errors="replace").strip():
+    with open(path, newline="") as f:  # read once; newline="": the csv reader's line endings
+        text = f.read()
+    if not text.strip():
         raise EmorecError(f"--input {path} is empty; give it texts (one per line in a .txt, rows in a csv or jsonl)")
     columns = {"text": args.column, "dialogue": args.dialogue_column, "speaker": args.speaker_column}
     columns = {k: c for k, c in columns.items() if c}
     if path.suffix == ".txt":
         if set(columns) != {"text"}:
             raise EmorecError("a .txt input has one text per line and no columns; use a csv or jsonl file")
-        return [{"text": line} for line in path.read_text().splitlines() if line.strip()]
+        return [{"text": line} for line in text.splitlines() if line.strip()]
     if path.suffix in (".csv", ".tsv"):
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
-            found = reader.fieldnames or []
-            rows = list(reader)
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix == ".tsv" else ",")
+        found = reader.fieldnames or []
+        rows = list(reader)
     elif path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
         found = list(rows[0]) if rows else []
     else:
         raise EmorecError(f"--input {path}: use a .csv, .tsv, .jsonl or .txt file")

@@ -18,7 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,18 @@ def read_results(results: Path) -> dict[str, dict]:
         config = OmegaConf.to_container(OmegaConf.load(metrics.parent / "config.yaml"))
         found[metrics.parent.name] = {"config": config, "metrics": json.loads(metrics.read_text())}
     return found
+
+
+def load_data(overrides: list[str]):
+    """The splits a run with these overrides sees (emorec's own loader, its seeded training
+    sample included), without a model: (emorec.data.splits.Data, the run's seed)."""
+    from emorec.data.splits import load_splits
+    from emorec.schema import register
+
+    register()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=["logger=none", *overrides])
+    return load_splits(cfg.dataset, cfg.seed), cfg.seed
 
 
 def run_job(job: Job, outputs: Path, results: Path, python: str = sys.executable) -> None:

@@ -16,12 +16,8 @@ import csv
 import random
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
+from experiments.common import load_data
 
-from emorec.data.splits import load_splits
-from emorec.schema import register
-
-CONF = str(Path(__file__).resolve().parents[2] / "conf")
 # The ids: dair-ai/emotion's label order without its love (DailyDialog has none), with
 # DailyDialog's disgust (which dair lacks) last.
 LABELS = ["sadness", "joy", "anger", "fear", "surprise", "disgust"]
@@ -38,10 +34,7 @@ FROM = {
 
 def rows(per_class: int, seed: int) -> list[tuple[str, int]]:
     """(text, id) for at most per_class utterances of each emotion, in a seeded random order."""
-    register()
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("config", overrides=["dataset=dailydialog", "logger=none"])
-    data = load_splits(cfg.dataset, cfg.seed)
+    data, _ = load_data(["dataset=dailydialog"])
     by_label: dict[str, list[str]] = {name: [] for name in LABELS}
     seen = set()
     for ex in data.train + data.dev + data.test:
