@@ -8,6 +8,7 @@ folder renamed into place), so a folder with a checkpoint's name is always compl
 """
 
 import json
+import pickle
 import random
 import re
 import shutil
@@ -114,6 +115,12 @@ def load_checkpoint(path: Path) -> dict:
         # On the host whatever device saved them: optimizer.load_state_dict moves each state to
         # its parameter's device, and a checkpoint from a GPU run then resumes anywhere.
         tensors = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:  # weights_only met something other than tensors and containers
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        raise EmorecError(
+            f"checkpoint {path}: trainer.pt names {found.group(1) if found else 'more than tensors'} in its pickle, "
+            "which could run code, so emorec refuses to load it; delete the checkpoint, or start afresh"
+        ) from None
     except Exception as e:  # noqa: BLE001 - whatever a damaged file raises, the answer is the same
         raise EmorecError(
             f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "

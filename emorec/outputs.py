@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -40,6 +41,23 @@ def _lock(handle, out: Path) -> None:
         ) from None
 
 
+def _open_lock(out: Path, create: int):
+    """The run directory's lock file, open to read and write (created with `create`=os.O_CREAT),
+    never through a link: a symbolic (or hard) link planted as .lock would have the truncation
+    in run_directory_lock empty the file it points to."""
+    try:
+        fd = os.open(out / LOCK, os.O_RDWR | create | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise EmorecError(f"{out / LOCK} is a symbolic link; delete it (emorec writes its lock there)") from None
+        raise EmorecError(f"cannot write to output_dir={out} ({e.strerror}); choose a writable folder") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        os.close(fd)
+        raise EmorecError(f"{out / LOCK} is not a plain file of its own; delete it (emorec writes its lock there)")
+    return os.fdopen(fd, "r+")
+
+
 @contextlib.contextmanager
 def run_directory_lock(out: Path, hold: bool = True):
     """An exclusive lock on the run directory (creating it) while the block runs: one run writes
@@ -51,9 +69,9 @@ def run_directory_lock(out: Path, hold: bool = True):
         return
     try:
         out.mkdir(parents=True, exist_ok=True)
-        handle = open(out / LOCK, "a+")
     except OSError as e:
         raise EmorecError(f"cannot write to output_dir={out} ({e.strerror}); choose a writable folder") from None
+    handle = _open_lock(out, os.O_CREAT)
     try:
         _lock(handle, out)
         handle.seek(0)
@@ -80,8 +98,8 @@ def check_run_directory(path: Path) -> None:
             f"cannot create the run directory {path}: {existing} {problem}; "
             "choose a writable folder with hydra.run.dir (hydra.sweep.dir for -m)"
         )
-    if (path / LOCK).is_file():
-        with open(path / LOCK, "a+") as handle:
+    if (path / LOCK).is_file() or (path / LOCK).is_symlink():
+        with _open_lock(path, 0) as handle:
             _lock(handle, path)
 
 

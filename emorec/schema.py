@@ -144,11 +144,14 @@ class Dataset(Checked):
     on_bad_row: str = "error"
     data_dir: str | None = None
     multi_label: str | None = None  # dataset=csv/jsonl/hf: error, first or drop
+    # A local copy whose sha256 differs from the release's: warn, or strict (an error).
+    verify: str = "warn"
 
     def __post_init__(self):
         self.check("context_window", lambda v: v >= 0, "an integer >= 0")
         self.positive("max_train", "max_eval", "max_dev", optional=True)
         self.one_of("on_bad_row", "error", "skip")
+        self.one_of("verify", "warn", "strict")
         check_metric(self.metric, self.neutral_label)
         if self.labels is not None:
             check_labels(list(self.labels), self.neutral_label)

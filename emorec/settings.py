@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from emorec.errors import EmorecError
 from emorec.model import is_local, quantization_config
 from emorec.schema import validate
+from emorec.trust import check_saved
 from emorec.upgrade import upgrade
 
 
@@ -79,6 +80,8 @@ RESUME_MAY_CHANGE |= {"model.attn_implementation", "model.load.attn_implementati
 # same computation up to rounding, so a run from before them resumes under today's defaults.
 RESUME_MAY_CHANGE |= {f"fast.{k}" for k in ("static_shapes", "compile", "compile_scope", "buckets", "bucket_multiple")}
 RESUME_MAY_CHANGE |= {"fast.fused_kernels"}
+# Where the files come from and how they are checked (DailyDialog's archive: its URLs and digest).
+RESUME_MAY_CHANGE |= {"dataset.verify", "dataset.load.verify", "dataset.load.archive", "dataset.load.sha256"}
 
 
 def check_resume_config(cfg: DictConfig, checkpoint: Path) -> None:
@@ -87,8 +90,12 @@ def check_resume_config(cfg: DictConfig, checkpoint: Path) -> None:
     saved_path = checkpoint.parent.parent / "config.yaml"
     if not saved_path.is_file():
         return
-    saved = flatten(upgrade(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=False)))
+    tree = upgrade(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=False))
     now = flatten(OmegaConf.to_container(cfg, resolve=True))
+    # The checkpoint's run directory may not be this user's (a shared folder, resume=<path>):
+    # what its config holds beyond the config given now is checked as data (emorec.trust), so
+    # the error below never asks to copy a target or remote code from it.
+    saved = flatten(check_saved(tree, saved_path, [k for k, v in flatten(tree).items() if now.get(k) == v]))
     changed = [
         k
         for k in sorted(set(saved) | set(now))

@@ -117,7 +117,25 @@ def inferred_delimiter(cfg: dict) -> None:
         load["delimiter"] = None
 
 
-UPGRADES = [fast_group, added_settings, data_package, early_stopping, static_step, inferred_delimiter]
+def verified_copies(cfg: dict) -> None:
+    """6 -> 7 (issue 40): dataset.verify, how a local copy with another digest is taken; a
+    warning before."""
+    dataset = cfg.get("dataset") or {}
+    dataset.setdefault("verify", "warn")
+    load = dataset.get("load") or {}
+    if "sha256" in load:
+        load.setdefault("verify", "warn")
+
+
+UPGRADES = [
+    fast_group,
+    added_settings,
+    data_package,
+    early_stopping,
+    static_step,
+    inferred_delimiter,
+    verified_copies,
+]
 VERSION = len(UPGRADES)
 
 

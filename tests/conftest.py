@@ -122,6 +122,22 @@ def tiny_encoder(tiny_model, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture
+def fixture_dir(tmp_path):
+    """make(option) -> a folder of that dataset option's fixture files, in the official format."""
+    from tests.dataset_fixtures import WRITERS
+
+    def make(option: str) -> Path:
+        name = DATASET_FOLDER.get(option, option)
+        return WRITERS[name](tmp_path / name)
+
+    return make
+
+
+# Dataset options that read another option's files (option -> fixture writer).
+DATASET_FOLDER = {"sst2": "sst", "sst5": "sst", "mosi2": "mosi", "mosi3": "mosi", "meld_sentiment": "meld"}
+
+
 def compose_run(output_dir: Path, *overrides: str):
     """The real config for a test run: the MELD fixture (unless another dataset option, which
     brings its own files), no logger, fp32, batches of 4, then `overrides`."""

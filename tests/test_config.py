@@ -9,6 +9,8 @@ from hydra import compose, initialize_config_dir
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
+from emorec.trust import check_saved
+
 CONF = Path(__file__).parent.parent / "conf"
 GROUPS = ["model", "adapter", "head", "dataset", "optimizer", "trainer", "fast", "logger"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
@@ -40,9 +42,12 @@ def test_an_encoder_chooses_the_classifier_head():
 def test_every_option_composes(group, option):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         required = {("model", "hf"): "model.name_or_path=x", ("dataset", "hf"): "dataset.load.path=x"}
-        cfg = compose("config", overrides=[f"{group}={option}", required.get((group, option), "seed=1")])
+        overrides = [f"{group}={option}", required.get((group, option), "seed=1"), "output_dir=out"]
+        cfg = compose("config", overrides=overrides)
     node = OmegaConf.to_container(cfg[group], resolve=True)
     assert node, f"{group}={option} composed to an empty node"
+    # A run of it can be opened from its directory: it names only targets emorec allows there.
+    check_saved(OmegaConf.to_container(cfg, resolve=True), Path("config.yaml"))
     if group == "fast":  # every switch of the group is a field of emorec.fast.Fast, and back
         from dataclasses import fields
 

@@ -1,31 +1,20 @@
-"""Every dataset option: its loader on a fixture in the official format, its download, its bad
-data, and (with EMOREC_DATA_DIR) the real files against the counts of the datasets README."""
+"""Every dataset option: its loader on a fixture in the official format, its bad data, and (with
+EMOREC_DATA_DIR) the real files against the counts of the datasets README. Downloads:
+test_downloads.py."""
 
-import functools
-import http.server
-import io
 import json
 import os
-import threading
-import zipfile
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
-from emorec.data.files import sha256_of
-from emorec.data.readers import in_holdout
 from emorec.errors import EmorecError, instantiate
-from tests.dataset_fixtures import IEMOCAP_DIALOGUES, WRITERS
+from tests.conftest import DATASET_FOLDER
+from tests.dataset_fixtures import IEMOCAP_DIALOGUES
 
 CONF = str(Path(__file__).parent.parent / "conf")
-FOLDER = {
-    "sst2": "sst",
-    "sst5": "sst",
-    "mosi2": "mosi",
-    "mosi3": "mosi",
-    "meld_sentiment": "meld",
-}  # option -> fixture writer
+FOLDER = DATASET_FOLDER
 
 
 def load(option: str, data_dir: Path | None, *overrides: str):
@@ -34,15 +23,6 @@ def load(option: str, data_dir: Path | None, *overrides: str):
     if data_dir is not None:
         cfg.dataset.data_dir = str(data_dir)
     return instantiate(cfg.dataset.load), cfg
-
-
-@pytest.fixture
-def fixture_dir(tmp_path):
-    def make(option: str) -> Path:
-        name = FOLDER.get(option, option)
-        return WRITERS[name](tmp_path / name)
-
-    return make
 
 
 def sizes(data) -> list[int]:
@@ -163,9 +143,14 @@ def test_m3ed(fixture_dir):
 
 
 def test_iemocap(fixture_dir):
-    data, _ = load("iemocap", fixture_dir("iemocap"))
-    dev = [n for s, n in IEMOCAP_DIALOGUES.items() if s < 5 and in_holdout(n, 0.1)]
-    assert sizes(data) == [6 * (4 - len(dev)), 6 * len(dev), 6]
+    folder = fixture_dir("iemocap")
+    data, _ = load("iemocap", folder)
+    # The held-out dev, pinned for this fixture's dialogue names: none of the four at 10%, two at 50%.
+    assert sizes(data) == [24, 0, 6]
+    half, _ = load("iemocap", folder, "dataset.load.dev_fraction=0.5")
+    assert sizes(half) == [12, 12, 6]
+    assert sorted({ex.dialogue_id for ex in half.dev}) == ["Ses03F_script01_1", "Ses04M_impro02"]
+    assert {ex.dialogue_id for ex in half.train} == {IEMOCAP_DIALOGUES[1], IEMOCAP_DIALOGUES[2]}
     test = data.test
     assert [ex.text for ex in test[:2]] == ["Excuse me, is this the line?", "Yes. Take a number."]  # time order
     assert [data.labels[ex.label] for ex in test] == ["neutral", "frustrated", "angry", "excited", "happy", "sad"]
@@ -270,74 +255,6 @@ def test_undownloadable_datasets_say_where_data_comes_from(option, needle):
     with pytest.raises(EmorecError) as e:
         load(option, None)
     assert needle in str(e.value) and "dataset.data_dir" in str(e.value) and "\n" not in str(e.value)
-
-
-# --- downloads from a local HTTP server ---------------------------------------------------------
-
-
-@pytest.fixture
-def serve(tmp_path):
-    servers = []
-
-    def start(root: Path) -> str:
-        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-        handler.log_message = lambda *a: None
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-
-
-@pytest.mark.parametrize("option", ["emorynlp", "friends", "mastodon", "sst2", "sst5", "mosi3"])
-def test_download_each_dataset_with_checksums(fixture_dir, serve, option):
-    folder = fixture_dir(option)
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("config", overrides=[f"dataset={option}", f"dataset.load.url={serve(folder)}"])
-    names = list(cfg.dataset.load.sha256)  # the files the real URL serves
-    cfg.dataset.load.sha256 = {name: sha256_of(folder / name) for name in names}
-    data = instantiate(cfg.dataset.load)
-    assert len(data.train) > 0
-    cached = Path(os.environ["EMOREC_CACHE_DIR"]) / "datasets" / FOLDER.get(option, option)
-    assert sorted(p.name for p in cached.iterdir()) == sorted(names)
-    cfg.dataset.load.sha256 = {name: "0" * 64 for name in names}  # the cache is not re-checked
-    assert sizes(instantiate(cfg.dataset.load)) == sizes(data)
-
-
-def _nested_zip(folder: Path) -> bytes:
-    """DailyDialog's release layout: ijcnlp_dailydialog.zip holding train.zip, validation.zip, test.zip."""
-    outer = io.BytesIO()
-    with zipfile.ZipFile(outer, "w") as zout:
-        for split in ("train", "validation", "test"):
-            inner = io.BytesIO()
-            with zipfile.ZipFile(inner, "w") as zin:
-                for f in sorted((folder / split).iterdir()):
-                    zin.write(f, f"{split}/{f.name}")
-            zout.writestr(f"ijcnlp_dailydialog/{split}.zip", inner.getvalue())
-        zout.writestr("ijcnlp_dailydialog/readme.txt", "an invented release")
-    return outer.getvalue()
-
-
-def test_dailydialog_download_from_nested_zip(fixture_dir, serve, tmp_path):
-    folder = fixture_dir("dailydialog")
-    served = tmp_path / "served"
-    served.mkdir()
-    (served / "ijcnlp_dailydialog.zip").write_bytes(_nested_zip(folder))
-    url = serve(served) + "/ijcnlp_dailydialog.zip"
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("config", overrides=["dataset=dailydialog", f"dataset.load.archive={url}"])
-    names = list(cfg.dataset.load.sha256)
-    cfg.dataset.load.sha256 = {n: "0" * 64 for n in names}
-    with pytest.raises(EmorecError, match="checksum mismatch for train/dialogues_train.txt"):
-        instantiate(cfg.dataset.load)
-    cache = Path(os.environ["EMOREC_CACHE_DIR"]) / "datasets" / "dailydialog"
-    assert not (cache / "train/dialogues_train.txt").exists()  # nothing that failed its check stays
-    cfg.dataset.load.sha256 = {n: sha256_of(folder / n) for n in names}
-    assert sizes(instantiate(cfg.dataset.load)) == [5, 2, 3]
-    assert sorted(str(p.relative_to(cache)) for p in cache.rglob("*.txt")) == sorted(names)
 
 
 # --- the real files (EMOREC_DATA_DIR), against the datasets README --------------------------------

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from emorec.errors import EmorecError
 from emorec.settings import check_resume_config
+from emorec.trust import check_saved
 from emorec.upgrade import VERSION, VERSION_KEY, upgrade, versioned
 from tests.conftest import compose_run
 
@@ -65,8 +66,8 @@ COMMITTED = sorted(ROOT.glob("experiments/**/config.yaml"))
 
 def test_every_committed_run_config_upgrades_to_todays_settings():
     """The results folders hold configs from every format emorec has written: each upgrades to
-    one that today's schemas take as they are (no unknown key, no wrong type) and whose loader
-    imports."""
+    one that today's schemas take as they are (no unknown key, no wrong type), whose loader
+    imports, and that the checks of a run directory pass."""
     from hydra import compose, initialize_config_dir
 
     from tests.conftest import CONF
@@ -83,4 +84,5 @@ def test_every_committed_run_config_upgrades_to_todays_settings():
             for key in ("trainer", "fast", "head", "adapter", "optimizer", "prompt"):
                 OmegaConf.merge(now[key], cfg[key])  # raises on a key or type today's schema lacks
             assert callable(get_method(cfg["dataset"]["load"]["_target_"])), path
+            check_saved(cfg, path)  # and opens as data: only emorec's own targets (emorec.trust)
     assert formats == {(True, False), (False, True)}  # before the fast group and heads (issue 19), after

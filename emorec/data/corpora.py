@@ -48,13 +48,14 @@ def load_meld(
     data_dir: str | None = None,
     url: str | None = None,
     sha256: dict | None = None,
+    verify: str = "warn",
     column: str = "Emotion",
     raw_labels: list | None = None,
     on_bad_row: str = "error",
 ) -> Splits:
     """MELD's {train,dev,test}_sent_emo.csv, one example per utterance. `column` picks the
     task: Emotion (7 classes) or Sentiment (3)."""
-    folder = locate("meld", list(MELD_FILES.values()), data_dir, url, sha256)
+    folder = locate("meld", list(MELD_FILES.values()), data_dir, url, sha256, verify=verify)
     index, bad = LabelIndex(labels, raw_labels), BadRows("meld", on_bad_row)
     columns = ["Utterance", "Speaker", column, "Dialogue_ID", "Utterance_ID"]
 
@@ -82,11 +83,12 @@ def load_emorynlp(
     data_dir: str | None = None,
     url: str | None = None,
     sha256: dict | None = None,
+    verify: str = "warn",
     raw_labels: list | None = None,
     on_bad_row: str = "error",
 ) -> Splits:
     """EmoryNLP's emorynlp_{train,dev,test}_final.csv; a dialogue is a scene of an episode."""
-    folder = locate("emorynlp", list(EMORYNLP_FILES.values()), data_dir, url, sha256)
+    folder = locate("emorynlp", list(EMORYNLP_FILES.values()), data_dir, url, sha256, verify=verify)
     index, bad = LabelIndex(labels, raw_labels), BadRows("emorynlp", on_bad_row)
     columns = ["Utterance", "Speaker", "Emotion", "Scene_ID", "Utterance_ID", "Season", "Episode"]
 
@@ -141,6 +143,7 @@ def load_friends(
     data_dir: str | None = None,
     url: str | None = None,
     sha256: dict | None = None,
+    verify: str = "warn",
     raw_labels: list | None = None,
     leave_out: dict | None = None,
     on_bad_row: str = "error",
@@ -148,7 +151,7 @@ def load_friends(
     """EmotionLines Friends: friends_{train,dev,test}.json. Utterances whose gold label is in
     leave_out (by default `non-neutral`: annotators had no majority) are not examples of the
     7-class task, as in the literature, but stay in the context of later utterances."""
-    folder = locate("friends", list(FRIENDS_FILES.values()), data_dir, url, sha256)
+    folder = locate("friends", list(FRIENDS_FILES.values()), data_dir, url, sha256, verify=verify)
     index, bad = LabelIndex(labels, raw_labels), BadRows("friends", on_bad_row)
     leave_out = {k.lower(): v for k, v in (leave_out or {}).items()}
     out = {
@@ -167,11 +170,12 @@ def load_mastodon(
     data_dir: str | None = None,
     url: str | None = None,
     sha256: dict | None = None,
+    verify: str = "warn",
     on_bad_row: str = "error",
 ) -> Splits:
     """Mastodon dialogue sentiment, {train,dev,test}.json: dialogues of {utterance, sentiment,
     act}; sentiment is + - or * (raw_labels maps them to the label words). No speakers."""
-    folder = locate("mastodon", list(MASTODON_FILES.values()), data_dir, url, sha256)
+    folder = locate("mastodon", list(MASTODON_FILES.values()), data_dir, url, sha256, verify=verify)
     index, bad = LabelIndex(labels, raw_labels), BadRows("mastodon", on_bad_row)
     out = {
         split: _json_examples(folder / name, split, "utterance", "sentiment", None, index, bad)
@@ -230,8 +234,9 @@ DAILYDIALOG_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
 def load_dailydialog(
     labels: list[str],
     data_dir: str | None = None,
-    archive: str | None = None,
+    archive: str | list[str] | None = None,
     sha256: dict | None = None,
+    verify: str = "warn",
     raw_labels: list | None = None,
     on_bad_row: str = "error",
 ) -> Splits:
@@ -240,7 +245,7 @@ def load_dailydialog(
     utterance). The dialogues are dyadic and alternate, so the speakers are written A and B.
     A dialogue whose utterance and label counts differ is a bad row (train has one)."""
     files = [f"{d}/dialogues{kind}_{d}.txt" for d in DAILYDIALOG_SPLITS.values() for kind in ("", "_emotion")]
-    folder = locate("dailydialog", files, data_dir, archive=archive, sha256=sha256)
+    folder = locate("dailydialog", files, data_dir, archive=archive, sha256=sha256, verify=verify)
     index = LabelIndex(labels, raw_labels if raw_labels is not None else list(range(len(labels))))
     bad = BadRows("dailydialog", on_bad_row)
     out = {}

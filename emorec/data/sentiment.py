@@ -19,6 +19,7 @@ def load_sst(
     data_dir: str | None = None,
     url: str | None = None,
     sha256: dict | None = None,
+    verify: str = "warn",
     raw_labels: list | None = None,
     on_bad_row: str = "error",
 ) -> Splits:
@@ -27,7 +28,7 @@ def load_sst(
     if granularity not in ("fine", "binary"):
         raise EmorecError(f"dataset.load.granularity={granularity!r}; use fine (SST-5) or binary (SST-2)")
     files = {s: f"stsa.{granularity}.{s}" for s in SPLITS}
-    folder = locate("sst", list(files.values()), data_dir, url, sha256)
+    folder = locate("sst", list(files.values()), data_dir, url, sha256, verify=verify)
     index = LabelIndex(labels, raw_labels if raw_labels is not None else list(range(len(labels))))
     bad = BadRows(f"sst-{granularity}", on_bad_row)
     out = {}
@@ -122,7 +123,7 @@ def load_mosi(
 ) -> Splits:
     """CMU-MOSI transcripts, label.csv (`id,text,label,mode`, label in [-3, 3]); the id is
     `<video>_<clip>`. See conf/dataset/mosi2.yaml and mosi3.yaml for the class thresholds.
-    where: data_dir, url and sha256, as emorec.data.files.locate takes them."""
+    where: data_dir, url, sha256 and verify, as emorec.data.files.locate takes them."""
 
     def video_clip(r):
         video, _, clip = r["id"].rpartition("_")
