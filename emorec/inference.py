@@ -107,8 +107,10 @@ def load(run_dir: str | Path, device: str = "auto", overrides: list[str] = ()) -
             f"{run} is not an emorec run (no config.yaml); give the directory a run wrote (its hydra.run.dir)"
         )
     cfg = opened_config(run / "config.yaml", list(overrides))
-    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    metrics = _metrics(run / "metrics.json")
     labels = list(cfg.dataset.labels or metrics.get("data", {}).get("labels") or [])
+    if not all(isinstance(label, str) and label for label in labels):
+        raise EmorecError(f"{run}: the run's labels are not a list of names; give the directory a run wrote")
     if not labels:
         raise EmorecError(f"{run} has no metrics.json to read its inferred labels from; the run did not finish")
     saved = _weights(run, cfg)
@@ -116,6 +118,19 @@ def load(run_dir: str | Path, device: str = "auto", overrides: list[str] = ()) -
     env = Env(run, cfg.seed, where, use_bf16(cfg.trainer.precision, where))
     built = build(Spec.of(cfg), env, labels, _balance(cfg, labels, metrics, run), saved)
     return Trained(cfg, labels, built, env)
+
+
+def _metrics(path: Path) -> dict:
+    """A run's metrics.json ({} where the run did not write one), as data."""
+    if not path.is_file():
+        return {}
+    try:
+        metrics = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise EmorecError(f"{path} cannot be read ({type(e).__name__}); give the directory a run wrote") from None
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("data", {}), dict):
+        raise EmorecError(f"{path} is not a run's metrics.json; give the directory a run wrote")
+    return metrics
 
 
 def opened_config(path: Path, overrides: list[str]) -> DictConfig:

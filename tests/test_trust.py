@@ -96,6 +96,11 @@ def test_remote_code_switched_on_is_refused(shared, tiny_model, tmp_path, monkey
         c["model"].update(name_or_path=str(model), trust_remote_code=True)
         c["model"]["load"].update(name_or_path=str(model), trust_remote_code=True)
 
+    # A base model folder that ships code is fine by itself: without the opt-in it loads as the
+    # native class its config names, and its code stays unread.
+    tamper(shared, lambda c: c["model"]["load"].update(name_or_path=str(model)))
+    assert emorec.load(shared, device="cpu").predict(["hi"])[0]["label"]
+    assert not marker.exists()
     tamper(shared, switch_on)
     message = refused(shared)
     assert "model.load.trust_remote_code=true would run code from the model's repository" in message
@@ -165,3 +170,24 @@ def test_a_planted_lock_link_truncates_nothing(tmp_path):
         assert precious.read_text() == "keep me"
     with run_directory_lock(tmp_path / "fresh"):  # and a lock of its own works as before
         assert (tmp_path / "fresh" / ".lock").read_text().strip().isdigit()
+
+
+def test_the_command_that_finishes_a_run_leaves_out_what_it_would_refuse(shared):
+    """An unfinished run's error prints a command to copy from its .hydra/overrides.yaml, which
+    is data too: targets and remote code are left out, and every word is quoted for the shell."""
+    shutil.rmtree(shared / "adapter")
+    hostile = ["adapter=lora", "model.load._target_=numpy.savez", "model.trust_remote_code=true", "x=$(touch pwned)"]
+    (shared / ".hydra").mkdir(exist_ok=True)
+    (shared / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(hostile))
+    message = refused(shared)
+    assert "the run did not finish; finish it with: python -m emorec adapter=lora 'x=$(touch pwned)' " in message
+    assert "numpy" not in message and "trust_remote_code" not in message
+
+
+def test_damaged_metrics_and_configs_are_one_line(shared):
+    (shared / "metrics.json").write_text("{not json")
+    assert "metrics.json cannot be read (JSONDecodeError)" in refused(shared)
+    (shared / "config.yaml").write_text("- just\n- a list\n")
+    assert "is not a config emorec wrote (no model node)" in refused(shared)
+    (shared / "config.yaml").write_text("model: {load: [unclosed\n")
+    assert "config.yaml cannot be read" in refused(shared)
