@@ -107,7 +107,7 @@ def load(run_dir: str | Path, device: str = "auto", overrides: list[str] = ()) -
             f"{run} is not an emorec run (no config.yaml); give the directory a run wrote (its hydra.run.dir)"
         )
     cfg = opened_config(run / "config.yaml", list(overrides))
-    metrics = _metrics(run / "metrics.json")
+    metrics = run_metrics(run / "metrics.json")
     labels = list(cfg.dataset.labels or metrics.get("data", {}).get("labels") or [])
     if not all(isinstance(label, str) and label for label in labels):
         raise EmorecError(f"{run}: the run's labels are not a list of names; give the directory a run wrote")
@@ -120,7 +120,7 @@ def load(run_dir: str | Path, device: str = "auto", overrides: list[str] = ()) -
     return Trained(cfg, labels, built, env)
 
 
-def _metrics(path: Path) -> dict:
+def run_metrics(path: Path) -> dict:
     """A run's metrics.json ({} where the run did not write one), as data."""
     if not path.is_file():
         return {}

@@ -41,18 +41,17 @@ class Splits:
 
 # Typographic punctuation -> ASCII, so that the same sentence tokenises the same way whichever
 # editor or release of a dataset it came through.
-_ASCII = str.maketrans(
-    {
-        "\u2018": "'",
-        "\u2019": "'",
-        "\u201c": '"',
-        "\u201d": '"',
-        "\u2013": "-",
-        "\u2014": "-",
-        "\u2026": "...",
-        "\u00a0": " ",
-    }
-)
+ASCII_FOLDS = {
+    "\u2018": "'",
+    "\u2019": "'",
+    "\u201c": '"',
+    "\u201d": '"',
+    "\u2013": "-",
+    "\u2014": "-",
+    "\u2026": "...",
+    "\u00a0": " ",
+}
+_ASCII = str.maketrans(ASCII_FOLDS)
 _C1_CONTROLS = re.compile("[\x80-\x9f]")
 
 
