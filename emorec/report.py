@@ -14,6 +14,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from emorec.upgrade import upgrade
+
 
 def read_jobs(sweep_dir: Path) -> list[dict]:
     jobs = []
@@ -164,8 +166,9 @@ def log_to_wandb(sweep_dir: Path, jobs: list[dict], columns: list[str], rows: li
     configs = [sweep_dir / j["job"] / "config.yaml" for j in jobs if (sweep_dir / j["job"] / "config.yaml").is_file()]
     if not configs:
         return False
-    logger_cfg = OmegaConf.load(configs[0]).logger
-    if logger_cfg.get("_target_") != "emorec.loggers.WandbLogger":
+    loggers = upgrade(OmegaConf.to_container(OmegaConf.load(configs[0])))["logger"]
+    logger_cfg = next((n for n in loggers.values() if n.get("_target_") == "emorec.loggers.WandbLogger"), None)
+    if logger_cfg is None:
         return False
     import wandb
 
@@ -174,10 +177,10 @@ def log_to_wandb(sweep_dir: Path, jobs: list[dict], columns: list[str], rows: li
     logger = WandbLogger(
         run_config={"sweep_dir": str(sweep_dir)},
         dir=str(sweep_dir),
-        project=logger_cfg.project,
-        entity=logger_cfg.entity,
-        mode=logger_cfg.mode,
-        group=logger_cfg.group,
+        project=logger_cfg.get("project"),
+        entity=logger_cfg.get("entity"),
+        mode=logger_cfg.get("mode"),
+        group=logger_cfg.get("group"),
         name="report",
         tags=["report"],
     )

@@ -40,7 +40,7 @@ DATASET_LOADERS = {
     "emorec.data.tables.load_table",
     "emorec.data.hub.load_hf",
 }
-LOGGERS = {"emorec.loggers.NullLogger", "emorec.loggers.WandbLogger"}
+LOGGERS = {f"emorec.loggers.{name}Logger" for name in ("Null", "Wandb", "TensorBoard", "MLflow", "CSV")}
 
 
 def _class_in(module: str, base: str):
@@ -71,7 +71,7 @@ TARGETS = {
     "adapter.peft": _class_in("peft", "PeftConfig"),
     "dataset.load": DATASET_LOADERS.__contains__,
     "optimizer": _class_in("torch.optim", "Optimizer"),
-    "logger": LOGGERS.__contains__,
+    "logger.*": LOGGERS.__contains__,  # each logger under its own name
 }
 REMOTE_CODE = "trust_remote_code"
 HUB_KERNELS = "use_kernels"
@@ -97,7 +97,7 @@ def problem_with(key: str, value) -> tuple[str, str] | None:
     command_line = f"if you wrote it and trust it, pass {key}={value} on the command line"
     if key == "_target_" or key.endswith("._target_"):
         node = key.rpartition("._target_")[0]
-        allowed = TARGETS.get(node)
+        allowed = TARGETS.get(node) or TARGETS.get(node.rpartition(".")[0] + ".*")
         if allowed is None:
             return f"{key}={value} is a target where emorec puts none (it would be called)", command_line
         if not isinstance(value, str) or not allowed(value):

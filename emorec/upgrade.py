@@ -127,6 +127,14 @@ def verified_copies(cfg: dict) -> None:
         load.setdefault("verify", "warn")
 
 
+def logger_names(cfg: dict) -> None:
+    """7 -> 8 (issue 41): each logger under its own name in the logger node (several at once)."""
+    logger = cfg.get("logger")
+    if isinstance(logger, dict) and "_target_" in logger:
+        name = {"WandbLogger": "wandb", "NullLogger": "none"}.get(str(logger["_target_"]).rsplit(".", 1)[-1], "logger")
+        cfg["logger"] = {name: logger}
+
+
 UPGRADES = [
     fast_group,
     added_settings,
@@ -135,6 +143,7 @@ UPGRADES = [
     static_step,
     inferred_delimiter,
     verified_copies,
+    logger_names,
 ]
 VERSION = len(UPGRADES)
 

@@ -23,7 +23,7 @@ def test_defaults():
     assert cfg.adapter.name == "lora" and cfg.adapter.r == 8 and cfg.adapter.peft.r == 8
     assert cfg.dataset.name == "meld" and cfg.dataset.metric == "weighted_f1"
     assert cfg.optimizer._target_ == "torch.optim.AdamW"
-    assert cfg.logger._target_ == "emorec.loggers.WandbLogger"
+    assert list(cfg.logger) == ["wandb"] and cfg.logger.wandb._target_ == "emorec.loggers.WandbLogger"
     assert cfg.trainer.batch_size == 16
     assert cfg.prompt.system == ""  # from the model config
     assert cfg.head.name == "lm" and cfg.prompt.context_layout == "after"
@@ -82,7 +82,7 @@ def test_cli_help_lists_groups_and_options():
         "experiment: cpu_budget, cpu_full, own_data",
         "head: classifier, lm",
         "launcher: joblib, submitit_local, submitit_slurm",
-        "logger: none, wandb",
+        "logger: csv, mlflow, none, tensorboard, wandb",
         "model: chatglm2_6b, chatglm3_6b, glm4_9b_chat, hf, llama3_1_8b_instruct, minilm_l6, qwen2_5_7b_instruct, "
         "random_qwen2_5_7b, random_smollm2_135m, smollm2_135m",
         "optimizer: adamw",

@@ -92,7 +92,7 @@ def test_generate_mode_counts_invalid(make_cfg):
 
 
 def test_wandb_offline_run(make_cfg):
-    cfg = make_cfg("logger=wandb", "logger.group=g1", "trainer.epochs=1")
+    cfg = make_cfg("logger=wandb", "logger.wandb.group=g1", "trainer.epochs=1")
     metrics = run(cfg)
     runs = list((Path(cfg.output_dir) / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
@@ -116,7 +116,7 @@ def test_wandb_offline_run(make_cfg):
 
 
 def test_wandb_log_model_false_logs_no_artifact(make_cfg):
-    cfg = make_cfg("logger=wandb", "logger.log_model=false", "trainer.max_steps=1")
+    cfg = make_cfg("logger=wandb", "logger.wandb.log_model=false", "trainer.max_steps=1")
     run(cfg)
     logged = read_run(next((Path(cfg.output_dir) / "wandb").glob("offline-run-*")))
     assert logged["summary"] and [a for a in logged["artifacts"] if a["type"] == "model"] == []

@@ -40,13 +40,16 @@ def emorec(tiny_model, tmp_path):
 
 
 def test_two_value_multirun_groups_wandb_runs_and_reports(emorec):
-    sweep = emorec("adapter.r=2,4", "logger=wandb", "sweep_name=ranks")
+    sweep = emorec("adapter.r=2,4", "logger=[wandb,csv]", "sweep_name=ranks")  # two loggers, one list
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert [p.name for p in jobs] == ["0", "1"]
     runs = [read_run(next((job / "wandb").glob("offline-run-*"))) for job in jobs]
     assert runs[0]["group"] == runs[1]["group"] and runs[0]["group"].startswith("ranks-")
     assert [r["config"]["adapter"]["r"] for r in runs] == [2, 4]
     assert [r["name"] for r in runs] == ["adapter.r=2", "adapter.r=4"]
+    for job, logged in zip(jobs, runs):  # every logger gets the sweep's group and the job's name
+        head = (job / "metrics.csv").read_text().splitlines()[1:3]
+        assert head == [f",group,{logged['group']}", f",name,{logged['name']}"]
     for job, logged in zip(jobs, runs):
         metrics = json.loads((job / "metrics.json").read_text())
         assert logged["summary"]["val/weighted_f1"] == pytest.approx(metrics["val"]["weighted_f1"])

@@ -1,17 +1,10 @@
-"""Experiment loggers. `logger=wandb` (default) and `logger=none` pick one of these two; they
-share the same five methods and nothing else. `make_logger` makes a run's, and saves its config
-beside it."""
+"""logger=wandb (the default): a Weights & Biases run, offline unless credentials are found."""
 
 import netrc
 import os
 import secrets
 import string
 from pathlib import Path
-
-from omegaconf import DictConfig, OmegaConf
-
-from emorec.errors import instantiate
-from emorec.upgrade import versioned
 
 
 def has_wandb_credentials() -> bool:
@@ -99,37 +92,3 @@ def run_id(out: Path, resume: bool) -> str:
     run = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     path.write_text(run + "\n")
     return run
-
-
-class NullLogger:
-    """Logs nothing."""
-
-    def __init__(self, **_):
-        pass
-
-    def log(self, metrics: dict, step: int | None = None) -> None:
-        pass
-
-    def summary(self, metrics: dict) -> None:
-        pass
-
-    def log_predictions(self, *args, **kwargs) -> None:
-        pass
-
-    def log_model(self, path: Path, metadata: dict) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-
-def make_logger(logger: DictConfig, run_config: dict, out: Path, main: bool, resume: bool):
-    """The run's logger (the first process only), and the resolved config saved beside it, with
-    the version of the code that wrote it (emorec.upgrade). A resumed run's logger continues the
-    run it logged to before."""
-    if not main:
-        return NullLogger()
-    OmegaConf.save(OmegaConf.create(versioned(run_config)), out / "config.yaml")
-    # A partial, so the run's config reaches the logger as a plain dict (instantiate would turn
-    # keyword arguments into DictConfig nodes and instantiate the _target_s inside them).
-    return instantiate(logger, _partial_=True)(run_config=run_config, dir=str(out), resume=resume)
