@@ -140,7 +140,8 @@ def model_card(cfg, labels: list[str], facts: dict) -> str:
     ]
     counts = metrics.get("data", {}).get("train_counts") or {}
     sizes = [f"train {sum(counts.values())}"] if counts else []
-    sizes += [f"{name} {metrics[s]['n']}" for s, name in (("val", "dev"), ("test", "test")) if metrics.get(s, {}).get("n")]
+    evaluated = {name: metrics.get(s, {}).get("n") for s, name in (("val", "dev"), ("test", "test"))}
+    sizes += [f"{name} {n}" for name, n in evaluated.items() if n]
     return CARD.format(
         front=yaml.safe_dump(front, sort_keys=False).strip(),
         name=f"{cfg.model.name} + {cfg.adapter.name} on {cfg.dataset.name}",
