@@ -140,4 +140,3 @@ def main(argv: list[str]) -> None:
         f'use: pipeline("text-classification", model="{args.out}", top_k=None)("some text")',
         file=sys.stderr,
     )
-

@@ -46,9 +46,10 @@ def test_plain_transformers_gives_each_runs_own_predictions(runs, tmp_path):
         assert facts["tokens"][0] == facts["tokens"][1] > 0, kind  # the run's own prompt tokens, every text
         config = json.loads((tmp_path / kind / "config.json").read_text())
         assert config["architectures"][0].endswith("ForSequenceClassification"), kind
-        assert list(config["id2label"].values()) == yaml.safe_load((run_dir / "config.yaml").read_text())["dataset"][
-            "labels"
-        ]
+        assert (
+            list(config["id2label"].values())
+            == yaml.safe_load((run_dir / "config.yaml").read_text())["dataset"]["labels"]
+        )
         assert (tmp_path / kind / "model.safetensors").is_file() and (tmp_path / kind / "README.md").is_file()
         exported.append((str(tmp_path / kind), str(run_dir / "predictions.csv")))
     done = subprocess.run(
