@@ -25,7 +25,7 @@ from emorec.prompt import Context, PromptFormat, encode_answers, encode_prompts,
 from emorec.reference import first_tokens_differ
 from emorec.settings import is_encoder
 from emorec.tasks import Balance, LabelHead, LabelWords, SequenceClassifier, Task
-from emorec.tensors import is_quantized
+from emorec.tensors import base_of, is_quantized
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,8 @@ def build_model(spec: Spec, plan: LoadPlan, labels: list[str], saved: Path | Non
             prompt = spec.prompt
             text = adapter.init_text or prompt.template.format(labels=join_labels(labels), text="").strip()
             init_from_text(model, tokenizer(text, add_special_tokens=False)["input_ids"])
+    if spec.trainer.get("activation_checkpointing") and (full or adapter.peft is not None) and saved is None:
+        checkpoint_activations(model, spec.model.name)
     if not is_quantized(model):  # bitsandbytes placed a quantised base, which cannot move
         model.to(plan.device)  # the weights came there; a prompt-learning adapter's new ones may not have
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -120,6 +122,19 @@ def build_model(spec: Spec, plan: LoadPlan, labels: list[str], saved: Path | Non
         "model %s loaded in %.1f s; %d trainable parameters (%.3f%%)", spec.model.name, load_seconds, trainable, share
     )
     return model, tokenizer, load_seconds
+
+
+def checkpoint_activations(model, name: str) -> None:
+    """Each layer's activations recomputed in the backward pass (transformers' gradient
+    checkpointing, in training mode only). Non-reentrant: the recomputation sees the layer's
+    own inputs and RNG state, so a frozen base needs no input that requires grad, and dropout
+    draws the same masks."""
+    base = base_of(model)
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise EmorecError(
+            f"model {name} does not support activation checkpointing; set trainer.activation_checkpointing=false"
+        )
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def saved_model(folder: Path, classifier: bool, load: DictConfig) -> DictConfig:

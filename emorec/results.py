@@ -14,7 +14,7 @@ from emorec.env import Env, hardware, peak_gpu_mb, peak_rss_mb
 from emorec.metrics import METRICS
 from emorec.model import BASE_FILE, base_fingerprint
 from emorec.outputs import atomic, plot_confusion, prediction_columns, prediction_rows, write_json, write_predictions
-from emorec.tensors import base_of
+from emorec.tensors import base_of, recomputes_activations
 
 
 def describe(built: Built, env: Env, data: Data) -> dict:
@@ -32,6 +32,7 @@ def describe(built: Built, env: Env, data: Data) -> dict:
         "total_params": total,
         "embedding_params": base_of(model).get_input_embeddings().weight.numel(),
         "trainable_share": trainable / total,
+        "activation_checkpointing": recomputes_activations(model),
         "fast": built.engine.chosen,
         "data": data.stats,
     }

@@ -72,6 +72,7 @@ class Trainer(Checked):
     checkpoint_every: int
     keep_checkpoints: int
     log_every: int
+    activation_checkpointing: bool = False
 
     def __post_init__(self):
         self.positive("batch_size", "eval_batch_size", "grad_accum", "epochs", "max_length", "log_every")

@@ -51,6 +51,12 @@ def check_config(cfg: DictConfig) -> None:
             "use a PEFT adapter (adapter=lora: QLoRA) or model.quantization=null"
         )
     quantization_config(quantized)  # bitsandbytes and a GPU
+    peft = cfg.adapter.peft
+    if cfg.trainer.activation_checkpointing and peft is not None and str(peft._target_).endswith("PrefixTuningConfig"):
+        raise EmorecError(
+            f"adapter={cfg.adapter.name} passes its prefix as a key/value cache, which a layer recomputed in the "
+            "backward pass finds already extended; set trainer.activation_checkpointing=false"
+        )
 
 
 # The prompt's templates and the fields each may use.
@@ -80,6 +86,8 @@ RESUME_MAY_CHANGE |= {"model.attn_implementation", "model.load.attn_implementati
 # same computation up to rounding, so a run from before them resumes under today's defaults.
 RESUME_MAY_CHANGE |= {f"fast.{k}" for k in ("static_shapes", "compile", "compile_scope", "buckets", "bucket_multiple")}
 RESUME_MAY_CHANGE |= {"fast.fused_kernels"}
+# Activations kept or recomputed: the same gradients, other memory.
+RESUME_MAY_CHANGE |= {"trainer.activation_checkpointing"}
 # Where the files come from and how they are checked (DailyDialog's archive: its URLs and digest).
 RESUME_MAY_CHANGE |= {"dataset.verify", "dataset.load.verify", "dataset.load.archive", "dataset.load.sha256"}
 

@@ -19,6 +19,15 @@ def base_of(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def recomputes_activations(model) -> bool:
+    """Whether the base is under activation checkpointing (transformers' name for it changed in
+    5.x: is_activation_checkpointing, before is_gradient_checkpointing)."""
+    base = base_of(model)
+    if getattr(type(base), "is_activation_checkpointing", None) is not None:
+        return bool(base.is_activation_checkpointing)
+    return bool(getattr(base, "is_gradient_checkpointing", False))
+
+
 def is_quantized(model) -> bool:
     """Whether the base's weights are 4/8-bit (a bitsandbytes base for QLoRA): transformers keeps
     its quantiser on the model."""

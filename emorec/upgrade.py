@@ -135,6 +135,11 @@ def logger_names(cfg: dict) -> None:
         cfg["logger"] = {name: logger}
 
 
+def activation_checkpointing(cfg: dict) -> None:
+    """8 -> 9 (issue 42): trainer.activation_checkpointing, off before."""
+    cfg.setdefault("trainer", {}).setdefault("activation_checkpointing", False)
+
+
 UPGRADES = [
     fast_group,
     added_settings,
@@ -144,6 +149,7 @@ UPGRADES = [
     inferred_delimiter,
     verified_copies,
     logger_names,
+    activation_checkpointing,
 ]
 VERSION = len(UPGRADES)
 

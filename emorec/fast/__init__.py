@@ -51,7 +51,7 @@ from emorec.fast.prefix import PrefixCache, can_share_prefix, common_prefix
 from emorec.fast.static import Static, StaticPacked, dispatch_static
 from emorec.fast.streams import Streamed, draws_random
 from emorec.reference import Reference
-from emorec.tensors import base_of
+from emorec.tensors import base_of, recomputes_activations
 from emorec.train import OnePass, Passes
 
 
@@ -310,17 +310,39 @@ def optimizer_options(make_optimizer, device: torch.device) -> dict:
     return {"fused": True} if device.type == "cuda" and takes_fused and "fused" not in keywords else {}
 
 
+class PlainTraining:
+    """An answer component whose training loss takes the plain pass (reference.Reference), for a
+    model under activation checkpointing: its layers recompute in the backward pass, outside
+    whatever the fast pass switched on for its forward (the packed attention, a cached prefix),
+    and must see the model as loaded. Evaluation has no backward and keeps the fast component."""
+
+    def __init__(self, fast_component):
+        self.fast, self.plain = fast_component, Reference()
+
+    def loss(self, model, prompts, answers, pad_id: int, weights=None) -> torch.Tensor:
+        return self.plain.loss(model, prompts, answers, pad_id, weights)
+
+    def shared_length(self, model, prompts: list[list[int]]) -> int:
+        return self.plain.shared_length(model, prompts)
+
+    def __getattr__(self, name: str):
+        return getattr(self.fast, name)
+
+
 def dispatch(model, fast: Fast, device: torch.device, max_pass_tokens="auto", processes: int = 1) -> Engine:
     """The components for `model` (after its adapter) on `device`, in a run of `processes`.
     Thread streams are a CPU lever (on a GPU they would serialise on one CUDA stream), one per
     intra-op thread at most; training keeps one stream with several processes and with dropout,
     whose masks several threads would draw in whichever order they reach them."""
     name, answers = next(answer_components(model, fast, device))
+    recomputes = recomputes_activations(model)
+    if recomputes and not isinstance(answers, Reference):
+        name, answers = f"{name} (training: reference, as activations are recomputed)", PlainTraining(answers)
     threads = torch.get_num_threads() if device.type == "cpu" else 1
     merge = fast.merge_adapter and can_merge(model)
     pass_tokens, eval_tokens = token_budgets(model, device, max_pass_tokens)
     eval_streams = min(fast.eval_streams, threads)
-    static = dispatch_static(model, fast, device, packs(model, fast))
+    static = None if recomputes else dispatch_static(model, fast, device, packs(model, fast))
     kernels = dispatch_kernels(model, fast, device, static)
     # A static pass runs whole: streams would cut it into pieces of other shapes.
     one_stream = processes > 1 or draws_random(model) or static is not None
