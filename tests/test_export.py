@@ -21,6 +21,10 @@ KINDS = {
     "lora-classifier-head": ["adapter=lora", "head=classifier"],
     "full-fine-tuning": ["adapter=full", "optimizer.lr=1e-3"],
     "encoder": ["model=minilm_l6", "adapter=lora"],
+    # The other adapters that merge into plain weights, and a run that trained nothing.
+    "dora": ["adapter=dora"],
+    "ia3": ["adapter=ia3", "optimizer.lr=1e-2"],
+    "zero-shot": ["adapter=none"],
 }
 
 # Run by a fresh interpreter: transformers alone, as a user without emorec would.
