@@ -166,7 +166,7 @@ def log_to_wandb(sweep_dir: Path, jobs: list[dict], columns: list[str], rows: li
     configs = [sweep_dir / j["job"] / "config.yaml" for j in jobs if (sweep_dir / j["job"] / "config.yaml").is_file()]
     if not configs:
         return False
-    loggers = upgrade(OmegaConf.to_container(OmegaConf.load(configs[0])))["logger"]
+    loggers = upgrade(OmegaConf.to_container(OmegaConf.load(configs[0]))).get("logger") or {}
     logger_cfg = next((n for n in loggers.values() if n.get("_target_") == "emorec.loggers.WandbLogger"), None)
     if logger_cfg is None:
         return False
