@@ -12,11 +12,11 @@ class TensorBoardLogger(ScalarLogger):
     the sweep group and name as text, the confusion matrix as an image. A resumed run writes
     to the same folder, its steps going on from the checkpoint's."""
 
-    def __init__(self, run_config: dict, dir: str, resume: bool = False, group=None, name=None, subdir="tensorboard"):
+    def __init__(self, run_config: dict, dir: str, resume: bool = False, group=None, name=None):
         require("tensorboard", "tensorboard")
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(Path(dir) / subdir))
+        self.writer = SummaryWriter(log_dir=str(Path(dir) / "tensorboard"))
         self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(run_config, sort_keys=False) + "```")
         if group or name:
             self.writer.add_text("run", f"group: {group}\n\nname: {name}")
