@@ -5,6 +5,7 @@ so a check that stopped nothing would fail here."""
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,12 @@ def test_a_nested_target_is_refused(shared, tmp_path):
 def test_remote_code_switched_on_is_refused(shared, tiny_model, tmp_path, monkeypatch):
     """A model folder whose config maps to its own Python module (auto_map), which writes a
     file when imported; the saved config switches trust_remote_code on."""
-    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    import transformers.dynamic_module_utils as dynamic
+
+    # transformers copies a model's own code into its modules cache and imports it from there:
+    # a folder of this test's own, on a sys.path restored afterwards.
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
     marker = tmp_path / "remote_code_ran"
     model = Path(shutil.copytree(tiny_model, tmp_path / "hostile_model"))
     (model / "evil.py").write_text(
