@@ -36,6 +36,9 @@ class MLflowLogger(ScalarLogger):
         name=None,
         log_model: bool = True,
     ):
+        # MLflow 3 reports its own usage to Databricks unless told not to; a run sends what it
+        # logs to the store it was given and nothing else, unless MLFLOW_DISABLE_TELEMETRY says so.
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         require("mlflow", "mlflow")
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
