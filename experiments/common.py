@@ -43,15 +43,21 @@ def read_results(results: Path) -> dict[str, dict]:
     return found
 
 
-def load_data(overrides: list[str]):
-    """The splits a run with these overrides sees (emorec's own loader, its seeded training
-    sample included), without a model: (emorec.data.splits.Data, the run's seed)."""
-    from emorec.data.splits import load_splits
+def compose_config(overrides: list[str]):
+    """The config a run with these overrides composes (no logger), outside Hydra's app."""
     from emorec.schema import register
 
     register()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("config", overrides=["logger=none", *overrides])
+        return compose("config", overrides=["logger=none", *overrides])
+
+
+def load_data(overrides: list[str]):
+    """The splits a run with these overrides sees (emorec's own loader, its seeded training
+    sample included), without a model: (emorec.data.splits.Data, the run's seed)."""
+    from emorec.data.splits import load_splits
+
+    cfg = compose_config(overrides)
     return load_splits(cfg.dataset, cfg.seed), cfg.seed
 
 
