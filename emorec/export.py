@@ -27,13 +27,15 @@ from emorec.build import label_tokens
 from emorec.card import model_card, prompt_tokenizer, tokenization_agreement
 from emorec.classifier import decoder_classifier
 from emorec.errors import EmorecError
-from emorec.inference import Trained, load, opened_config, run_metrics
+from emorec.inference import Trained, load_opened, open_run
 from emorec.outputs import atomic
 from emorec.settings import is_encoder
+from emorec.trust import class_in
 
 # The plain path: fp32, no speed component that changes the model object (emorec.fast).
 PLAIN = ["trainer.precision=fp32", "fast.bf16_base=false", "fast.bf16_adapter_inputs=false", "fast.merge_adapter=false"]
-PROMPT_LEARNING = ("PrefixTuningConfig", "PromptTuningConfig", "PromptEncoderConfig")
+# PEFT's prompt-learning configs (P-Tuning v1/v2, prompt tuning, ...): no weights to merge into.
+PROMPT_LEARNING = class_in("peft", "PromptLearningConfig")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -42,7 +44,7 @@ def refusal(cfg, metrics: dict) -> str | None:
     peft = cfg.adapter.peft
     if not metrics.get("test"):
         return "the run did not finish (no test metrics in metrics.json); finish it with resume=true, then export"
-    if peft is not None and str(peft._target_).rsplit(".", 1)[-1] in PROMPT_LEARNING:
+    if peft is not None and PROMPT_LEARNING(str(peft._target_)):
         return (
             f"adapter={cfg.adapter.name} adds trained prompt states to every pass, which plain weights cannot hold; "
             "runs of adapter=lora, dora, ia3, full or none export"
@@ -89,17 +91,15 @@ def export(run_dir: str | Path, out: str | Path, dtype: str = "auto", force: boo
     run, out = Path(run_dir).expanduser(), Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise EmorecError(f"{out} exists and is not empty; choose another folder, or pass --force to replace it")
-    if not (run / "config.yaml").is_file():
-        raise EmorecError(f"{run} is not an emorec run (no config.yaml); give the directory a run wrote")
     start = time.perf_counter()
-    metrics = run_metrics(run / "metrics.json")
+    cfg, metrics = open_run(run, PLAIN)
     # Before any model loads: what the config alone shows cannot export.
-    if (why := refusal(opened_config(run / "config.yaml", PLAIN), metrics)) is not None:
+    if (why := refusal(cfg, metrics)) is not None:
         raise EmorecError(f"{run} cannot export: {why}")
     dtype = dtype if dtype != "auto" else metrics.get("precision", "fp32")
     if dtype not in DTYPES:
         raise EmorecError(f"--dtype {dtype}: use auto, bf16 or fp32")
-    trained = load(run, "cpu", PLAIN)
+    trained = load_opened(run, cfg, metrics, "cpu")
     model = classifier_of(trained).to(DTYPES[dtype]).eval()
     tokenizer, prompt = prompt_tokenizer(trained)
     facts = {

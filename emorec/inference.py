@@ -102,12 +102,21 @@ def load(run_dir: str | Path, device: str = "auto", overrides: list[str] = ()) -
     """A finished run's model (see Trained). `overrides` (key=value) change the run's saved
     config, e.g. model.name_or_path=PATH where its base model has moved."""
     run = Path(run_dir).expanduser()
+    return load_opened(run, *open_run(run, overrides), device)
+
+
+def open_run(run: Path, overrides: list[str] = ()) -> tuple[DictConfig, dict]:
+    """(the run's config, as data and with `overrides`; its metrics.json, {} without one),
+    read before any model loads."""
     if not (run / "config.yaml").is_file():
         raise EmorecError(
             f"{run} is not an emorec run (no config.yaml); give the directory a run wrote (its hydra.run.dir)"
         )
-    cfg = opened_config(run / "config.yaml", list(overrides))
-    metrics = run_metrics(run / "metrics.json")
+    return opened_config(run / "config.yaml", list(overrides)), run_metrics(run / "metrics.json")
+
+
+def load_opened(run: Path, cfg: DictConfig, metrics: dict, device: str = "auto") -> Trained:
+    """The model of a run opened by open_run."""
     labels = list(cfg.dataset.labels or metrics.get("data", {}).get("labels") or [])
     if not all(isinstance(label, str) and label for label in labels):
         raise EmorecError(f"{run}: the run's labels are not a list of names; give the directory a run wrote")

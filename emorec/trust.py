@@ -43,7 +43,7 @@ DATASET_LOADERS = {
 LOGGERS = {f"emorec.loggers.{name}Logger" for name in ("Null", "Wandb", "TensorBoard", "MLflow", "CSV")}
 
 
-def _class_in(module: str, base: str):
+def class_in(module: str, base: str):
     """A predicate: a name `module.Class` of a subclass of module's `base` (looked up as an
     attribute of the module, never imported by name)."""
 
@@ -68,9 +68,9 @@ TARGETS = {
     "model.load.tokenizer": PACKAGE_FILES.__contains__,
     "model.name_or_path": PACKAGE_FILES.__contains__,
     "model.tokenizer": PACKAGE_FILES.__contains__,
-    "adapter.peft": _class_in("peft", "PeftConfig"),
+    "adapter.peft": class_in("peft", "PeftConfig"),
     "dataset.load": DATASET_LOADERS.__contains__,
-    "optimizer": _class_in("torch.optim", "Optimizer"),
+    "optimizer": class_in("torch.optim", "Optimizer"),
     "logger.*": LOGGERS.__contains__,  # each logger under its own name
 }
 REMOTE_CODE = "trust_remote_code"

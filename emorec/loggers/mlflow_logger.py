@@ -8,15 +8,10 @@ import time
 from pathlib import Path
 
 from emorec.loggers.scalars import ScalarLogger, require
+from emorec.settings import flatten
 
 ID_FILE = "mlflow_id"
 MAX_PARAM = 6000  # MLflow's limit on a parameter's value
-
-
-def _flat(tree, prefix: str = "") -> dict:
-    if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: str(tree)[:MAX_PARAM]}
 
 
 class MLflowLogger(ScalarLogger):
@@ -58,7 +53,7 @@ class MLflowLogger(ScalarLogger):
         tags = {"group": group} if group else {}
         self.run_id = self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
         id_file.write_text(self.run_id + "\n")
-        params = [Param(k, v) for k, v in _flat(run_config).items()]
+        params = [Param(k, str(v)[:MAX_PARAM]) for k, v in flatten(run_config).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters a call
             self.client.log_batch(self.run_id, params=params[i : i + 100])
 

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from emorec.build import Spec, build, prompts_of
+from emorec.data.splits import load_splits
 from emorec.env import Env
 from emorec.tasks import Balance
-from experiments.common import compose_config, load_data
+from experiments.common import compose_config
 
 HERE = Path(__file__).parent
 ROWS = (8, 16)
@@ -58,7 +59,7 @@ def saved_bytes(model, loss_of) -> tuple[int, float]:
 
 def measure(name: str, overrides: list[str], bf16: bool) -> dict:
     cfg = compose_config([*overrides, "dataset=meld", f"trainer.precision={'bf16' if bf16 else 'fp32'}"])
-    data, _ = load_data([*overrides, "dataset=meld"])
+    data = load_splits(cfg.dataset, cfg.seed)
     env = Env(Path("outputs/memory"), cfg.seed, torch.device("cpu"), bf16)
     spec = Spec.of(cfg)
     built = build(spec, env, data.labels, Balance())
