@@ -20,10 +20,11 @@ from emorec.classifier import decoder_classifier, head_parameters
 from emorec.env import Env
 from emorec.errors import EmorecError, instantiate
 from emorec.fast import Engine, Fast, LoadPlan, apply_input_casts, dispatch, optimizer_options, plan_load
-from emorec.model import check_base
+from emorec.model import base_fingerprint, check_base
 from emorec.prompt import Context, PromptFormat, encode_answers, encode_prompts, join_labels, scoring_answers
 from emorec.reference import first_tokens_differ
 from emorec.settings import is_encoder
+from emorec.sharded import shard
 from emorec.tasks import Balance, LabelHead, LabelWords, SequenceClassifier, Task
 from emorec.tensors import base_of, is_quantized
 
@@ -63,6 +64,7 @@ class Built:
     engine: Engine
     task: Task
     load_seconds: float
+    fingerprint: dict  # of the base model, saved with an adapter (emorec.model.base_fingerprint)
 
 
 def build(spec: Spec, env: Env, labels: list[str], balance: Balance, saved: Path | None = None) -> Built:
@@ -71,12 +73,15 @@ def build(spec: Spec, env: Env, labels: list[str], balance: Balance, saved: Path
     instead of a new adapter."""
     plan = plan_load(spec.fast, env.device, env.bf16, trains_base=spec.full or is_encoder(spec.model))
     model, tokenizer, load_seconds = build_model(spec, plan, labels, saved)
+    fingerprint = base_fingerprint(model)  # read before sharding, which slices the embeddings
+    if spec.trainer.get("strategy") == "fsdp" and saved is None:
+        model = shard(model, env.device, env.bf16, spec.model.name)
     engine = dispatch(model, spec.fast, env.device, spec.trainer.max_pass_tokens, env.rank_world[1])
     task = build_task(tokenizer, spec, labels, engine, balance)
     engine = engine.for_task(task)
     engine.chosen.update(plan.describe())
     log.info("speed components: %s", engine.chosen)
-    return Built(model, tokenizer, engine, task, load_seconds)
+    return Built(model, tokenizer, engine, task, load_seconds, fingerprint)
 
 
 def build_model(spec: Spec, plan: LoadPlan, labels: list[str], saved: Path | None):

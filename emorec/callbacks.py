@@ -15,8 +15,8 @@ from tqdm import tqdm
 from emorec.checkpoint import Interrupted, load_checkpoint, restore_rng, save_checkpoint, torch_rng_state
 from emorec.errors import EmorecError
 from emorec.metrics import METRICS
-from emorec.tensors import host_copy
-from emorec.train import TrainingProgress, check_finite
+from emorec.tensors import host_copy, local
+from emorec.train import TrainingProgress, numerical_fault
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ class KeepBest(Callback):
             m["accuracy"],
         )
         if m[self.metric] > self.value:
-            state = {n: host_copy(p) for n, p in self.model.named_parameters() if p.requires_grad}
+            # Under sharding (emorec.sharded) each process keeps its own shards.
+            state = {n: host_copy(local(p)) for n, p in self.model.named_parameters() if p.requires_grad}
             self.value, self.epoch, self.state, self.val = m[self.metric], progress.epoch, state, (result, m)
 
     def restore(self) -> None:
@@ -110,7 +111,7 @@ class KeepBest(Callback):
             with torch.no_grad():
                 for n, p in self.model.named_parameters():
                     if n in self.state:
-                        p.copy_(self.state[n])
+                        local(p).copy_(self.state[n])
 
 
 @dataclass(frozen=True)
@@ -125,14 +126,12 @@ class Keep:
 
 class Checkpointer(Callback):
     """Checkpoints as `when` says, at each epoch's end, and when a signal arrives, after which
-    training raises Interrupted. All processes stop at the same step; the first writes."""
+    training raises Interrupted. All processes stop at the same step; `store` writes and reads
+    the weights and optimizer state (WholeState, or emorec.sharded.ShardedState)."""
 
-    def __init__(self, out: Path, model, optimizer, scheduler, best: KeepBest, backward, when: Keep):
-        self.out, self.model, self.optimizer, self.scheduler, self.best = out, model, optimizer, scheduler, best
+    def __init__(self, out: Path, store, scheduler, best: KeepBest, backward, when: Keep):
+        self.out, self.store, self.scheduler, self.best = out, store, scheduler, best
         self.every, self.keep, self.stop, self.backward = when.every, when.keep, when.stop, backward
-
-    def trainable(self) -> dict:
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def on_step(self, progress: TrainingProgress, epoch: float) -> None:
         signal_name = self.stop()
@@ -149,40 +148,19 @@ class Checkpointer(Callback):
 
     def save(self, progress: TrainingProgress) -> Path | None:
         state = progress.state_dict()  # reads the pending losses: a non-finite one stops here
-        check_finite(self.trainable().values(), progress.step)  # never a checkpoint of broken weights
-        tensors = {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            **torch_rng_state(),
-            "generator": state.pop("generator"),
-        }
-        path = None
-        if self.backward.rank == 0:  # every process holds the same state
-            best = {"best_value": self.best.value, "best_epoch": self.best.epoch}
-            path = save_checkpoint(
-                self.out,
-                progress.step,
-                weights=self.trainable(),
-                best=self.best.state,
-                tensors=tensors,
-                state={"progress": state, **best},
-                keep=self.keep,
-            )
+        # Never a checkpoint of broken weights; every process holds some (shards), all stop.
+        finite = all(bool(torch.isfinite(local(p)).all()) for p in self.store.trainable().values())
+        if self.backward.agree(torch.tensor([float(not finite)]))[0]:
+            raise numerical_fault(f"weights are no longer finite after step {progress.step}")
+        tensors = {"scheduler": self.scheduler.state_dict(), **torch_rng_state(), "generator": state.pop("generator")}
+        state = {"progress": state, "best_value": self.best.value, "best_epoch": self.best.epoch}
+        path = self.store.save(self.out, progress.step, self.best.state, tensors, state, self.keep)
         self.backward.barrier()
         return path
 
     def restore(self, path: Path) -> TrainingProgress:
         """Load a checkpoint into the model, optimizer, scheduler, best-so-far and RNGs."""
-        saved = load_checkpoint(path)
-        params = self.trainable()
-        if set(params) != set(saved["weights"]):
-            raise EmorecError(
-                f"checkpoint {path} holds other weights than this run trains; resume with the same adapter"
-            )
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(saved["weights"][n])
-        self.optimizer.load_state_dict(saved["tensors"]["optimizer"])
+        saved = self.store.restore(path)
         self.scheduler.load_state_dict(saved["tensors"]["scheduler"])
         state = saved["state"]
         # The best epoch's validation is recomputed from its weights at the end (deterministic).
@@ -191,3 +169,34 @@ class Checkpointer(Callback):
         progress = TrainingProgress()
         progress.load_state_dict({**state["progress"], "generator": saved["tensors"]["generator"]})
         return progress
+
+
+class WholeState:
+    """The checkpointed weights and optimizer state where every process holds them whole (one
+    process, data parallel): the first process writes them; each reads them back."""
+
+    def __init__(self, model, optimizer, rank: int):
+        self.model, self.optimizer, self.rank = model, optimizer, rank
+
+    def trainable(self) -> dict:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def save(self, out: Path, step: int, best: dict | None, tensors: dict, state: dict, keep: int) -> Path | None:
+        if self.rank != 0:
+            return None
+        tensors = {"optimizer": self.optimizer.state_dict(), **tensors}
+        return save_checkpoint(out, step, weights=self.trainable(), best=best, tensors=tensors, state=state, keep=keep)
+
+    def restore(self, path: Path) -> dict:
+        saved = load_checkpoint(path)
+        params = self.trainable()
+        if saved["weights"] is None or set(params) != set(saved["weights"]):
+            raise EmorecError(
+                f"checkpoint {path} holds other weights than this run trains; resume with the same adapter"
+                " and trainer.strategy"
+            )
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved["weights"][n])
+        self.optimizer.load_state_dict(saved["tensors"]["optimizer"])
+        return saved

@@ -13,6 +13,7 @@ import random
 import re
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from emorec.errors import EmorecError
 from emorec.outputs import atomic
 
 FOLDER = "checkpoints"
+SHARDS = "shards"  # a sharded run's weights, optimizer state and best weights (emorec.sharded)
 NAME = re.compile(r"step-(\d{8})$")
 
 
@@ -81,20 +83,25 @@ def save_checkpoint(
     run_dir: Path,
     step: int,
     *,
-    weights: dict[str, torch.Tensor],
+    weights: dict[str, torch.Tensor] | None,
     best: dict[str, torch.Tensor] | None,
     tensors: dict,
     state: dict,
     keep: int,
+    shards: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a checkpoint atomically and keep the last `keep`. `tensors` (optimizer, scheduler,
-    RNG) go through torch.save, `state` through JSON."""
+    RNG) go through torch.save, `state` through JSON. A sharded run (emorec.sharded) passes no
+    weights but `shards`, which writes every process's shards into the folder."""
     final = Path(run_dir) / FOLDER / f"step-{step:08d}"
     # The same step can be saved twice (a periodic checkpoint, then the epoch's end with its
     # validation): the newer one replaces it.
     with atomic(final) as tmp:
         tmp.mkdir(parents=True)
-        save_file({k: v.detach().contiguous() for k, v in weights.items()}, tmp / "adapter.safetensors")
+        if shards is not None:
+            shards(tmp)
+        if weights is not None:
+            save_file({k: v.detach().contiguous() for k, v in weights.items()}, tmp / "adapter.safetensors")
         if best is not None:
             save_file({k: v.contiguous() for k, v in best.items()}, tmp / "best.safetensors")
         torch.save(tensors, tmp / "trainer.pt")
@@ -110,7 +117,9 @@ def load_checkpoint(path: Path) -> dict:
     safetensors, JSON, and torch.load with weights_only=True."""
     try:
         state = json.loads((path / "state.json").read_text())
-        weights = load_file(path / "adapter.safetensors")
+        # A sharded run's weights are in its shards (emorec.sharded reads them).
+        sharded = (path / SHARDS).is_dir()
+        weights = None if sharded else load_file(path / "adapter.safetensors")
         best = load_file(path / "best.safetensors") if (path / "best.safetensors").is_file() else None
         # On the host whatever device saved them: optimizer.load_state_dict moves each state to
         # its parameter's device, and a checkpoint from a GPU run then resumes anywhere.

@@ -12,7 +12,7 @@ from emorec.build import Built
 from emorec.data.splits import Data
 from emorec.env import Env, hardware, peak_gpu_mb, peak_rss_mb
 from emorec.metrics import METRICS
-from emorec.model import BASE_FILE, base_fingerprint
+from emorec.model import BASE_FILE
 from emorec.outputs import atomic, plot_confusion, prediction_columns, prediction_rows, write_json, write_predictions
 from emorec.tensors import base_of, recomputes_activations
 
@@ -38,19 +38,22 @@ def describe(built: Built, env: Env, data: Data) -> dict:
     }
 
 
-def export(out: Path, built: Built, data: Data, val: tuple, test: tuple, logger, adapter: DictConfig) -> Path | None:
+def export(out: Path, built: Built, data: Data, results: tuple, logger, adapter: DictConfig, state=None) -> Path | None:
     """The trained adapter (or, trained without one, the whole model) as safetensors, the
-    predictions and the test confusion matrix; the predictions also to the logger. Returns
-    the folder the weights went to (None when nothing trained)."""
-    model, saved = built.model, None
+    predictions and the test confusion matrix (`results`: validation's and test's); the
+    predictions also to the logger. `state`: a sharded run's trained weights, gathered
+    (emorec.sharded.gathered_state). Returns the folder the weights went to (None when nothing
+    trained)."""
+    model, saved, (val, test) = built.model, None, results
+    weights = {} if state is None else {"state_dict": state}
     if isinstance(model, PeftModel):
         with atomic(out / "adapter") as tmp:
-            model.save_pretrained(tmp)  # PeftModel.from_pretrained reloads it
-            write_json(tmp / BASE_FILE, base_fingerprint(model))
+            model.save_pretrained(tmp, **weights)  # PeftModel.from_pretrained reloads it
+            write_json(tmp / BASE_FILE, built.fingerprint)
         saved = out / "adapter"
     elif adapter.train:
         with atomic(out / "model") as tmp:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, **weights)
             built.tokenizer.save_pretrained(tmp)
         saved = out / "model"
     columns = prediction_columns(data.labels)

@@ -8,6 +8,7 @@ environment (emorec.env), the data (emorec.data), the loop (emorec.train), what 
 """
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from transformers import get_scheduler
 
 from emorec.batches import steps_per_epoch
 from emorec.build import Built, Optimizer, Spec, build, prompts_of
-from emorec.callbacks import Checkpointer, Keep, KeepBest, LogLoss, WallClock
+from emorec.callbacks import Checkpointer, Keep, KeepBest, LogLoss, WallClock, WholeState
 from emorec.checkpoint import FOLDER, Interrupted, StopSignals, checkpoints, find_checkpoint, tidy_checkpoints
 from emorec.data.records import SPLITS
 from emorec.data.splits import Data, load_splits
@@ -30,6 +31,7 @@ from emorec.metrics import classification_metrics
 from emorec.outputs import run_directory_lock
 from emorec.results import describe, export, write_metrics
 from emorec.settings import check_config, check_resume_config
+from emorec.sharded import ShardedState, equal_forwards, gathered_state, is_sharded, leave_group
 from emorec.tasks import Balance
 from emorec.train import Passes, Plan, train
 
@@ -70,14 +72,17 @@ def run(cfg: DictConfig) -> dict:
             metrics.update(describe(built, env, data))
             metrics.update(val=val[1], test=test[1], best_epoch=best.epoch, train=train_stats)
             metrics["model_load_s"] = built.load_seconds
+            # A sharded model's trained weights, gathered whole to the first process (all take part).
+            state = gathered_state(built.model) if cfg.adapter.train and is_sharded(built.model) else None
             if env.main:
-                saved = export(env.out, built, data, val, test, logger, cfg.adapter)
+                saved = export(env.out, built, data, (val, test), logger, cfg.adapter, state)
                 summary = write_metrics(env.out, metrics, val, test, logger, env.wall)
                 if saved is not None:
                     logger.log_model(saved, summary)
         finally:
             logger.finish()
         end(env.accelerator)
+        leave_group()
         return metrics
 
 
@@ -117,9 +122,12 @@ def evaluator(built: Built, env: Env, batch_size: int, data: Data):
     def evaluate(ids: list[list[int]], examples: list, desc: str) -> tuple[dict, dict]:
         mine = list(range(rank, len(ids), world))
         prompts = [ids[i] for i in mine]
-        result = predict(
-            built.model, built.task, prompts, built.engine, batch_size=batch_size, autocast=env.bf16, desc=desc
-        )
+        # Sharded, every process runs as many forwards (each gathers the weights from all).
+        even = equal_forwards(built.model, built.tokenizer.pad_token_id) if is_sharded(built.model) else nullcontext()
+        with even:
+            result = predict(
+                built.model, built.task, prompts, built.engine, batch_size=batch_size, autocast=env.bf16, desc=desc
+            )
         result = gather_predictions(result, mine, len(ids), env.accelerator)
         golds = [ex.label for ex in examples]
         return result, classification_metrics(result["preds"], golds, data.labels, data.neutral)
@@ -139,7 +147,7 @@ def fit(built: Built, training: tuple, trainer: DictConfig, optimizer: Optimizer
     warmup = round(trainer.warmup_ratio * steps)
     scheduler = get_scheduler(trainer.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     trained = model
-    if env.accelerator:
+    if env.accelerator and not is_sharded(model):
         # The engine wraps the model (DDP, or DeepSpeed ZeRO-1/2 if `accelerate config` selects it)
         # and the optimizer. The scheduler stays plain: it steps once per optimizer step, as with
         # one process (accelerate's wrapper would step it once per process).
@@ -151,7 +159,8 @@ def fit(built: Built, training: tuple, trainer: DictConfig, optimizer: Optimizer
     )
     signals = StopSignals()
     when = Keep(trainer.checkpoint_every, trainer.keep_checkpoints, lambda: signals.received)
-    checkpointer = Checkpointer(env.out, model, optimizer, scheduler, best, backward, when)
+    store = ShardedState(model, optimizer) if is_sharded(model) else WholeState(model, optimizer, env.rank_world[0])
+    checkpointer = Checkpointer(env.out, store, scheduler, best, backward, when)
     progress = checkpointer.restore(env.checkpoint) if env.checkpoint is not None else None
     if progress is not None:
         log.info("resuming from %s at step %d", env.checkpoint, progress.step)

@@ -73,8 +73,10 @@ class Trainer(Checked):
     keep_checkpoints: int
     log_every: int
     activation_checkpointing: bool = False
+    strategy: str = "data_parallel"
 
     def __post_init__(self):
+        self.one_of("strategy", "data_parallel", "fsdp")
         self.positive("batch_size", "eval_batch_size", "grad_accum", "epochs", "max_length", "log_every")
         self.positive("keep_checkpoints")
         self.positive("max_steps", "num_threads", "patience", optional=True)

@@ -51,6 +51,11 @@ def check_config(cfg: DictConfig) -> None:
             "use a PEFT adapter (adapter=lora: QLoRA) or model.quantization=null"
         )
     quantization_config(quantized)  # bitsandbytes and a GPU
+    if cfg.trainer.strategy == "fsdp" and cfg.trainer.predict == "generate":
+        raise EmorecError(
+            "trainer.strategy=fsdp predicts by scoring the labels (generation runs a different number of "
+            "forwards in each process); use trainer.predict=score, or trainer.strategy=data_parallel"
+        )
     peft = cfg.adapter.peft
     if cfg.trainer.activation_checkpointing and peft is not None and str(peft._target_).endswith("PrefixTuningConfig"):
         raise EmorecError(

@@ -9,6 +9,7 @@ import threading
 
 import torch
 from accelerate.utils import extract_model_from_parallel
+from torch.distributed.tensor import DTensor
 
 
 def base_of(model):
@@ -83,6 +84,12 @@ def on_device(data: list, device, dtype: torch.dtype = torch.long) -> torch.Tens
     if device is not None and torch.device(device).type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: a sharded weight's own shard (FSDP2 makes weights
+    DTensors: emorec.sharded), any other tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def host_copy(t: torch.Tensor) -> torch.Tensor:

@@ -142,11 +142,12 @@ class OnePass:
     def plan(self, batches: list[list[int]], progress: TrainingProgress) -> list[tuple[int, list[int], float]]:
         """This process's passes of the step, as (batch in the group, rows, share of the batch);
         process r takes rows r, r+N, ... of each batch. Counts every process's tokens."""
-        work = []
+        work, self.counts = [], [0] * self.world  # every process's passes
         for b, batch in enumerate(batches):
             for r in range(self.world):
                 rows = batch[r :: self.world]
                 for part in self.passes.split(rows) if rows else []:
+                    self.counts[r] += 1
                     if r == self.rank:
                         work.append((b, part, len(part) / len(batch)))
                     for piece in self.pieces(part):
@@ -161,6 +162,10 @@ class OnePass:
         """The parts of a pass that run separately (for the count of tokens run)."""
         return [rows]
 
+    def clip(self, params: list, max_norm: float) -> torch.Tensor:
+        """Scale the gradients to a total norm of at most max_norm; the norm before."""
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
     def agree(self, values: torch.Tensor) -> torch.Tensor:
         """Sums over processes (each holds its rows' share of a loss, or a signal flag)."""
         return values
@@ -173,11 +178,6 @@ def numerical_fault(what: str) -> EmorecError:
     return EmorecError(
         f"{what}; lower optimizer.lr or use trainer.precision=fp32 (the last checkpoint holds the weights before it)"
     )
-
-
-def check_finite(params, step: int) -> None:
-    if not all(torch.isfinite(p).all() for p in params):
-        raise numerical_fault(f"weights are no longer finite after step {step}")
 
 
 def train(model, backward: OnePass, optimizer, scheduler, plan: Plan, callbacks=(), progress=None) -> TrainingProgress:
@@ -202,7 +202,7 @@ def train(model, backward: OnePass, optimizer, scheduler, plan: Plan, callbacks=
                 losses = backward.step(batches[i : i + plan.grad_accum], p)
                 # No host sync in a step: losses and the norm are read at the log interval.
                 norm = (
-                    torch.nn.utils.clip_grad_norm_(params, plan.max_grad_norm)
+                    backward.clip(params, plan.max_grad_norm)
                     if plan.max_grad_norm
                     else torch.zeros((), device=losses.device)
                 )

@@ -140,6 +140,11 @@ def activation_checkpointing(cfg: dict) -> None:
     cfg.setdefault("trainer", {}).setdefault("activation_checkpointing", False)
 
 
+def strategy(cfg: dict) -> None:
+    """9 -> 10 (issue 42): trainer.strategy, data parallel before."""
+    cfg.setdefault("trainer", {}).setdefault("strategy", "data_parallel")
+
+
 UPGRADES = [
     fast_group,
     added_settings,
@@ -150,6 +155,7 @@ UPGRADES = [
     verified_copies,
     logger_names,
     activation_checkpointing,
+    strategy,
 ]
 VERSION = len(UPGRADES)
 

@@ -8,6 +8,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from emorec.schema import register
+from tests.launching import one_process  # noqa: F401 - a fixture, for the tests that launch processes
 from tests.meld_fixture import MELD_DIR
 
 register()  # the config groups' schemas, as emorec's entrypoint does before Hydra composes

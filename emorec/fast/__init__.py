@@ -12,8 +12,8 @@ everywhere.
 
 - answer loss and label scores: packed pass (packed.py), prefix cache (prefix.py), LM head at
   the needed positions only (prefix.py without a prefix), reference;
-- a training step's backward: data parallel (emorec.distributed), thread streams (streams.py),
-  one pass (emorec.train);
+- a training step's backward: sharded (emorec.sharded), data parallel (emorec.distributed),
+  thread streams (streams.py), one pass (emorec.train);
 - a training pass: the static step (static.py: a few fixed lengths, buckets.py; no host work;
   compiled per decoder layer or whole), or the answer component's own loss;
 - fused kernels where a GPU step runs eagerly (kernels.py: Liger Kernel);
@@ -51,6 +51,7 @@ from emorec.fast.prefix import PrefixCache, can_share_prefix, common_prefix
 from emorec.fast.static import Static, StaticPacked, dispatch_static
 from emorec.fast.streams import Streamed, draws_random
 from emorec.reference import Reference
+from emorec.sharded import Sharded, is_sharded
 from emorec.tensors import base_of, recomputes_activations
 from emorec.train import OnePass, Passes
 
@@ -334,18 +335,25 @@ def dispatch(model, fast: Fast, device: torch.device, max_pass_tokens="auto", pr
     Thread streams are a CPU lever (on a GPU they would serialise on one CUDA stream), one per
     intra-op thread at most; training keeps one stream with several processes and with dropout,
     whose masks several threads would draw in whichever order they reach them."""
-    name, answers = next(answer_components(model, fast, device))
+    sharded = is_sharded(model)
+    # Under sharding every forward is a collective: a training pass must run one forward whatever
+    # its rows (the prefix cache runs a second for the prefix when the rows share one).
+    name, answers = next(
+        (n, a) for n, a in answer_components(model, fast, device) if not (sharded and isinstance(a, PrefixCache))
+    )
     recomputes = recomputes_activations(model)
     if recomputes and not isinstance(answers, Reference):
         name, answers = f"{name} (training: reference, as activations are recomputed)", PlainTraining(answers)
     threads = torch.get_num_threads() if device.type == "cpu" else 1
-    merge = fast.merge_adapter and can_merge(model)
+    # Sharded weights cannot fold an adapter in (each process holds a slice), and collectives
+    # from several threads would interleave: one stream, no static step (its own forward).
+    merge = fast.merge_adapter and can_merge(model) and not sharded
     pass_tokens, eval_tokens = token_budgets(model, device, max_pass_tokens)
-    eval_streams = min(fast.eval_streams, threads)
-    static = None if recomputes else dispatch_static(model, fast, device, packs(model, fast))
+    eval_streams = 1 if sharded else min(fast.eval_streams, threads)
+    static = None if recomputes or sharded else dispatch_static(model, fast, device, packs(model, fast))
     kernels = dispatch_kernels(model, fast, device, static)
     # A static pass runs whole: streams would cut it into pieces of other shapes.
-    one_stream = processes > 1 or draws_random(model) or static is not None
+    one_stream = processes > 1 or sharded or draws_random(model) or static is not None
     train_streams = 1 if one_stream else min(fast.train_streams, threads)
     return Engine(
         answers=answers,
@@ -356,7 +364,7 @@ def dispatch(model, fast: Fast, device: torch.device, max_pass_tokens="auto", pr
         max_pass_tokens=pass_tokens,
         chosen={
             "answers": name,
-            "merged adapter": merge,
+            "merged adapter": "off: the weights are sharded" if sharded and fast.merge_adapter else merge,
             "token batches": fast.token_batches,
             "eval streams": eval_streams,
             "train streams": train_streams,
@@ -375,6 +383,8 @@ def dispatch(model, fast: Fast, device: torch.device, max_pass_tokens="auto", pr
 def dispatch_backward(model, passes: Passes, streams: int, accelerator=None) -> tuple[str, Backward]:
     """(name, strategy) of how a training step's passes run: several processes; thread streams
     (`streams`, as dispatch chose them); one pass after another."""
+    if is_sharded(model):
+        return "fully sharded (FSDP2)", Sharded(passes, model)
     if accelerator is not None:
         return "data parallel", DataParallel(passes, accelerator, model)
     if streams > 1:
