@@ -97,8 +97,9 @@ def job(cfg: DictConfig) -> float:
 def cli() -> None:
     """`emorec report ...` makes tables (emorec.report), `emorec predict RUN_DIR ...` labels text
     with a finished run (emorec.predict_cli), `emorec export RUN_DIR OUT` writes it as a Hugging
-    Face classifier (emorec.export), `emorec convert-glm SRC DST` converts a ChatGLM2/3
-    checkpoint (emorec.glm); anything else runs an experiment."""
+    Face classifier (emorec.export), `emorec plan [overrides]` estimates a run's memory per process
+    (emorec.plan), `emorec convert-glm SRC DST` converts a ChatGLM2/3 checkpoint (emorec.glm);
+    anything else runs an experiment."""
     if sys.argv[1:2] == ["report"]:
         from emorec.report import main as report_main
 
@@ -113,6 +114,11 @@ def cli() -> None:
         from emorec.export import main as export_main
 
         export_main(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["plan"]:
+        from emorec.plan import main as plan_main
+
+        plan_main(sys.argv[2:])
         return
     if sys.argv[1:2] == ["convert-glm"]:
         from emorec.glm import main as convert_main

@@ -8,7 +8,7 @@ adapter), the engine (emorec.fast.dispatch), the task (emorec.tasks).
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -72,9 +72,14 @@ def build(spec: Spec, env: Env, labels: list[str], balance: Balance, saved: Path
     finished run's adapter folder (or, for adapter=full, its model folder) to load, frozen,
     instead of a new adapter."""
     plan = plan_load(spec.fast, env.device, env.bf16, trains_base=spec.full or is_encoder(spec.model))
-    model, tokenizer, load_seconds = build_model(spec, plan, labels, saved)
+    sharding = spec.trainer.get("strategy") == "fsdp" and saved is None
+    # Sharded, the model loads in host memory and each layer's shard then goes to the GPU
+    # (emorec.sharded.shard): a model larger than one GPU never lands whole on one.
+    model, tokenizer, load_seconds = build_model(
+        spec, replace(plan, device=torch.device("cpu")) if sharding else plan, labels, saved
+    )
     fingerprint = base_fingerprint(model)  # read before sharding, which slices the embeddings
-    if spec.trainer.get("strategy") == "fsdp" and saved is None:
+    if sharding:
         model = shard(model, env.device, env.bf16, spec.model.name)
     engine = dispatch(model, spec.fast, env.device, spec.trainer.max_pass_tokens, env.rank_world[1])
     task = build_task(tokenizer, spec, labels, engine, balance)

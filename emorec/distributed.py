@@ -3,7 +3,8 @@
 
 Every process holds the whole model and sees the same length-grouped batches; process r trains
 on rows r, r+N, ... of each batch, and the gradients are averaged by the engine (DDP, or
-DeepSpeed ZeRO-1/2 if `accelerate config` selects it; engines that shard the model are refused),
+DeepSpeed ZeRO-1/2 if `accelerate config` selects it; accelerate's engines that shard the model
+are refused: emorec.sharded shards it, trainer.strategy=fsdp),
 so the global batch is `trainer.batch_size` whatever N is.
 Evaluation splits the examples the same way and gathers the predictions, so every process
 computes the same metrics; only the main process writes outputs and logs to W&B.
@@ -84,15 +85,16 @@ def make_accelerator(device: torch.device) -> Accelerator | None:
 
 
 def check_whole_model(accelerator) -> None:
-    """Evaluation, checkpoints and the saved adapter read the model's own parameters, so every
-    process must hold all of them: DDP and DeepSpeed ZeRO-1/2 do; FSDP and ZeRO-3 shard them."""
+    """Evaluation, checkpoints and the saved adapter read the model's own parameters, so an engine
+    that shards them must be emorec's own (emorec.sharded, which gathers and checkpoints shards):
+    accelerate's FSDP and DeepSpeed ZeRO-3 are refused; DDP and ZeRO-1/2 keep every weight whole."""
     kind = accelerator.distributed_type
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED and plugin and plugin.zero_stage == 3):
         raise EmorecError(
             f"accelerate is configured for {'FSDP' if kind == DistributedType.FSDP else 'DeepSpeed ZeRO-3'}, "
-            "which shards the model; emorec needs the whole model on every process: use DDP "
-            "(accelerate launch --multi_gpu) or DeepSpeed ZeRO-1/2, and model.quantization=4bit for a large model"
+            "which shards the model behind emorec's back; for sharding use emorec's own, trainer.strategy=fsdp "
+            "(FSDP2), launched with accelerate launch --multi_gpu or torchrun"
         )
 
 

@@ -76,6 +76,26 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def rss_mb(peak: bool = False) -> float | None:
+    """This process's resident memory now, or (`peak`) its most since `reset_peak_rss`, from
+    Linux's /proc/self/status (VmRSS, VmHWM); None elsewhere."""
+    key = "VmHWM:" if peak else "VmRSS:"
+    try:
+        found = re.search(rf"{key}\s+(\d+) kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(found.group(1)) / 1024 if found else None
+
+
+def reset_peak_rss() -> None:
+    """Start VmHWM afresh (Linux): a peak that loading the model reached (two copies for a
+    moment) does not hide what training needs."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def peak_gpu_mb() -> float | None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20

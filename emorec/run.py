@@ -22,7 +22,7 @@ from emorec.checkpoint import FOLDER, Interrupted, StopSignals, checkpoints, fin
 from emorec.data.records import SPLITS
 from emorec.data.splits import Data, load_splits
 from emorec.distributed import end, from_slurm, gather_predictions, is_main_process, make_accelerator
-from emorec.env import Env, resolve_device, seed_everything
+from emorec.env import Env, reset_peak_rss, resolve_device, rss_mb, seed_everything
 from emorec.errors import EmorecError, instantiate
 from emorec.evaluate import predict
 from emorec.fast import use_bf16
@@ -51,7 +51,10 @@ def run(cfg: DictConfig) -> dict:
             targets = [ex.label for ex in data.train]
             balance = Balance.of(targets, len(data.labels), cfg.trainer.balance, cfg.trainer.logit_adjust)
             spec = Spec.of(cfg)
+            before = rss_mb()  # what the model, training and evaluation add to it: emorec plan's estimate
             built = build(spec, env, data.labels, balance)
+            memory = {"before_model": before, "model": rss_mb()}
+            reset_peak_rss()
             window = cfg.dataset.context_window
             ids = {s: prompts_of(built.tokenizer, spec, getattr(data, s), data.labels, window) for s in SPLITS}
             evaluate = evaluator(built, env, cfg.trainer.eval_batch_size, data)
@@ -72,6 +75,8 @@ def run(cfg: DictConfig) -> dict:
             metrics.update(describe(built, env, data))
             metrics.update(val=val[1], test=test[1], best_epoch=best.epoch, train=train_stats)
             metrics["model_load_s"] = built.load_seconds
+            # Host memory (MB): before the model, with it built, at most while training and evaluating.
+            metrics["rss_mb"] = {**memory, "peak_after_model": rss_mb(peak=True)}
             # A sharded model's trained weights, gathered whole to the first process (all take part).
             state = gathered_state(built.model) if cfg.adapter.train and is_sharded(built.model) else None
             if env.main:

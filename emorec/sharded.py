@@ -28,6 +28,7 @@ from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
@@ -88,13 +89,16 @@ def shard(model, device: torch.device, bf16: bool, name: str):
             "use trainer.strategy=data_parallel"
         )
     join_group(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))  # fully_shard moves each shard onto it
     # On a GPU that computes bf16, shards are gathered in bf16 and gradients reduced in fp32 (the
     # sums exact to fp32); elsewhere the weights gather as stored and autocast computes as usual.
     on_gpu = bf16 and device.type == "cuda"
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_gpu else None
-    options = {"mp_policy": policy} if policy else {}
+    options = {"mesh": mesh, **({"mp_policy": policy} if policy else {})}
     for layer in layers:
         fully_shard(layer, **options)
+    for encoder in prompt_encoders(model):  # kept whole, on the device
+        encoder.to(device)
     kept = {p for encoder in prompt_encoders(model) for p in encoder.parameters()}
     fully_shard(model, ignored_params=kept or None, **options)
     return model

@@ -84,7 +84,7 @@ def test_cli_help_lists_groups_and_options():
         "launcher: joblib, submitit_local, submitit_slurm",
         "logger: csv, mlflow, none, tensorboard, wandb",
         "model: chatglm2_6b, chatglm3_6b, glm4_9b_chat, hf, llama3_1_8b_instruct, minilm_l6, qwen2_5_7b_instruct, "
-        "random_qwen2_5_7b, random_smollm2_135m, smollm2_135m",
+        "random_llama3_1_70b, random_llama3_1_8b, random_qwen2_5_7b, random_smollm2_135m, smollm2_135m",
         "optimizer: adamw",
         "sweep: lora_rank, optuna, paper, paper_baseline, paper_context, prefix_length, ptuning_v2_init",
     ]:

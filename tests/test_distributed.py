@@ -132,7 +132,9 @@ def test_engines_that_shard_the_model_are_refused(kind, zero_stage, refused):
     state = SimpleNamespace(deepspeed_plugin=plugin)
     accelerator = SimpleNamespace(distributed_type=DistributedType[kind], state=state)
     if refused:
-        with pytest.raises(EmorecError, match="needs the whole model on every process: use DDP"):
+        with pytest.raises(
+            EmorecError, match="shards the model behind emorec's back; for sharding use .*strategy=fsdp"
+        ):
             check_whole_model(accelerator)
     else:
         check_whole_model(accelerator)  # no error

@@ -38,7 +38,7 @@ from emorec.run import run
 from emorec.schema import register
 from experiments.bench import naive_peer
 from experiments.common import matmul_peak
-from experiments.gpu import step_check
+from experiments.gpu import fsdp_check, step_check
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -274,11 +274,13 @@ def main() -> None:
     parser.add_argument(
         "--sections",
         nargs="*",
-        default=["main", "peaks", "step"],
-        help="main, peaks, step (issue 38: step_check.py), small, large (the bench), profile (where time goes)",
+        default=["main", "fsdp", "peaks", "step"],
+        help="main, fsdp (issue 42: fsdp_check.py), peaks, step (issue 38: step_check.py), small, large "
+        "(the bench), profile (where time goes)",
     )
     parser.add_argument("--profile-model", default="random_qwen2_5_7b", help="the model shape the profile runs")
     parser.add_argument("--step-models", nargs="*", default=["random_smollm2_135m", "random_qwen2_5_7b"])
+    parser.add_argument("--fsdp-models", nargs="*", default=list(fsdp_check.SHAPES))
     parser.add_argument("--step-train", type=int, default=256, help="training examples the step section draws from")
     parser.add_argument("--warm", type=int, default=30, help="warm steps timed per variant")
     parser.add_argument("--profile-variants", type=int, default=4, help="how many of the profile's variants run")
@@ -295,6 +297,7 @@ def main() -> None:
         "small": lambda: bench("random_smollm2_135m", args.device, 64 if q else 480, 32 if q else 300, peak, tokenizer),
         "large": lambda: bench("random_qwen2_5_7b", args.device, 32 if q else 192, 16 if q else 128, peak, tokenizer),
         "profile": lambda: profile_section(args.device, tokenizer, (args.profile_model,), args.profile_variants),
+        "fsdp": lambda: fsdp_check.section(emorec_run, tokenizer, args.device, args.fsdp_models),
         "peaks": lambda: step_check.peaks(args.device, q),
         "step": lambda: step_models(args, peak, result),
     }
@@ -311,7 +314,7 @@ def main() -> None:
         args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"[gpu_check] {name} done in {result[name]['seconds']:.0f} s", flush=True)
     print_summary(result)
-    failed = failed or not result.get("main", {}).get("passed", True)
+    failed = failed or not all(result.get(k, {}).get("passed", True) for k in ("main", "fsdp"))
     sys.exit(1 if failed else 0)
 
 
