@@ -3,8 +3,10 @@
 A checkpoint is a folder `<run dir>/checkpoints/step-NNNNNNNN/` holding the trainable weights
 (`adapter.safetensors`), the best weights so far (`best.safetensors`), the optimizer, scheduler
 and RNG tensors (`trainer.pt`, read back with `torch.load(weights_only=True)`) and the loop's
-position and counters (`state.json`). It is written through `outputs.atomic` (a temporary
-folder renamed into place), so a folder with a checkpoint's name is always complete.
+position and counters (`state.json`). A sharded run (emorec.sharded) keeps its weights,
+optimizer state and best weights in `shards/` instead, each process's in safetensors. It is
+written through `outputs.atomic` (a temporary folder renamed into place), so a folder with a
+checkpoint's name is always complete.
 """
 
 import json

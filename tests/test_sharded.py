@@ -2,10 +2,12 @@
 torchrun shard the tiny model with FSDP2 and give the one-process run's losses and metrics, for
 every weight trained (adapter=full) and for adapters; checkpoints are sharded, resume after
 SIGTERM, and load on another number of processes; the saved weights are an unsharded run's files
-and load in one process. Tolerances as in test_distributed (fp32: the sums' order only)."""
+and load in one process (emorec.load, emorec export). Tolerances as in test_distributed (fp32: the sums' order only)."""
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,9 +17,11 @@ from safetensors import safe_open
 
 import emorec
 from emorec.errors import EmorecError
+from emorec.export import export
 from emorec.sharded import decoder_layers, shard
 from tests.launching import ROOT, launch, metrics
 from tests.test_distributed import assert_same_run
+from tests.test_export import CHECK
 from tests.test_inference import run_test_rows
 
 FSDP = "trainer.strategy=fsdp"
@@ -61,6 +65,14 @@ def test_two_sharded_processes_match_one_and_save_an_unsharded_runs_files(
     rows, labels = run_test_rows(run_dir), list(OmegaConf.load(run_dir / "config.yaml").dataset.labels)
     predicted = emorec.load(run_dir, device="cpu").predict([r["text"] for r in rows])
     assert [p["label"] for p in predicted] == [r["prediction"] for r in rows]
+    if adapter != "ptuning_v2":  # emorec export takes what folds into plain weights
+        export(run_dir, tmp_path / "exported")
+        pairs = json.dumps([[str(tmp_path / "exported"), str(run_dir / "predictions.csv")]])
+        done = subprocess.run([sys.executable, str(CHECK), pairs], capture_output=True, text=True, check=True)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result.pop("emorec imported") is False
+        (checked,) = result.values()
+        assert checked["same"] == checked["rows"] > 0 and checked["max_prob_diff"] < 1e-3, checked
     for p, r in zip(predicted, rows):
         assert [p["probs"][lab] for lab in labels] == pytest.approx(
             [float(r[f"score_{lab}"]) for lab in labels], abs=2e-6
