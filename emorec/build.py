@@ -205,7 +205,7 @@ def prompts_of(tokenizer, spec: Spec, examples: list, labels: list[str], context
     """The examples' prompts as token ids."""
     prompt = spec.prompt
     context = Context(prompt.context, prompt.context_layout, prompt.context_after)
-    fmt = PromptFormat(prompt.template, prompt.system, prompt.cue, context)
+    fmt = PromptFormat(prompt.template, prompt.system, prompt.cue, context, prompt.get("speaker_template"))
     return encode_prompts(tokenizer, examples, fmt, labels, spec.trainer.max_length, context_window)
 
 

@@ -54,6 +54,11 @@ def refusal(cfg, metrics: dict) -> str | None:
             f"model.quantization={cfg.model.quantization}: an adapter merged into a quantised base is not the "
             "model the run evaluated; export a run trained on an unquantised base"
         )
+    if cfg.prompt.get("speaker_template"):
+        return (
+            "prompt.speaker_template names each utterance's speaker, and the exported model sees one text; "
+            "export a run without it (or label with emorec predict, which takes speakers)"
+        )
     if cfg.dataset.context_window:
         return (
             f"dataset.context_window={cfg.dataset.context_window}: the exported model sees one text, not its "

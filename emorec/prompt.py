@@ -46,6 +46,12 @@ class PromptFormat:
     system: str | None = None
     cue: str = "\nAnswer:"
     context: Context = Context()
+    # Speaker-aware prompts: the instruction for an utterance whose speaker the dataset names
+    # ({labels}, {speaker}, {text}); None, or an utterance without a speaker: `template`.
+    speaker_template: str | None = None
+
+    def instruction(self, speaker: str | None) -> str:
+        return self.speaker_template if self.speaker_template and speaker else self.template
 
 
 def join_labels(labels: list[str]) -> str:
@@ -76,10 +82,12 @@ def render_prompt(
     text: str,
     context: str = "",
     cue: str = "\nAnswer:",
+    speaker: str | None = None,
 ) -> str:
     """The prompt of one utterance; `context` (rendered earlier turns) goes before the
-    instruction. Without a chat template, `cue` ends the prompt where the answer follows."""
-    user = context + template.format(labels=join_labels(labels), text=text)
+    instruction, whose {speaker} (a speaker-aware template) names the utterance's speaker.
+    Without a chat template, `cue` ends the prompt where the answer follows."""
+    user = context + template.format(labels=join_labels(labels), text=text, speaker=speaker)
     if tokenizer.chat_template is None:
         return user + cue
     return tokenizer.apply_chat_template(_messages(user, system), tokenize=False, add_generation_prompt=True)
@@ -96,13 +104,14 @@ def encode_prompts(
     from its end. The instruction and the template always stay whole.
     """
     special = tokenizer.chat_template is None  # the chat template writes its own special tokens
-    template, system, cue, context = fmt.template, fmt.system, fmt.cue, fmt.context
+    system, cue, context = fmt.system, fmt.cue, fmt.context
 
     def render(ex: Example, text: str, turns) -> str:
+        template = fmt.instruction(ex.speaker)
         if not context_window:
-            return render_prompt(tokenizer, template, system, labels, text, "", cue)
+            return render_prompt(tokenizer, template, system, labels, text, "", cue, ex.speaker)
         block, text = context.place(text, ex.speaker, turns)
-        return render_prompt(tokenizer, template, system, labels, text, block, cue)
+        return render_prompt(tokenizer, template, system, labels, text, block, cue, ex.speaker)
 
     def encode(ex: Example, text: str, turns) -> list[int]:
         return tokenizer(render(ex, text, turns), add_special_tokens=special)["input_ids"]

@@ -188,6 +188,7 @@ class Prompt(Checked):
     context_layout: str
     context_after: str
     context: str
+    speaker_template: str | None = None
 
     def __post_init__(self):
         self.one_of("context_layout", "before", "after")

@@ -33,9 +33,11 @@ def check_config(cfg: DictConfig) -> None:
         is_local(source)
     check_head(cfg)
     for key, fields in TEMPLATES:
-        check_template(key, OmegaConf.select(cfg, key), fields)
-    if "{text}" not in cfg.prompt.template:
-        raise EmorecError("prompt.template has no {text} field; the utterance would not reach the model")
+        if (template := OmegaConf.select(cfg, key)) is not None:
+            check_template(key, template, fields)
+    for key in ("prompt.template", "prompt.speaker_template"):
+        if "{text}" not in (OmegaConf.select(cfg, key) or "{text}"):
+            raise EmorecError(f"{key} has no {{text}} field; the utterance would not reach the model")
     device = cfg.trainer.device
     if device != "auto":
         try:
@@ -67,6 +69,7 @@ def check_config(cfg: DictConfig) -> None:
 # The prompt's templates and the fields each may use.
 TEMPLATES = [
     ("prompt.template", ("labels", "text")),
+    ("prompt.speaker_template", ("labels", "speaker", "text")),
     ("prompt.context", ("context",)),
     ("prompt.context_after", ("context", "current")),
 ]

@@ -145,6 +145,11 @@ def strategy(cfg: dict) -> None:
     cfg.setdefault("trainer", {}).setdefault("strategy", "data_parallel")
 
 
+def speaker_template(cfg: dict) -> None:
+    """10 -> 11 (issue 43): prompt.speaker_template, off before."""
+    cfg.setdefault("prompt", {}).setdefault("speaker_template", None)
+
+
 UPGRADES = [
     fast_group,
     added_settings,
@@ -156,6 +161,7 @@ UPGRADES = [
     logger_names,
     activation_checkpointing,
     strategy,
+    speaker_template,
 ]
 VERSION = len(UPGRADES)
 

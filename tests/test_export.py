@@ -90,6 +90,10 @@ def tampered(run_dir: Path, tmp_path: Path, change) -> Path:
     "change,expected",
     [
         (lambda c: c["dataset"].update(context_window=2), "dataset.context_window=2: the exported model sees one text"),
+        (
+            lambda c: c["prompt"].update(speaker_template="{speaker} feels, of {labels}: {text}"),
+            "prompt.speaker_template names each utterance's speaker, and the exported model sees one text",
+        ),
         (lambda c: c["trainer"].update(logit_adjust=1.0), "trainer.logit_adjust shifts each label's score"),
         (lambda c: c["trainer"].update(predict="generate"), "trainer.predict=generate parses generated text"),
         (lambda c: c["model"].update(quantization="4bit"), "model.quantization=4bit: an adapter merged into"),
@@ -99,7 +103,7 @@ def tampered(run_dir: Path, tmp_path: Path, change) -> Path:
             "adapter=ptuning_v2 adds trained prompt states to every pass",
         ),
     ],
-    ids=["context", "logit_adjust", "generate", "quantised", "answer_scoring", "prompt_learning"],
+    ids=["context", "speaker", "logit_adjust", "generate", "quantised", "answer_scoring", "prompt_learning"],
 )
 def test_what_cannot_export_says_why_and_writes_nothing(runs, tmp_path, change, expected):
     run_dir = tampered(runs["lora-label-scoring"], tmp_path, change)

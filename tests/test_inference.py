@@ -41,8 +41,9 @@ def assert_reproduces(run_rows: list[dict], predicted: list[dict], labels: list[
         ["adapter=lora", "trainer.precision=bf16"],  # a bf16 base, the adapter merged while predicting
         ["head=classifier", "adapter=lora"],
         ["adapter=ptuning_v2", "trainer.logit_adjust=1.0"],
+        ["adapter=lora", "prompt.speaker_template='What does {speaker} feel, of {labels}? {text}'"],
     ],
-    ids=["lora", "lora-bf16", "classifier-head", "ptuning_v2-logit_adjust"],
+    ids=["lora", "lora-bf16", "classifier-head", "ptuning_v2-logit_adjust", "lora-speaker"],
 )
 def test_the_python_api_reproduces_the_runs_predictions(make_cfg, overrides):
     """With dialogue context (context_window=2), so contexts and speakers must match too."""

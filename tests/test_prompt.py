@@ -166,3 +166,37 @@ def test_context_after_truncates_the_oldest_turns_first(tokenizer):
     )[0]
     assert encode_prompts(tokenizer, [ex], PromptFormat(TEMPLATE, context=AFTER), LABELS, len(none), 3)[0] == none
     assert "Sentence: Bob: the utterance to classify stays whole" in tokenizer.decode(none)
+
+
+SPEAKING = "Classify the emotion {speaker} feels when saying the sentence to {labels}: {text}"
+
+
+def test_a_speaker_aware_prompt_names_the_speaker_and_leaves_the_rest_alone(tokenizer):
+    fmt = PromptFormat(TEMPLATE, speaker_template=SPEAKING)
+    named = Example("a", "I got the job!", 1, speaker="Ross")
+    unnamed = Example("b", "I got the job!", 1)  # a dataset without speakers (SST, MOSI)
+    ids = encode_prompts(tokenizer, [named, unnamed], fmt, LABELS, 256)
+    assert tokenizer.decode(ids[0]) == (
+        "<|im_start|>user\nClassify the emotion Ross feels when saying the sentence to neutral, joy, surprise, "
+        "anger, sadness, disgust or fear: I got the job!<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert ids[1] == encode_prompts(tokenizer, [unnamed], PromptFormat(TEMPLATE), LABELS, 256)[0]
+    # With context, the turns keep their speakers' names, the same names as the instruction's.
+    ex = _with_context()
+    with_context = encode_prompts(
+        tokenizer, [ex], PromptFormat(TEMPLATE, context=AFTER, speaker_template=SPEAKING), LABELS, 256, 2
+    )
+    text = tokenizer.decode(with_context[0])
+    assert f"emotion {ex.speaker} feels" in text and f"Sentence: {ex.speaker}: {ex.text}" in text
+    # A name with braces is text, not a field.
+    odd = Example("c", "hm", 0, speaker="{labels}")
+    assert "emotion {labels} feels" in tokenizer.decode(encode_prompts(tokenizer, [odd], fmt, LABELS, 256)[0])
+
+
+def test_a_speaker_template_without_its_fields_is_refused(make_cfg):
+    from emorec.settings import check_config
+
+    with pytest.raises(EmorecError, match=r"prompt.speaker_template has no \{text\} field"):
+        check_config(make_cfg("prompt.speaker_template='{speaker} says so to {labels}'"))
+    with pytest.raises(EmorecError, match=r"prompt.speaker_template has an unknown field .*use only \{labels\}"):
+        check_config(make_cfg("prompt.speaker_template='{who} said: {text}'"))
