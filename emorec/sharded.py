@@ -17,6 +17,7 @@ What changes against data parallel (emorec.distributed), and why:
   as an unsharded run's, so `emorec predict` and `emorec export` take it in one process.
 """
 
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +39,8 @@ from emorec.checkpoint import SHARDS, load_checkpoint, save_checkpoint
 from emorec.errors import EmorecError
 from emorec.tensors import base_of, is_quantized, local
 from emorec.train import OnePass, Passes
+
+log = logging.getLogger(__name__)
 
 
 def is_sharded(model) -> bool:
@@ -234,6 +237,13 @@ class ShardedState:
         if not (path / SHARDS).is_dir():
             raise EmorecError(
                 f"checkpoint {path} is not sharded; resume it with trainer.strategy=data_parallel, as it ran"
+            )
+        if (saved_by := saved["state"].get("processes")) != dist.get_world_size():
+            log.info(
+                "checkpoint %s was written by %s processes; its shards are re-sliced for %d",
+                path,
+                saved_by,
+                dist.get_world_size(),
             )
         make_states(self.optimizer)  # to load into
         has_best = saved["state"].get("best_epoch") is not None

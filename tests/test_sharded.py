@@ -102,6 +102,7 @@ def test_a_sharded_checkpoint_resumes_on_another_number_of_processes(tiny_model,
     out = launch("python", tiny_model, ROOT, f"hydra.run.dir={cut}", FSDP, "resume=true")
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resuming from {cut / 'checkpoints' / first.name}" in out.stdout + out.stderr
+    assert "was written by 2 processes; its shards are re-sliced for 1" in out.stdout + out.stderr
     resumed, uninterrupted = metrics(cut), metrics(whole)
     assert resumed["train"]["losses"] == pytest.approx(uninterrupted["train"]["losses"], rel=1e-4)
     assert resumed["test"]["confusion_matrix"] == uninterrupted["test"]["confusion_matrix"]
