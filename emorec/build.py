@@ -206,6 +206,8 @@ def prompts_of(tokenizer, spec: Spec, examples: list, labels: list[str], context
     prompt = spec.prompt
     context = Context(prompt.context, prompt.context_layout, prompt.context_after)
     fmt = PromptFormat(prompt.template, prompt.system, prompt.cue, context, prompt.get("speaker_template"))
+    if prompt.get("demonstrations"):
+        fmt = replace(fmt, demonstration=prompt.demonstration, demonstrations_layout=prompt.demonstrations_layout)
     return encode_prompts(tokenizer, examples, fmt, labels, spec.trainer.max_length, context_window)
 
 

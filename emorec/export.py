@@ -54,6 +54,8 @@ def refusal(cfg, metrics: dict) -> str | None:
             f"model.quantization={cfg.model.quantization}: an adapter merged into a quantised base is not the "
             "model the run evaluated; export a run trained on an unquantised base"
         )
+    if cfg.prompt.get("demonstrations"):
+        return "prompt.demonstrations shows each text training examples retrieved for it; export a run without them"
     if cfg.prompt.get("speaker_template"):
         return (
             "prompt.speaker_template names each utterance's speaker, and the exported model sees one text; "

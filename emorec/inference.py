@@ -122,6 +122,11 @@ def load_opened(run: Path, cfg: DictConfig, metrics: dict, device: str = "auto")
         raise EmorecError(f"{run}: the run's labels are not a list of names; give the directory a run wrote")
     if not labels:
         raise EmorecError(f"{run} has no metrics.json to read its inferred labels from; the run did not finish")
+    if cfg.prompt.get("demonstrations"):
+        raise EmorecError(
+            f"{run} shows each prompt demonstrations retrieved from its training set (prompt.demonstrations="
+            f"{cfg.prompt.demonstrations}), which labelling new text does not retrieve yet; use a run without them"
+        )
     saved = _weights(run, cfg)
     where = resolve_device(device)
     env = Env(run, cfg.seed, where, use_bf16(cfg.trainer.precision, where))

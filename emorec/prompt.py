@@ -49,9 +49,21 @@ class PromptFormat:
     # Speaker-aware prompts: the instruction for an utterance whose speaker the dataset names
     # ({labels}, {speaker}, {text}); None, or an utterance without a speaker: `template`.
     speaker_template: str | None = None
+    # Retrieved demonstrations (emorec.demonstrations): each a `demonstration` line ({text},
+    # {label}), all in `demonstrations_layout` ({demonstrations}: the lines; {text}: what the
+    # template's {text} holds without them: the utterance, or the dialogue).
+    demonstration: str = "{text} => {label}"
+    demonstrations_layout: str = "\nExamples:\n{demonstrations}\nNow: {text}"
 
     def instruction(self, speaker: str | None) -> str:
         return self.speaker_template if self.speaker_template and speaker else self.template
+
+    def shown(self, demonstrations, labels: list[str], text: str) -> str:
+        """What fills the template's {text}: `text`, after the demonstrations if there are any."""
+        if not demonstrations:
+            return text
+        lines = "\n".join(self.demonstration.format(text=t, label=labels[y]) for t, y in demonstrations)
+        return self.demonstrations_layout.format(demonstrations=lines, text=text)
 
 
 def join_labels(labels: list[str]) -> str:
@@ -106,25 +118,27 @@ def encode_prompts(
     special = tokenizer.chat_template is None  # the chat template writes its own special tokens
     system, cue, context = fmt.system, fmt.cue, fmt.context
 
-    def render(ex: Example, text: str, turns) -> str:
+    def render(ex: Example, text: str, turns, shown=()) -> str:
         template = fmt.instruction(ex.speaker)
-        if not context_window:
-            return render_prompt(tokenizer, template, system, labels, text, "", cue, ex.speaker)
-        block, text = context.place(text, ex.speaker, turns)
+        block = ""
+        if context_window:
+            block, text = context.place(text, ex.speaker, turns)
+        text = fmt.shown(shown, labels, text)
         return render_prompt(tokenizer, template, system, labels, text, block, cue, ex.speaker)
 
-    def encode(ex: Example, text: str, turns) -> list[int]:
-        return tokenizer(render(ex, text, turns), add_special_tokens=special)["input_ids"]
+    def encode(ex: Example, text: str, turns, shown=()) -> list[int]:
+        return tokenizer(render(ex, text, turns, shown), add_special_tokens=special)["input_ids"]
 
     contexts = [ex.context[-context_window:] if context_window else () for ex in examples]
-    prompts = [render(ex, ex.text, turns) for ex, turns in zip(examples, contexts)]
+    prompts = [render(ex, ex.text, turns, ex.demonstrations) for ex, turns in zip(examples, contexts)]
     ids = tokenizer(prompts, add_special_tokens=special)["input_ids"]  # one batched call for all
     cut = 0
     for i, ex in enumerate(examples):
-        turns, text = contexts[i], ex.text
-        while len(ids[i]) > max_length and turns:
-            turns = turns[1:]
-            ids[i] = encode(ex, ex.text, turns)
+        turns, text, shown = contexts[i], ex.text, ex.demonstrations
+        # Too long: the oldest turns go first, then the least similar demonstrations.
+        while len(ids[i]) > max_length and (turns or shown):
+            turns, shown = (turns[1:], shown) if turns else (turns, shown[1:])
+            ids[i] = encode(ex, ex.text, turns, shown)
         cut += len(ids[i]) > max_length
         while len(ids[i]) > max_length:
             if not text:

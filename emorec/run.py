@@ -21,6 +21,7 @@ from emorec.callbacks import Checkpointer, Keep, KeepBest, LogLoss, WallClock, W
 from emorec.checkpoint import FOLDER, Interrupted, StopSignals, checkpoints, find_checkpoint, tidy_checkpoints
 from emorec.data.records import SPLITS
 from emorec.data.splits import Data, load_splits
+from emorec.demonstrations import with_demonstrations
 from emorec.distributed import end, from_slurm, gather_predictions, is_main_process, make_accelerator
 from emorec.env import Env, reset_peak_rss, resolve_device, rss_mb, seed_everything
 from emorec.errors import EmorecError, instantiate
@@ -46,6 +47,8 @@ def run(cfg: DictConfig) -> dict:
         if env.checkpoint is not None:
             check_resume_config(cfg, env.checkpoint)
         data = load_splits(cfg.dataset, cfg.seed)
+        prompt = cfg.prompt
+        data = with_demonstrations(data, prompt.demonstrations, prompt.demonstrations_by, prompt.demonstrations_encoder)
         logger = make_logger(cfg.logger, OmegaConf.to_container(cfg, resolve=True), env.out, env.main, bool(cfg.resume))
         try:
             targets = [ex.label for ex in data.train]
@@ -75,6 +78,8 @@ def run(cfg: DictConfig) -> dict:
             metrics.update(describe(built, env, data))
             metrics.update(val=val[1], test=test[1], best_epoch=best.epoch, train=train_stats)
             metrics["model_load_s"] = built.load_seconds
+            # Tokens per prompt: what context, speakers and demonstrations cost.
+            metrics["prompt_tokens"] = {s: sum(map(len, ids[s])) / len(ids[s]) for s in SPLITS if ids[s]}
             # Host memory (MB): before the model, with it built, at most while training and evaluating.
             metrics["rss_mb"] = {**memory, "peak_after_model": rss_mb(peak=True)}
             # A sharded model's trained weights, gathered whole to the first process (all take part).

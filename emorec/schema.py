@@ -189,9 +189,16 @@ class Prompt(Checked):
     context_after: str
     context: str
     speaker_template: str | None = None
+    demonstrations: int = 0
+    demonstrations_by: str = "similar"
+    demonstration: str = "{text} => {label}"
+    demonstrations_layout: str = "\nExamples:\n{demonstrations}\nNow: {text}"
+    demonstrations_encoder: str | None = None  # a sentence encoder's folder (null: the embedded MiniLM)
 
     def __post_init__(self):
         self.one_of("context_layout", "before", "after")
+        self.one_of("demonstrations_by", "similar", "label")
+        self.check("demonstrations", lambda v: v >= 0, "an integer >= 0")
 
 
 @dataclass

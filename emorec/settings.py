@@ -70,6 +70,8 @@ def check_config(cfg: DictConfig) -> None:
 TEMPLATES = [
     ("prompt.template", ("labels", "text")),
     ("prompt.speaker_template", ("labels", "speaker", "text")),
+    ("prompt.demonstration", ("text", "label")),
+    ("prompt.demonstrations_layout", ("demonstrations", "text")),
     ("prompt.context", ("context",)),
     ("prompt.context_after", ("context", "current")),
 ]

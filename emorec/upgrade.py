@@ -146,8 +146,20 @@ def strategy(cfg: dict) -> None:
 
 
 def speaker_template(cfg: dict) -> None:
-    """10 -> 11 (issue 43): prompt.speaker_template, off before."""
-    cfg.setdefault("prompt", {}).setdefault("speaker_template", None)
+    """10 -> 11 (issue 43): prompt.speaker_template and retrieved demonstrations, off before."""
+    prompt = cfg.setdefault("prompt", {})
+    prompt.setdefault("speaker_template", None)
+    for key, value in DEMONSTRATIONS.items():
+        prompt.setdefault(key, value)
+
+
+DEMONSTRATIONS = {
+    "demonstrations": 0,
+    "demonstrations_by": "similar",
+    "demonstration": "{text} => {label}",
+    "demonstrations_layout": "\nExamples:\n{demonstrations}\nNow: {text}",
+    "demonstrations_encoder": None,
+}
 
 
 UPGRADES = [

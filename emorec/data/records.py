@@ -22,6 +22,9 @@ class Example:
     # Every earlier turn of the same dialogue, oldest first; dataset.context_window picks how
     # many of the most recent ones reach the prompt.
     context: tuple[Turn, ...] = ()
+    # Training utterances shown with their labels in the prompt (emorec.demonstrations), as
+    # (text, label index), least similar first.
+    demonstrations: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass

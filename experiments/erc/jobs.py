@@ -1,7 +1,7 @@
 """Issue 43's ablation on MELD and EmoryNLP: the current best configuration (P-Tuning v2 with the
 classification head and logit adjustment 0.5, experiments/classifiers/), then dialogue context,
-a speaker-aware prompt and their combination. Retrieved demonstrations, speaker identification
-and 2-3 epochs join as they are built. Each job is one emorec run (seed 42, one epoch of the
+a speaker-aware prompt, their combination, and retrieved demonstrations on top (k = 2 and 4 by
+similarity, one per label). Speaker identification and 2-3 epochs join as they are built. Each job is one emorec run (seed 42, one epoch of the
 full training split, the whole test set), resumable; each finished job's config and metrics (no
 predictions: they hold the datasets' text) go to runs/<job>/ at once, so a later session
 continues where this one stopped.
@@ -20,6 +20,13 @@ BEST = ["head=classifier", "adapter=ptuning_v2", "trainer.logit_adjust=0.5"]
 SPEAKER = "prompt.speaker_template='Classify the emotion {speaker} feels when saying the sentence to {labels}: {text}'"
 STEPS = {"": [], "-ctx1": ["dataset.context_window=1"], "-speaker": [SPEAKER]}
 STEPS["-ctx1-speaker"] = [*STEPS["-ctx1"], SPEAKER]
+for k in (2, 4):
+    STEPS[f"-ctx1-speaker-demo{k}"] = [*STEPS["-ctx1-speaker"], f"prompt.demonstrations={k}"]
+STEPS["-ctx1-speaker-demo_label"] = [
+    *STEPS["-ctx1-speaker"],
+    "prompt.demonstrations=1",
+    "prompt.demonstrations_by=label",
+]
 # name -> the run's overrides (every other setting is emorec's default).
 JOBS = {
     f"{dataset}-best{step}": [f"dataset={dataset}", *BEST, *extra]
