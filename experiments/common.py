@@ -78,6 +78,27 @@ def run_job(job: Job, outputs: Path, results: Path, python: str = sys.executable
     (target / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
 
 
+def job_list(doc: str, jobs: dict[str, list[str]], results: Path, outputs: Path, commit_each: bool = False) -> None:
+    """A study's command line: `--list` each job's state, or run the jobs not done yet (`--only`
+    some, in that order), one after another, each in outputs/<name> (`--outputs`) with its results
+    to results/<name> (committed at once with `commit_each`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", choices=list(jobs), help="these jobs, in this order (default: all)")
+    parser.add_argument("--outputs", type=Path, default=outputs, help="the runs' own folders")
+    parser.add_argument("--list", action="store_true", help="print each job's state and stop")
+    args = parser.parse_args()
+    for name in args.only or jobs:
+        done = is_done(results, name)
+        if args.list:
+            print(f"{name:36s} {'done' if done else 'to run'}  {' '.join(jobs[name])}")
+        elif not done:
+            run_job(Job(name, jobs[name]), args.outputs, results)
+            if commit_each:
+                commit(results / name, f"{results.parent.name}: job {name}")
+
+
 def commit(path: Path, message: str, tries: int = 5) -> None:
     """Commit one results folder, and nothing else staged, in the repository that holds it;
     a git command running beside it (its index.lock) is waited out."""

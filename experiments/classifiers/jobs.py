@@ -9,10 +9,9 @@ stopped.
     python -m experiments.classifiers.jobs --list
 """
 
-import argparse
 from pathlib import Path
 
-from experiments.common import Job, is_done, run_job
+from experiments.common import job_list
 
 HERE = Path(__file__).parent
 # name -> the run's overrides (every other setting is emorec's default).
@@ -46,17 +45,7 @@ JOBS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="*", choices=list(JOBS), help="these jobs, in this order (default: all)")
-    parser.add_argument("--outputs", type=Path, default=Path("outputs/classifiers"), help="the runs' own folders")
-    parser.add_argument("--list", action="store_true", help="print each job's state and stop")
-    args = parser.parse_args()
-    for name in args.only or JOBS:
-        done = is_done(HERE / "runs", name)
-        if args.list:
-            print(f"{name:32s} {'done' if done else 'to run'}  {' '.join(JOBS[name])}")
-        elif not done:
-            run_job(Job(name, JOBS[name]), args.outputs, HERE / "runs")
+    job_list(__doc__, JOBS, HERE / "runs", Path("outputs/classifiers"))
 
 
 if __name__ == "__main__":

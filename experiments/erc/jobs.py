@@ -10,10 +10,9 @@ go to runs/<job>/ and are committed at once, so a later session continues where 
     python -m experiments.erc.jobs --list
 """
 
-import argparse
 from pathlib import Path
 
-from experiments.common import Job, commit, is_done, run_job
+from experiments.common import job_list
 
 HERE = Path(__file__).parent
 BEST = ["head=classifier", "adapter=ptuning_v2", "trainer.logit_adjust=0.5"]
@@ -36,18 +35,7 @@ JOBS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="*", choices=list(JOBS), help="these jobs, in this order (default: all)")
-    parser.add_argument("--outputs", type=Path, default=Path("outputs/erc"), help="the runs' own folders")
-    parser.add_argument("--list", action="store_true", help="print each job's state and stop")
-    args = parser.parse_args()
-    for name in args.only or JOBS:
-        done = is_done(HERE / "runs", name)
-        if args.list:
-            print(f"{name:24s} {'done' if done else 'to run'}  {' '.join(JOBS[name])}")
-        elif not done:
-            run_job(Job(name, JOBS[name]), args.outputs, HERE / "runs")
-            commit(HERE / "runs" / name, f"experiments/erc: job {name}")
+    job_list(__doc__, JOBS, HERE / "runs", Path("outputs/erc"), commit_each=True)
 
 
 if __name__ == "__main__":
