@@ -304,3 +304,22 @@ def test_progress_counts_the_plan_and_the_families_that_wait():
     results |= {job.name: done(0.5) for job in study.jobs(results, datasets=["mosi2"])[0] if job.name not in results}
     assert len(results) == 12
     assert report.progress(results) == "Progress: all 12 planned jobs are done."
+
+
+def test_the_erc_report_reads_each_jobs_committed_results(tmp_path):
+    from experiments.erc.report import table
+
+    job = tmp_path / "meld-best-speaker"
+    job.mkdir()
+    (job / "config.yaml").write_text("seed: 42\n")
+    per_class = {"neutral": 0.8, "disgust": 0.091, "fear": 0.115}
+    metrics = {
+        "test": {"weighted_f1": 0.6165, "macro_f1": 0.4178, "f1_per_class": per_class},
+        "val": {"weighted_f1": 0.5826},
+        "train": {"seconds": 906.4},
+        "prompt_tokens": {"train": 51.19},
+    }
+    (job / "metrics.json").write_text(json.dumps(metrics))
+    lines = table(tmp_path).splitlines()
+    assert lines[2] == "| meld-best-speaker | 61.7 | 41.8 | 58.3 | 9.1 | 11.5 | 906 | 51.2 |"
+    assert len(lines[0].split("|")) == len(lines[1].split("|")) == len(lines[2].split("|"))
