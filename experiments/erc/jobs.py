@@ -17,7 +17,9 @@ from experiments.common import job_list
 HERE = Path(__file__).parent
 BEST = ["head=classifier", "adapter=ptuning_v2", "trainer.logit_adjust=0.5"]
 SPEAKER = "prompt.speaker_template='Classify the emotion {speaker} feels when saying the sentence to {labels}: {text}'"
-STEPS = {"": [], "-ctx1": ["dataset.context_window=1"], "-speaker": [SPEAKER]}
+# The name after the label list: the prompts' shared prefix (the packed pass's saving) stays whole.
+SPEAKER_LATE = "prompt.speaker_template='Classify the emotion in the sentence to {labels}. {speaker} says: {text}'"
+STEPS = {"": [], "-ctx1": ["dataset.context_window=1"], "-speaker": [SPEAKER], "-speaker_late": [SPEAKER_LATE]}
 STEPS["-ctx1-speaker"] = [*STEPS["-ctx1"], SPEAKER]
 for k in (2, 4):
     STEPS[f"-ctx1-speaker-demo{k}"] = [*STEPS["-ctx1-speaker"], f"prompt.demonstrations={k}"]
