@@ -15,7 +15,7 @@ from tqdm import tqdm
 from emorec.checkpoint import Interrupted, load_checkpoint, restore_rng, save_checkpoint, torch_rng_state
 from emorec.errors import EmorecError
 from emorec.metrics import METRICS
-from emorec.tensors import host_copy, local
+from emorec.tensors import host_copy, local, trained_weights
 from emorec.train import TrainingProgress, numerical_fault
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class KeepBest(Callback):
         )
         if m[self.metric] > self.value:
             # Under sharding (emorec.sharded) each process keeps its own shards.
-            state = {n: host_copy(local(p)) for n, p in self.model.named_parameters() if p.requires_grad}
+            state = {n: host_copy(local(p)) for n, p in trained_weights(self.model).items()}
             self.value, self.epoch, self.state, self.val = m[self.metric], progress.epoch, state, (result, m)
 
     def restore(self) -> None:
@@ -179,7 +179,7 @@ class WholeState:
         self.model, self.optimizer, self.rank = model, optimizer, rank
 
     def trainable(self) -> dict:
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        return trained_weights(self.model)
 
     def save(self, out: Path, step: int, best: dict | None, tensors: dict, state: dict, keep: int) -> Path | None:
         if self.rank != 0:

@@ -96,6 +96,9 @@ def with_demonstrations(data: Data, k: int, by: str, folder: str | None) -> Data
     train = data.train
     keys = embed([ex.text for ex in train], folder)
     labels = torch.tensor([ex.label for ex in train]) if by == "label" else None
+    dialogues: dict = {}
+    for j, ex in enumerate(train):
+        dialogues.setdefault(ex.dialogue_id, []).append(j)
     out = {}
     for split in ("train", "dev", "test"):
         examples = getattr(data, split)
@@ -103,7 +106,7 @@ def with_demonstrations(data: Data, k: int, by: str, folder: str | None) -> Data
         chosen = []
         for start in range(0, len(examples), 1024):  # a block of queries at a time: memory stays small
             block = examples[start : start + 1024]
-            banned = banned_for(block, start, train) if split == "train" else None
+            banned = banned_for(block, start, len(train), dialogues) if split == "train" else None
             chosen += nearest(queries[start : start + len(block)], keys, banned, k, labels)
         out[split] = [
             replace(ex, demonstrations=tuple((train[j].text, train[j].label) for j in picks))
@@ -113,12 +116,10 @@ def with_demonstrations(data: Data, k: int, by: str, folder: str | None) -> Data
     return replace(data, **out)
 
 
-def banned_for(block: list[Example], start: int, train: list[Example]) -> torch.Tensor:
-    """(block, train) True where a training utterance may not serve: itself, or its dialogue."""
-    dialogues = {}
-    for j, ex in enumerate(train):
-        dialogues.setdefault(ex.dialogue_id, []).append(j)
-    banned = torch.zeros(len(block), len(train), dtype=torch.bool)
+def banned_for(block: list[Example], start: int, n: int, dialogues: dict) -> torch.Tensor:
+    """(block, n training utterances) True where one may not serve: itself (the block starts at
+    training index `start`), or its dialogue (`dialogues`: each dialogue's training indices)."""
+    banned = torch.zeros(len(block), n, dtype=torch.bool)
     for i, ex in enumerate(block):
         banned[i, start + i] = True
         if ex.dialogue_id is not None:

@@ -37,7 +37,7 @@ from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from emorec.checkpoint import SHARDS, load_checkpoint, save_checkpoint
 from emorec.errors import EmorecError
-from emorec.tensors import base_of, is_quantized, local
+from emorec.tensors import base_of, is_quantized, local, trained_weights
 from emorec.train import OnePass, Passes
 
 log = logging.getLogger(__name__)
@@ -176,10 +176,8 @@ def gathered_state(model) -> dict[str, torch.Tensor]:
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     state = get_model_state_dict(model, options=options)
     # A tied weight (the LM head of SmolLM2, Llama 3.2) comes once, as the unsharded model saves it.
-    first = dict(model.named_parameters())
-    return {
-        k: v for k, v in state.items() if k in first or k not in dict(model.named_parameters(remove_duplicate=False))
-    }
+    tied = set(dict(model.named_parameters(remove_duplicate=False))) - set(dict(model.named_parameters()))
+    return {k: v for k, v in state.items() if k not in tied}
 
 
 class ShardedState:
@@ -192,8 +190,7 @@ class ShardedState:
         self.rank = dist.get_rank()
 
     def trainable(self) -> dict:
-        """The trained weights by name, a tied weight under its first name only."""
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        return trained_weights(self.model)
 
     def tensors(self, best: dict | None) -> dict[str, torch.Tensor]:
         """Every tensor of the checkpoint by a flat name: the weights and the optimizer's state as

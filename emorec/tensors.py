@@ -92,6 +92,11 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def trained_weights(model) -> dict:
+    """The weights that train, by name (a tied weight under its first name only)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
 def host_copy(t: torch.Tensor) -> torch.Tensor:
     """A copy of `t` in host memory (weights kept aside: merged adapters' originals, the best
     epoch's): on a GPU it takes no device memory (2.7 GB of q/k/v/o projections at 8 B
