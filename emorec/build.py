@@ -203,12 +203,18 @@ def build_task(tokenizer, spec: Spec, labels: list[str], engine: Engine, balance
 
 def prompts_of(tokenizer, spec: Spec, examples: list, labels: list[str], context_window: int) -> list[list[int]]:
     """The examples' prompts as token ids."""
-    prompt = spec.prompt
+    return encode_prompts(
+        tokenizer, examples, prompt_format(spec.prompt), labels, spec.trainer.max_length, context_window
+    )
+
+
+def prompt_format(prompt: DictConfig) -> PromptFormat:
+    """The `prompt` config node as a PromptFormat."""
     context = Context(prompt.context, prompt.context_layout, prompt.context_after)
     fmt = PromptFormat(prompt.template, prompt.system, prompt.cue, context, prompt.get("speaker_template"))
     if prompt.get("demonstrations"):
         fmt = replace(fmt, demonstration=prompt.demonstration, demonstrations_layout=prompt.demonstrations_layout)
-    return encode_prompts(tokenizer, examples, fmt, labels, spec.trainer.max_length, context_window)
+    return fmt
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import get_scheduler
 
+from emorec.auxiliary import SpeakerTask, attach_head, detach_head, speaker_loss, speaker_task
 from emorec.batches import steps_per_epoch
-from emorec.build import Built, Optimizer, Spec, build, prompts_of
+from emorec.build import Built, Optimizer, Spec, build, prompt_format, prompts_of
 from emorec.callbacks import Checkpointer, Keep, KeepBest, LogLoss, WallClock, WholeState
 from emorec.checkpoint import FOLDER, Interrupted, StopSignals, checkpoints, find_checkpoint, tidy_checkpoints
 from emorec.data.records import SPLITS
@@ -66,7 +67,8 @@ def run(cfg: DictConfig) -> dict:
             train_stats = None
             if cfg.adapter.train:
                 optimizer = Optimizer(instantiate(cfg.optimizer), cfg.head.get("lr"))
-                train_stats = fit(built, (ids["train"], targets), cfg.trainer, optimizer, env, logger, best)
+                aux = auxiliary(built.tokenizer, spec, data.train, (cfg.seed, window))
+                train_stats = fit(built, (ids["train"], targets, aux), cfg.trainer, optimizer, env, logger, best)
             val = best.val or evaluate(ids["dev"], data.dev, "val")
             test = evaluate(ids["test"], data.test, "test")
             m = test[1]
@@ -145,14 +147,30 @@ def evaluator(built: Built, env: Env, batch_size: int, data: Data):
     return evaluate
 
 
+def auxiliary(tokenizer, spec: Spec, train: list, seed_window: tuple) -> SpeakerTask | None:
+    """The auxiliary task's training examples (trainer.aux), or None."""
+    if "speaker" not in spec.trainer.aux:
+        return None
+    settings = (spec.trainer.aux_ratio, seed_window[0], spec.trainer.max_length, seed_window[1])
+    task = speaker_task(tokenizer, prompt_format(spec.prompt), spec.prompt.speaker_question, train, settings)
+    log.info("trainer.aux: %d speaker-identification examples over %d speakers", len(task.prompts), len(task.names))
+    return task
+
+
 def fit(built: Built, training: tuple, trainer: DictConfig, optimizer: Optimizer, env: Env, logger, best: KeepBest):
     """Train (continuing from env.checkpoint), validating at epoch ends through `best`, then put
-    back the best epoch's weights; returns the training figures."""
-    prompts, targets = training
+    back the best epoch's weights; returns the training figures. `training`: (prompts, targets,
+    an auxiliary task or None)."""
+    prompts, targets, aux = training
     if not prompts:
         raise EmorecError("no training examples; check dataset.max_train or the train split")
-    steps = trainer.max_steps or trainer.epochs * steps_per_epoch(len(prompts), trainer.batch_size, trainer.grad_accum)
+    rows = len(prompts) + (len(aux.prompts) if aux else 0)
+    steps = trainer.max_steps or trainer.epochs * steps_per_epoch(rows, trainer.batch_size, trainer.grad_accum)
     model = built.model
+    if aux is not None:
+        if env.rank_world[1] > 1:
+            raise EmorecError("trainer.aux trains in one process for now; drop trainer.aux or run one process")
+        attach_head(model, built.tokenizer, aux.names)  # before the optimizer and checkpoints see the weights
     optimizer = optimizer.build(model, env.device)
     warmup = round(trainer.warmup_ratio * steps)
     scheduler = get_scheduler(trainer.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
@@ -188,6 +206,7 @@ def fit(built: Built, training: tuple, trainer: DictConfig, optimizer: Optimizer
             signals.forward()
             raise
     best.restore()
+    detach_head(model)  # the auxiliary head served training only
     stats = progress.summary()
     per_s = (stats["examples_per_s"], stats["tokens_per_s"])
     log.info("trained %d steps in %.0f s: %.2f examples/s, %.0f tokens/s", stats["steps"], stats["seconds"], *per_s)
@@ -197,15 +216,20 @@ def fit(built: Built, training: tuple, trainer: DictConfig, optimizer: Optimizer
 def training_passes(built: Built, trained, training: tuple, env: Env, batch_size: int) -> Passes:
     """How the training rows become passes: the task's loss over rows (at the engine's static
     shapes where it chose them, for this process's `batch_size` rows of a batch), under autocast."""
-    prompts, targets = training
+    prompts, targets, aux = training
     task = built.engine.for_training(built.task, trained, prompts, targets, batch_size)
+    n = len(prompts)  # rows from n on are the auxiliary task's (Passes.kind keeps them apart)
+    pad_id = built.tokenizer.pad_token_id
 
     def loss_of(rows: list[int]) -> torch.Tensor:
         # Autocast is per thread: each training stream sets its own.
         with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.bf16):
+            if rows[0] >= n:
+                return speaker_loss(trained, aux, [j - n for j in rows], pad_id)
             return task.loss(trained, [prompts[j] for j in rows], [targets[j] for j in rows])
 
     def shared_length(rows: list[int]) -> int:
-        return task.shared_length(trained, [prompts[j] for j in rows])
+        return 0 if rows[0] >= n else task.shared_length(trained, [prompts[j] for j in rows])
 
-    return Passes(loss_of, task.lengths(prompts, targets), shared_length, built.engine.max_pass_tokens)
+    lengths = task.lengths(prompts, targets) + (aux.lengths() if aux else [])
+    return Passes(loss_of, lengths, shared_length, built.engine.max_pass_tokens, lambda j: j >= n)

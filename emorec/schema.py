@@ -9,13 +9,14 @@ they name (`_target_`), whose signature is their schema.
 """
 
 import typing
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar
 
 import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ValidationError
 
+from emorec.auxiliary import TASKS
 from emorec.errors import EmorecError
 from emorec.fast import Fast
 from emorec.metrics import METRICS
@@ -74,9 +75,15 @@ class Trainer(Checked):
     log_every: int
     activation_checkpointing: bool = False
     strategy: str = "data_parallel"
+    aux: list[str] = field(default_factory=list)  # auxiliary training tasks (emorec.auxiliary)
+    aux_ratio: float = 0.25
 
     def __post_init__(self):
         self.one_of("strategy", "data_parallel", "fsdp")
+        for task in self.aux:
+            if task not in TASKS:
+                raise invalid("trainer.aux", list(self.aux), f"a list of {', '.join(TASKS)}")
+        self.check("aux_ratio", lambda v: v > 0, "a number > 0")
         self.positive("batch_size", "eval_batch_size", "grad_accum", "epochs", "max_length", "log_every")
         self.positive("keep_checkpoints")
         self.positive("max_steps", "num_threads", "patience", optional=True)
@@ -194,6 +201,7 @@ class Prompt(Checked):
     demonstration: str = "{text} => {label}"
     demonstrations_layout: str = "\nExamples:\n{demonstrations}\nNow: {text}"
     demonstrations_encoder: str | None = None  # a sentence encoder's folder (null: the embedded MiniLM)
+    speaker_question: str = "Which of {labels} says this sentence: {text}"  # trainer.aux=[speaker]
 
     def __post_init__(self):
         self.one_of("context_layout", "before", "after")

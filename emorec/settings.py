@@ -58,6 +58,11 @@ def check_config(cfg: DictConfig) -> None:
             "trainer.strategy=fsdp predicts by scoring the labels (generation runs a different number of "
             "forwards in each process); use trainer.predict=score, or trainer.strategy=data_parallel"
         )
+    if cfg.trainer.aux and (cfg.trainer.strategy == "fsdp" or is_encoder(cfg.model)):
+        raise EmorecError(
+            "trainer.aux trains a decoder with trainer.strategy=data_parallel (an encoder, or FSDP's equal "
+            "forwards in every process, are not supported yet); drop trainer.aux"
+        )
     peft = cfg.adapter.peft
     if cfg.trainer.activation_checkpointing and peft is not None and str(peft._target_).endswith("PrefixTuningConfig"):
         raise EmorecError(
@@ -70,6 +75,7 @@ def check_config(cfg: DictConfig) -> None:
 TEMPLATES = [
     ("prompt.template", ("labels", "text")),
     ("prompt.speaker_template", ("labels", "speaker", "text")),
+    ("prompt.speaker_question", ("labels", "text")),
     ("prompt.demonstration", ("text", "label")),
     ("prompt.demonstrations_layout", ("demonstrations", "text")),
     ("prompt.context", ("context",)),

@@ -101,15 +101,21 @@ class Plan:
 class Passes:
     """How a batch's rows (indices into the training examples) become forward/backward passes.
     `loss_of(rows)`: the rows' mean loss; `lengths`: each example's tokens; `shared_length(rows)`:
-    the tokens a pass of those rows runs once for all of them; `max_tokens`: see batches.passes."""
+    the tokens a pass of those rows runs once for all of them; `max_tokens`: see batches.passes;
+    `kind(row)`: rows of different kinds (an auxiliary task's, emorec.auxiliary) never share a pass."""
 
     loss_of: Callable[[list[int]], torch.Tensor]
     lengths: list[int]
     shared_length: Callable[[list[int]], int] = lambda rows: 0
     max_tokens: int | None = None
+    kind: Callable[[int], int] = lambda row: 0
 
     def split(self, rows: list[int]) -> list[list[int]]:
-        return passes(rows, max(self.lengths[j] for j in rows) - self.shared_length(rows), self.max_tokens)
+        parts = []
+        for k in sorted({self.kind(j) for j in rows}):
+            same = [j for j in rows if self.kind(j) == k]
+            parts += passes(same, max(self.lengths[j] for j in same) - self.shared_length(same), self.max_tokens)
+        return parts
 
 
 class OnePass:

@@ -153,6 +153,14 @@ def speaker_template(cfg: dict) -> None:
         prompt.setdefault(key, value)
 
 
+def auxiliary_tasks(cfg: dict) -> None:
+    """11 -> 12 (issue 43): trainer.aux, none before."""
+    trainer = cfg.setdefault("trainer", {})
+    trainer.setdefault("aux", [])
+    trainer.setdefault("aux_ratio", 0.25)
+    cfg.setdefault("prompt", {}).setdefault("speaker_question", "Which of {labels} says this sentence: {text}")
+
+
 DEMONSTRATIONS = {
     "demonstrations": 0,
     "demonstrations_by": "similar",
@@ -174,6 +182,7 @@ UPGRADES = [
     activation_checkpointing,
     strategy,
     speaker_template,
+    auxiliary_tasks,
 ]
 VERSION = len(UPGRADES)
 

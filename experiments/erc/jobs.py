@@ -25,6 +25,7 @@ STEPS["-ctx1-speaker"] = [*STEPS["-ctx1"], SPEAKER]
 for k in (2, 4):
     STEPS[f"-demo{k}"] = [f"prompt.demonstrations={k}"]
 STEPS["-demo_label"] = ["prompt.demonstrations=1", "prompt.demonstrations_by=label"]
+STEPS["-aux_speaker"] = ["trainer.aux=[speaker]"]
 STEPS["-epochs2"] = ["trainer.epochs=2"]
 STEPS["-epochs3"] = ["trainer.epochs=3"]
 # name -> the run's overrides (every other setting is emorec's default).
