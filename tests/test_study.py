@@ -309,17 +309,29 @@ def test_progress_counts_the_plan_and_the_families_that_wait():
 def test_the_erc_report_reads_each_jobs_committed_results(tmp_path):
     from experiments.erc.report import table
 
-    job = tmp_path / "meld-best-speaker"
-    job.mkdir()
-    (job / "config.yaml").write_text("seed: 42\n")
-    per_class = {"neutral": 0.8, "disgust": 0.091, "fear": 0.115}
-    metrics = {
-        "test": {"weighted_f1": 0.6165, "macro_f1": 0.4178, "f1_per_class": per_class},
-        "val": {"weighted_f1": 0.5826},
-        "train": {"seconds": 906.4},
-        "prompt_tokens": {"train": 51.19},
-    }
-    (job / "metrics.json").write_text(json.dumps(metrics))
+    def job(name: str, weighted: float, seed: int = 42) -> None:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.yaml").write_text(f"seed: {seed}\n")
+        per_class = {"neutral": 0.8, "disgust": 0.091, "fear": 0.115}
+        metrics = {
+            "test": {"weighted_f1": weighted, "macro_f1": 0.4178, "f1_per_class": per_class},
+            "test_examples_per_s": 25.0,
+            "val": {"weighted_f1": 0.5826},
+            "best_epoch": 1,
+            "train": {"seconds": 906.4},
+            "prompt_tokens": {"train": 51.19},
+        }
+        metrics["test"]["confusion_matrix"] = [[1000, 300], [310, 1000]]  # 2610 examples
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+
+    job("meld-best-speaker", 0.6165)
     lines = table(tmp_path).splitlines()
-    assert lines[2] == "| meld-best-speaker | 61.7 | 41.8 | 58.3 | 9.1 | 11.5 | 906 | 51.2 |"
+    assert lines[2] == "| meld-best-speaker | 61.7 | 41.8 | 58.3 | 9.1 | 11.5 | 1 | 906 | 104 | 51.2 |"
     assert len(lines[0].split("|")) == len(lines[1].split("|")) == len(lines[2].split("|"))
+    assert len(lines) == 3  # no seed jobs: no seed table
+    for seed, weighted in ((42, 0.62), (43, 0.63), (44, 0.64)):
+        job(f"meld-erc_best-seed{seed}", weighted, seed)
+    lines = table(tmp_path).splitlines()
+    assert lines[-1] == "| meld-erc_best | 3 | 63.0 ± 1.0 | 41.8 ± 0.0 | 58.3 ± 0.0 | 906 |"
+    assert len(lines[-3].split("|")) == len(lines[-2].split("|")) == len(lines[-1].split("|"))

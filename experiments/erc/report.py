@@ -1,18 +1,25 @@
-"""The erc study's table from its committed results (runs/<job>/metrics.json): each job's test
+"""The erc study's tables from its committed results (runs/<job>/metrics.json): each job's test
 weighted F1 (MELD's and EmoryNLP's metric of record), macro F1, dev weighted F1, the weakest
-classes' F1, training time and prompt length.
+classes' F1, the best epoch, training and test-evaluation time and prompt length; then each
+configuration run with several seeds (jobs named <configuration>-seed<N>), as mean ± standard
+deviation over its seeds.
 
     python -m experiments.erc.report
 """
 
+import re
+import statistics
+from collections import defaultdict
 from pathlib import Path
 
 from experiments.common import read_results
 
 HERE = Path(__file__).parent
 COLUMNS = (
-    "| job | test weighted F1 | test macro F1 | dev weighted F1 | disgust F1 | fear F1 | training s | prompt tokens |"
+    "| job | test weighted F1 | test macro F1 | dev weighted F1 | disgust F1 | fear F1 | best epoch "
+    "| training s | test eval s | prompt tokens |"
 )
+SEEDS = "| configuration | seeds | test weighted F1 | test macro F1 | dev weighted F1 | training s |"
 
 
 def row(name: str, metrics: dict) -> str:
@@ -23,15 +30,53 @@ def row(name: str, metrics: dict) -> str:
         f"{100 * test['weighted_f1']:.1f}",
         f"{100 * test['macro_f1']:.1f}",
         f"{100 * metrics['val']['weighted_f1']:.1f}",
+        *weak,
+        str(metrics.get("best_epoch", "-")),
+        f"{metrics['train']['seconds']:.0f}",
+        eval_seconds(metrics),
+        f"{tokens:.1f}" if tokens else "-",
     ]
-    cells += [*weak, f"{metrics['train']['seconds']:.0f}", f"{tokens:.1f}" if tokens else "-"]
     return f"| {name} | " + " | ".join(cells) + " |"
+
+
+def eval_seconds(metrics: dict) -> str:
+    """The test set's prediction time: its examples over their rate."""
+    rate, matrix = metrics.get("test_examples_per_s"), metrics["test"].get("confusion_matrix")
+    return f"{sum(map(sum, matrix)) / rate:.0f}" if rate and matrix else "-"
+
+
+def seed_rows(found: dict) -> list[str]:
+    """One row per configuration with seed jobs: mean ± standard deviation over them."""
+    groups = defaultdict(list)
+    for name, job in found.items():
+        if match := re.fullmatch(r"(.+)-seed\d+", name):
+            groups[match[1]].append(job["metrics"])
+    rows = []
+    for name, runs in groups.items():
+
+        def spread(get) -> str:
+            values = [100 * get(m) for m in runs]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+
+        cells = [
+            str(len(runs)),
+            spread(lambda m: m["test"]["weighted_f1"]),
+            spread(lambda m: m["test"]["macro_f1"]),
+            spread(lambda m: m["val"]["weighted_f1"]),
+            f"{statistics.mean(m['train']['seconds'] for m in runs):.0f}",
+        ]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return rows
 
 
 def table(results: Path = HERE / "runs") -> str:
     found = read_results(results)
     lines = [COLUMNS, "|" + "---|" * COLUMNS.count(" | ") + "---|"]
-    return "\n".join(lines + [row(name, job["metrics"]) for name, job in found.items()]) + "\n"
+    lines += [row(name, job["metrics"]) for name, job in found.items()]
+    if seeds := seed_rows(found):
+        lines += ["", SEEDS, "|" + "---|" * SEEDS.count(" | ") + "---|", *seeds]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
