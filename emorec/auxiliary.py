@@ -13,7 +13,10 @@ head=classifier's rows start from the labels'. The head trains with the adapter,
 checkpoints with it, and is dropped after training: the saved adapter is the emotion task's only.
 
 A batch's emotion and speaker rows run as separate passes (train.Passes.split), so each pass is
-one forward of one kind and the update is still the whole batch's mean loss.
+one forward of one kind and the update is still the whole batch's mean loss. Under data
+parallel each pass also adds zero times every trained weight (emorec.run.training_passes), so DDP
+sees a gradient for the head a pass does not use. FSDP's equal forwards in every process are not
+worked out for it: refused (emorec.settings).
 """
 
 import threading
@@ -126,9 +129,9 @@ def final_states(model, prompts: list[list[int]], pad_id: int) -> torch.Tensor:
     return hidden[torch.arange(len(prompts), device=ids.device), mask.sum(1) - 1]
 
 
-def speaker_loss(model, task: SpeakerTask, rows: list[int], pad_id: int) -> torch.Tensor:
-    """Mean cross-entropy of the speaker head over each row's candidates."""
-    head = getattr(model, HEAD)
+def speaker_loss(model, head: torch.nn.Linear, task: SpeakerTask, rows: list[int], pad_id: int) -> torch.Tensor:
+    """Mean cross-entropy of the speaker `head` over each row's candidates (`model` may be
+    wrapped for data parallel; the head is the one attach_head set on it)."""
     states = final_states(model, [task.prompts[j] for j in rows], pad_id)
     logits = head(states.to(head.weight.dtype)).float()
     allowed = torch.zeros_like(logits, dtype=torch.bool)

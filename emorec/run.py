@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import get_scheduler
 
-from emorec.auxiliary import SpeakerTask, attach_head, detach_head, speaker_loss, speaker_task
+from emorec.auxiliary import HEAD, SpeakerTask, attach_head, detach_head, speaker_loss, speaker_task
 from emorec.batches import steps_per_epoch
 from emorec.build import Built, Optimizer, Spec, build, prompt_format, prompts_of
 from emorec.callbacks import Checkpointer, Keep, KeepBest, LogLoss, WallClock, WholeState
@@ -167,10 +167,8 @@ def fit(built: Built, training: tuple, trainer: DictConfig, optimizer: Optimizer
     rows = len(prompts) + (len(aux.prompts) if aux else 0)
     steps = trainer.max_steps or trainer.epochs * steps_per_epoch(rows, trainer.batch_size, trainer.grad_accum)
     model = built.model
-    if aux is not None:
-        if env.rank_world[1] > 1:
-            raise EmorecError("trainer.aux trains in one process for now; drop trainer.aux or run one process")
-        attach_head(model, built.tokenizer, aux.names)  # before the optimizer and checkpoints see the weights
+    if aux is not None:  # before the optimizer, DDP and checkpoints see the weights
+        attach_head(model, built.tokenizer, aux.names)
     optimizer = optimizer.build(model, env.device)
     warmup = round(trainer.warmup_ratio * steps)
     scheduler = get_scheduler(trainer.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
@@ -220,13 +218,18 @@ def training_passes(built: Built, trained, training: tuple, env: Env, batch_size
     task = built.engine.for_training(built.task, trained, prompts, targets, batch_size)
     n = len(prompts)  # rows from n on are the auxiliary task's (Passes.kind keeps them apart)
     pad_id = built.tokenizer.pad_token_id
+    weights = [p for p in built.model.parameters() if p.requires_grad] if aux else []
 
     def loss_of(rows: list[int]) -> torch.Tensor:
         # Autocast is per thread: each training stream sets its own.
         with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.bf16):
             if rows[0] >= n:
-                return speaker_loss(trained, aux, [j - n for j in rows], pad_id)
-            return task.loss(trained, [prompts[j] for j in rows], [targets[j] for j in rows])
+                loss = speaker_loss(trained, getattr(built.model, HEAD), aux, [j - n for j in rows], pad_id)
+            else:
+                loss = task.loss(trained, [prompts[j] for j in rows], [targets[j] for j in rows])
+        # With an auxiliary task each kind of pass leaves some weights unused (the other task's
+        # head); DDP exchanges gradients only once every weight has one: a zero term gives them one.
+        return loss + 0.0 * sum(p.view(-1)[0] for p in weights) if weights else loss
 
     def shared_length(rows: list[int]) -> int:
         return 0 if rows[0] >= n else task.shared_length(trained, [prompts[j] for j in rows])

@@ -58,10 +58,12 @@ def check_config(cfg: DictConfig) -> None:
             "trainer.strategy=fsdp predicts by scoring the labels (generation runs a different number of "
             "forwards in each process); use trainer.predict=score, or trainer.strategy=data_parallel"
         )
-    if cfg.trainer.aux and (cfg.trainer.strategy == "fsdp" or is_encoder(cfg.model)):
+    if cfg.trainer.aux and is_encoder(cfg.model):
+        raise EmorecError("trainer.aux trains a decoder's hidden states; drop trainer.aux for an encoder model")
+    if cfg.trainer.aux and cfg.trainer.strategy == "fsdp":
         raise EmorecError(
-            "trainer.aux trains a decoder with trainer.strategy=data_parallel (an encoder, or FSDP's equal "
-            "forwards in every process, are not supported yet); drop trainer.aux"
+            "trainer.aux is not supported under trainer.strategy=fsdp yet (its passes differ between processes); "
+            "drop trainer.aux or use trainer.strategy=data_parallel"
         )
     peft = cfg.adapter.peft
     if cfg.trainer.activation_checkpointing and peft is not None and str(peft._target_).endswith("PrefixTuningConfig"):

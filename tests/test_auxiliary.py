@@ -19,6 +19,8 @@ from emorec.errors import EmorecError
 from emorec.prompt import Context, PromptFormat
 from emorec.run import run
 from emorec.train import Passes
+from tests.launching import ROOT, launch, metrics
+from tests.test_distributed import assert_same_run
 
 QUESTION = "Which of {labels} says this sentence: {text}"
 
@@ -81,7 +83,7 @@ def test_the_head_reads_the_last_prompt_token_and_its_loss_trains(tiny_model):
     first = tokenizer(" B", add_special_tokens=False)["input_ids"][0]
     assert torch.equal(head.weight[1], model.get_input_embeddings().weight[first].float())
     task = SpeakerTask(["A", "B", "C"], prompts, [2, 0], [[0, 2], [0, 1]])
-    loss = speaker_loss(model, task, [0, 1], tokenizer.pad_token_id)
+    loss = speaker_loss(model, head, task, [0, 1], tokenizer.pad_token_id)
     # Each row's cross-entropy over its own candidates only.
     scores = head(states)
     expected = (-torch.log_softmax(scores[0, [0, 2]], -1)[1] - torch.log_softmax(scores[1, [0, 1]], -1)[0]) / 2
@@ -125,7 +127,21 @@ def test_a_run_with_speaker_identification(make_cfg, tmp_path, head):
 def test_what_refuses_it(make_cfg):
     with pytest.raises(EmorecError, match=r"trainer.aux=\['who'\] is not valid; it must be a list of speaker"):
         run(make_cfg("trainer.aux=[who]"))
-    with pytest.raises(EmorecError, match="trainer.aux trains a decoder with trainer.strategy=data_parallel"):
+    with pytest.raises(EmorecError, match="trainer.aux is not supported under trainer.strategy=fsdp yet"):
         run(make_cfg("trainer.aux=[speaker]", "trainer.strategy=fsdp"))
+    with pytest.raises(EmorecError, match="trainer.aux trains a decoder's hidden states"):
+        run(make_cfg("trainer.aux=[speaker]", "model=minilm_l6"))
     with pytest.raises(EmorecError, match=r"trainer.aux_ratio=0.0 is not valid; it must be a number > 0"):
         run(make_cfg("trainer.aux=[speaker]", "trainer.aux_ratio=0"))
+
+
+def test_two_processes_match_one(tiny_model, tmp_path, one_process):
+    """Data parallel (two gloo processes under torchrun): the same losses and metrics as one
+    process, though each kind of pass leaves the other task's head without a gradient."""
+    extra = ("head=classifier", "trainer.aux=[speaker]", "trainer.aux_ratio=0.5")
+    run_dir = tmp_path / "run"
+    out = launch("torchrun", tiny_model, ROOT, f"hydra.run.dir={run_dir}", *extra)
+    assert out.returncode == 0, out.stderr[-3000:]
+    single = one_process(*extra)
+    assert metrics(run_dir)["train"]["steps"] == metrics(single)["train"]["steps"] == 2 * (16 + 8) // 3
+    assert_same_run(run_dir, single)
