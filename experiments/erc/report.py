@@ -45,6 +45,13 @@ def eval_seconds(metrics: dict) -> str:
     return f"{sum(map(sum, matrix)) / rate:.0f}" if rate and matrix else "-"
 
 
+def spread(runs: list[dict], get) -> str:
+    """Mean ± standard deviation of get(metrics), in percent, over runs."""
+    values = [100 * get(m) for m in runs]
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+
+
 def seed_rows(found: dict) -> list[str]:
     """One row per configuration with seed jobs: mean ± standard deviation over them."""
     groups = defaultdict(list)
@@ -53,17 +60,11 @@ def seed_rows(found: dict) -> list[str]:
             groups[match[1]].append(job["metrics"])
     rows = []
     for name, runs in groups.items():
-
-        def spread(get) -> str:
-            values = [100 * get(m) for m in runs]
-            sd = statistics.stdev(values) if len(values) > 1 else 0.0
-            return f"{statistics.mean(values):.1f} ± {sd:.1f}"
-
         cells = [
             str(len(runs)),
-            spread(lambda m: m["test"]["weighted_f1"]),
-            spread(lambda m: m["test"]["macro_f1"]),
-            spread(lambda m: m["val"]["weighted_f1"]),
+            spread(runs, lambda m: m["test"]["weighted_f1"]),
+            spread(runs, lambda m: m["test"]["macro_f1"]),
+            spread(runs, lambda m: m["val"]["weighted_f1"]),
             f"{statistics.mean(m['train']['seconds'] for m in runs):.0f}",
         ]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
