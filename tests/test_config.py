@@ -79,7 +79,7 @@ def test_cli_help_lists_groups_and_options():
         "adapter: dora, full, ia3, lora, none, prompt_tuning, ptuning, ptuning_v2",
         "dataset: chsims, csv, dailydialog, emocontext, emorynlp, friends, hf, iemocap, jsonl, m3ed, mastodon, meld, "
         "meld_sentiment, mosi2, mosi3, sst2, sst5",
-        "experiment: cpu_budget, cpu_full, own_data",
+        "experiment: cpu_budget, cpu_full, erc_best, own_data",
         "head: classifier, lm",
         "launcher: joblib, submitit_local, submitit_slurm",
         "logger: csv, mlflow, none, tensorboard, wandb",

@@ -335,3 +335,14 @@ def test_the_erc_report_reads_each_jobs_committed_results(tmp_path):
     lines = table(tmp_path).splitlines()
     assert lines[-1] == "| meld-erc_best | 3 | 63.0 ± 1.0 | 41.8 ± 0.0 | 58.3 ± 0.0 | 906 |"
     assert len(lines[-3].split("|")) == len(lines[-2].split("|")) == len(lines[-1].split("|"))
+
+
+def test_the_erc_preset_is_the_winning_jobs_configuration():
+    from experiments.common import compose_config
+    from experiments.erc.jobs import JOBS, WINNER
+
+    for dataset in ("meld", "emorynlp"):
+        preset = compose_config([f"dataset={dataset}", "+experiment=erc_best"])
+        winner = compose_config([f"dataset={dataset}", *JOBS[WINNER][1:]])
+        assert preset == winner
+        assert compose_config(JOBS[f"{dataset}-erc_best-seed43"]).seed == 43

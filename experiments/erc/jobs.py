@@ -35,6 +35,15 @@ JOBS = {
     for step, extra in STEPS.items()
 }
 
+# The winning combination (conf/experiment/erc_best.yaml, the configuration of the MELD job
+# WINNER) with three seeds.
+WINNER = "meld-best"
+JOBS |= {
+    f"{dataset}-erc_best-seed{seed}": [f"dataset={dataset}", "+experiment=erc_best", f"seed={seed}"]
+    for dataset in ("meld", "emorynlp")
+    for seed in (42, 43, 44)
+}
+
 
 def main() -> None:
     job_list(__doc__, JOBS, HERE / "runs", Path("outputs/erc"), commit_each=True)
