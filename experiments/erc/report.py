@@ -1,8 +1,8 @@
 """The erc study's tables from its committed results (runs/<job>/metrics.json): each job's test
 weighted F1 (MELD's and EmoryNLP's metric of record), macro F1, dev weighted F1, the weakest
 classes' F1, the best epoch, training and test-evaluation time and prompt length; then each
-configuration run with several seeds (jobs named <configuration>-seed<N>), as mean ± standard
-deviation over its seeds.
+job run with other seeds too (jobs named <job>-seed<N>), as mean ± standard deviation over
+its seeds.
 
     python -m experiments.erc.report
 """
@@ -58,6 +58,9 @@ def seed_rows(found: dict) -> list[str]:
     for name, job in found.items():
         if match := re.fullmatch(r"(.+)-seed\d+", name):
             groups[match[1]].append(job["metrics"])
+    for name in groups:
+        if name in found:  # the job itself, with its own seed
+            groups[name].insert(0, found[name]["metrics"])
     rows = []
     for name, runs in groups.items():
         cells = [
