@@ -8,7 +8,7 @@ example, drawn with the run's seed from the training utterances whose speaker sa
 MIN_UTTERANCES of them and whose dialogue has another such speaker. The answer is read by a
 linear head of its own over the final hidden state at the prompt's last token (the state the
 emotion head, or the LM head, reads there), over the training split's speakers and masked to the
-dialogue's own. Its rows start from the input embeddings of each name's first token, as
+dialogue's own. Its rows start from the input embeddings of each name's tokens, as
 head=classifier's rows start from the labels'. The head trains with the adapter, is saved in
 checkpoints with it, and is dropped after training: the saved adapter is the emotion task's only.
 
@@ -93,12 +93,15 @@ def speaker_task(tokenizer, fmt: PromptFormat, question: str, train: list[Exampl
 
 def attach_head(model, tokenizer, names: list[str]) -> torch.nn.Linear:
     """The speaker head, set on `model` (so the optimizer, checkpoints and the best epoch's
-    weights hold it), each row from its name's first token's input embedding."""
+    weights hold it), each row the mean input embedding of its name's tokens (a tokenizer's
+    lone word-start token, as SentencePiece's "▁", left out: it would make every row alike)."""
     embeddings = model.get_input_embeddings().weight
-    first = [tokenizer(f" {n}", add_special_tokens=False)["input_ids"][0] for n in names]
     head = torch.nn.Linear(embeddings.shape[1], len(names), bias=False, device=embeddings.device)
     with torch.no_grad():
-        head.weight.copy_(embeddings[first].float())
+        for row, name in enumerate(names):
+            ids = tokenizer(f" {name}", add_special_tokens=False)["input_ids"]
+            ids = [i for i in ids if tokenizer.decode([i]).strip()] or ids
+            head.weight[row] = embeddings[ids].float().mean(0)
     setattr(model, HEAD, head)
     return head
 

@@ -80,8 +80,11 @@ def test_the_head_reads_the_last_prompt_token_and_its_loss_trains(tiny_model):
     logits = model(torch.tensor([[8, 9]])).logits[0, -1]
     assert torch.allclose(model.lm_head(states[1]), logits, atol=1e-5)
     head = attach_head(model, tokenizer, ["A", "B", "C"])
-    first = tokenizer(" B", add_special_tokens=False)["input_ids"][0]
-    assert torch.equal(head.weight[1], model.get_input_embeddings().weight[first].float())
+    # This tokenizer writes " B" as a lone space token and "B": the row is "B"'s embedding.
+    space, letter = tokenizer(" B", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode([space]) == " "
+    assert torch.equal(head.weight[1], model.get_input_embeddings().weight[letter].float())
+    assert not torch.equal(head.weight[0], head.weight[1])
     task = SpeakerTask(["A", "B", "C"], prompts, [2, 0], [[0, 2], [0, 1]])
     loss = speaker_loss(model, head, task, [0, 1], tokenizer.pad_token_id)
     # Each row's cross-entropy over its own candidates only.
