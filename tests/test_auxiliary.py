@@ -95,21 +95,26 @@ def test_the_head_reads_the_last_prompt_token_and_its_loss_trains(tiny_model):
     assert getattr(model, HEAD).weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("head", ["lm", "classifier"])
-def test_a_run_with_speaker_identification(make_cfg, tmp_path, head):
+# The classifier with P-Tuning v2 (the study's configuration: the prefix's virtual tokens come first).
+@pytest.mark.parametrize("head,adapter", [("lm", "lora"), ("classifier", "ptuning_v2")])
+def test_a_run_with_speaker_identification(make_cfg, tmp_path, head, adapter):
     cfg = make_cfg(
-        f"head={head}", "adapter=lora", "trainer.aux=[speaker]", "trainer.aux_ratio=0.5", "trainer.checkpoint_every=1"
+        f"head={head}",
+        f"adapter={adapter}",
+        "trainer.aux=[speaker]",
+        "trainer.aux_ratio=0.5",
+        "trainer.checkpoint_every=1",
     )
-    metrics = run(cfg)
-    plain_cfg = make_cfg(f"head={head}", "adapter=lora")
+    result = run(cfg)
+    plain_cfg = make_cfg(f"head={head}", f"adapter={adapter}")
     plain_cfg.output_dir = str(tmp_path / "plain")
     plain = run(plain_cfg)
-    # 16 emotion and 8 speaker examples a epoch, in batches of 4: 6 steps an epoch against 4.
-    assert (metrics["train"]["steps"], plain["train"]["steps"]) == (12, 8)
-    assert metrics["train"]["examples"] == 2 * 24
+    # 16 emotion and 8 speaker examples an epoch, in batches of 4: 6 steps an epoch against 4.
+    assert (result["train"]["steps"], plain["train"]["steps"]) == (12, 8)
+    assert result["train"]["examples"] == 2 * 24
     assert (
-        metrics["test"]["confusion_matrix"] != plain["test"]["confusion_matrix"]
-        or metrics["train"]["losses"] != plain["train"]["losses"]
+        result["test"]["confusion_matrix"] != plain["test"]["confusion_matrix"]
+        or result["train"]["losses"] != plain["train"]["losses"]
     )
     out, plain_out = Path(cfg.output_dir), Path(plain_cfg.output_dir)
     # Checkpoints hold the speaker head (a resumed run continues it); the saved adapter does not.
@@ -117,14 +122,14 @@ def test_a_run_with_speaker_identification(make_cfg, tmp_path, head):
     assert any(HEAD in name for name in weights)
     saved = load_file(out / "adapter" / "adapter_model.safetensors")
     assert set(saved) == set(load_file(plain_out / "adapter" / "adapter_model.safetensors"))
-    assert json.loads((out / "metrics.json").read_text())["test"] == metrics["test"]
+    assert json.loads((out / "metrics.json").read_text())["test"] == result["test"]
     if head == "classifier":  # resumed from the checkpoint before the last step: the same run
         again = tmp_path / "again"
         shutil.copytree(out, again)
         shutil.rmtree(checkpoints(again)[-1])
         cfg.output_dir, cfg.resume = str(again), True
         resumed = run(cfg)
-        assert resumed["train"]["losses"] == metrics["train"]["losses"] and resumed["test"] == metrics["test"]
+        assert resumed["train"]["losses"] == result["train"]["losses"] and resumed["test"] == result["test"]
 
 
 def test_what_refuses_it(make_cfg):
