@@ -1,10 +1,12 @@
 """Issue 43's ablation on MELD and EmoryNLP: the current best configuration (P-Tuning v2 with the
-classification head and logit adjustment 0.5, experiments/classifiers/), then dialogue context,
-a speaker-aware prompt, their combination, and retrieved demonstrations on top (k = 2 and 4 by
-similarity, one per label). Speaker identification and 2-3 epochs join as they are built. Each
-job is one emorec run (seed 42, one epoch of the full training split, the whole test set),
-resumable; each finished job's config and metrics (no predictions: they hold the datasets' text)
-go to runs/<job>/ and are committed at once, so a later session continues where this one stopped.
+classification head and logit adjustment 0.5, experiments/classifiers/), then one technique added
+to it per job: dialogue context, a speaker-aware prompt (two wordings), both, retrieved
+demonstrations (k = 2 and 4 by similarity, one per label), speaker identification as an auxiliary
+task, 2 and 3 epochs; and the winners' other seeds. Each job is one emorec run (seed 42 unless
+named -seed<N>, one epoch of the full training split unless named -epochs<N>, the whole test
+set), resumable; each finished job's config and metrics (no predictions: they hold the datasets'
+text) go to runs/<job>/ and are committed at once, so a later session continues where this one
+stopped.
 
     EMOREC_DATA_DIR=../shared/datasets python -m experiments.erc.jobs [--only JOB ...]
     python -m experiments.erc.jobs --list
