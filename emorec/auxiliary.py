@@ -70,12 +70,19 @@ def speaker_items(train: list[Example], ratio: float, seed: int):
     return names, [(ex, index[ex.speaker], sorted(dialogues[ex.dialogue_id])) for ex in items]
 
 
-def speaker_task(tokenizer, fmt: PromptFormat, question: str, train: list[Example], settings: tuple) -> SpeakerTask:
+def speaker_task(
+    tokenizer,
+    fmt: PromptFormat,
+    question: str,
+    train: list[Example],
+    ratio: float,
+    seed: int,
+    max_length: int,
+    window: int,
+) -> SpeakerTask:
     """The speaker examples' prompts: `question` ({labels}: the dialogue's speakers, {text}) in
     place of the instruction, the utterance shown without its speaker (and without
-    demonstrations), its earlier turns as the emotion prompts show them. `settings`: (ratio, seed,
-    max_length, context_window)."""
-    ratio, seed, max_length, window = settings
+    demonstrations), its earlier `window` turns as the emotion prompts show them."""
     names, items = speaker_items(train, ratio, seed)
     asked = replace(fmt, template=question, speaker_template=None)
     by_choice = defaultdict(list)  # one call per candidate list: its wording is the label list's

@@ -35,6 +35,7 @@ from emorec.results import describe, export, write_metrics
 from emorec.settings import check_config, check_resume_config
 from emorec.sharded import ShardedState, equal_forwards, gathered_state, is_sharded, leave_group
 from emorec.tasks import Balance
+from emorec.tensors import trained_weights
 from emorec.train import Passes, Plan, train
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def run(cfg: DictConfig) -> dict:
             train_stats = None
             if cfg.adapter.train:
                 optimizer = Optimizer(instantiate(cfg.optimizer), cfg.head.get("lr"))
-                aux = auxiliary(built.tokenizer, spec, data.train, (cfg.seed, window))
+                aux = auxiliary(built.tokenizer, spec, data.train, cfg.seed, window)
                 train_stats = fit(built, (ids["train"], targets, aux), cfg.trainer, optimizer, env, logger, best)
             val = best.val or evaluate(ids["dev"], data.dev, "val")
             test = evaluate(ids["test"], data.test, "test")
@@ -147,12 +148,12 @@ def evaluator(built: Built, env: Env, batch_size: int, data: Data):
     return evaluate
 
 
-def auxiliary(tokenizer, spec: Spec, train: list, seed_window: tuple) -> SpeakerTask | None:
+def auxiliary(tokenizer, spec: Spec, train: list, seed: int, window: int) -> SpeakerTask | None:
     """The auxiliary task's training examples (trainer.aux), or None."""
     if "speaker" not in spec.trainer.aux:
         return None
-    settings = (spec.trainer.aux_ratio, seed_window[0], spec.trainer.max_length, seed_window[1])
-    task = speaker_task(tokenizer, prompt_format(spec.prompt), spec.prompt.speaker_question, train, settings)
+    fmt, question = prompt_format(spec.prompt), spec.prompt.speaker_question
+    task = speaker_task(tokenizer, fmt, question, train, spec.trainer.aux_ratio, seed, spec.trainer.max_length, window)
     log.info("trainer.aux: %d speaker-identification examples over %d speakers", len(task.prompts), len(task.names))
     return task
 
@@ -218,7 +219,9 @@ def training_passes(built: Built, trained, training: tuple, env: Env, batch_size
     task = built.engine.for_training(built.task, trained, prompts, targets, batch_size)
     n = len(prompts)  # rows from n on are the auxiliary task's (Passes.kind keeps them apart)
     pad_id = built.tokenizer.pad_token_id
-    weights = [p for p in built.model.parameters() if p.requires_grad] if aux else []
+    # In one process too: the zero term (see loss_of) gives every weight a gradient at every step,
+    # so the optimizer steps (moments, weight decay) are the same however many processes run.
+    weights = list(trained_weights(built.model).values()) if aux else []
 
     def loss_of(rows: list[int]) -> torch.Tensor:
         # Autocast is per thread: each training stream sets its own.

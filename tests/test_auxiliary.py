@@ -55,7 +55,7 @@ def test_the_question_lists_the_dialogues_speakers_and_hides_the_answer(tiny_mod
         tuple((e.speaker, e.text) for e in train[:i] if e.dialogue_id == ex.dialogue_id) for i, ex in enumerate(train)
     ]
     with_turns = [replace(ex, context=t) for ex, t in zip(train, turns)]
-    task = speaker_task(tokenizer, fmt, QUESTION, with_turns, (10.0, 0, 512, 1))
+    task = speaker_task(tokenizer, fmt, QUESTION, with_turns, 10.0, 0, 512, 1)
     assert task.names == ["A", "B"] and len(task.prompts) == len(train)
     text = tokenizer.decode(task.prompts[3])
     # The instruction is the question (not the speaker template), the current line has no name,
