@@ -15,6 +15,7 @@ import random
 import re
 import shutil
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -169,19 +170,25 @@ def restore_rng(state: dict, tensors: dict) -> None:
 class StopSignals:
     """Inside: SIGTERM, SIGINT and SIGUSR2 (what SLURM and submitit send before preemption or a
     time limit) only set `received`; the training loop checkpoints at the end of its step and
-    stops. A second signal stops at once. `forward()` then hands the signal to the handler that
-    was there before (submitit's, which requeues the job)."""
+    stops. A second signal stops at once, unless it is the first again within `REPEAT_S`: one
+    request delivered twice (SLURM signals every process of a job step, and a parent process that
+    hands it on, torchrun or a study's runner, delivers it once more). `forward()` then hands the
+    signal to the handler that was there before (submitit's, which requeues the job)."""
 
     SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR2")
+    REPEAT_S = 1.0
 
     def __init__(self):
         self.received: str | None = None
+        self.at = 0.0
         self.previous: dict = {}
 
     def _handle(self, signum, frame):
-        if self.received is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received, self.at = name, time.monotonic()
+        elif name != self.received or time.monotonic() - self.at > self.REPEAT_S:
+            raise KeyboardInterrupt(f"second {name}")
 
     def __enter__(self):
         for name in self.SIGNALS:

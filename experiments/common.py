@@ -11,6 +11,7 @@ that folder alone, by anyone, without the run directories.
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -63,12 +64,16 @@ def load_data(overrides: list[str]):
 
 def run_job(job: Job, outputs: Path, results: Path, python: str = sys.executable) -> None:
     """Run (or continue) one job in outputs/<name>, then copy its config and metrics (per-step
-    losses rounded to 4 decimals) to results/<name>. A failed job raises, its run directory kept
-    for `resume=true`."""
+    losses rounded to 4 decimals) to results/<name>. A failed job raises CalledProcessError, one
+    stopped by a signal SystemExit; either way its run directory is kept for `resume=true`."""
     out = outputs / job.name
     command = [python, "-m", "emorec", *job.overrides, f"hydra.run.dir={out}", "resume=true"]
     print(f"[{time.strftime('%H:%M:%S')}] {job.name}: {' '.join(command[2:])}", flush=True)
-    subprocess.run(command, check=True)
+    code, stopped_by = run_child(command)
+    if stopped_by:  # the study stops too (a failed job's CalledProcessError lets a study go on)
+        sys.exit(f"study: {job.name} stopped by {stopped_by}; run the study again to continue it from {out}")
+    if code:
+        raise subprocess.CalledProcessError(code, command)
     target = results / job.name
     target.mkdir(parents=True, exist_ok=True)
     shutil.copy(out / "config.yaml", target / "config.yaml")
@@ -76,6 +81,27 @@ def run_job(job: Job, outputs: Path, results: Path, python: str = sys.executable
     if metrics.get("train"):
         metrics["train"]["losses"] = [round(x, 4) for x in metrics["train"]["losses"]]
     (target / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+
+
+def run_child(command: list[str]) -> tuple[int, str | None]:
+    """Run `command` to its end: its exit status, and the signal that stopped this process
+    meanwhile, if any. SIGINT and SIGTERM sent to this process are handed on to the child, and
+    this process waits while it checkpoints and exits (subprocess.run would kill it a quarter of a
+    second after a Ctrl-C, its checkpoint unwritten); emorec reads the same signal delivered twice,
+    here and by the terminal or SLURM, as one."""
+    child = subprocess.Popen(command)
+    received = []
+
+    def forward(signum, frame):
+        received.append(signal.Signals(signum).name)
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait(), (received or [None])[0]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def job_list(doc: str, jobs: dict[str, list[str]], results: Path, outputs: Path, commit_each: bool = False) -> None:
@@ -94,7 +120,11 @@ def job_list(doc: str, jobs: dict[str, list[str]], results: Path, outputs: Path,
         if args.list:
             print(f"{name:36s} {'done' if done else 'to run'}  {' '.join(jobs[name])}")
         elif not done:
-            run_job(Job(name, jobs[name]), args.outputs, results)
+            try:
+                run_job(Job(name, jobs[name]), args.outputs, results)
+            except subprocess.CalledProcessError as stopped:
+                again = f"run the study again to continue it from {args.outputs / name}"
+                sys.exit(f"study: job {name} stopped (exit status {stopped.returncode}); {again}")
             if commit_each:
                 commit(results / name, f"{results.parent.name}: job {name}")
 
