@@ -90,7 +90,7 @@ def run_child(command: list[str]) -> tuple[int, str | None]:
     second after a Ctrl-C, its checkpoint unwritten); emorec reads the same signal delivered twice,
     here and by the terminal or SLURM, as one."""
     child = subprocess.Popen(command)
-    received = []
+    received: list[str] = []
 
     def forward(signum, frame):
         received.append(signal.Signals(signum).name)
@@ -98,7 +98,8 @@ def run_child(command: list[str]) -> tuple[int, str | None]:
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return child.wait(), (received or [None])[0]
+        code = child.wait()
+        return code, received[0] if received else None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
