@@ -4,11 +4,13 @@ classes' F1, the best epoch, training and test-evaluation time and prompt length
 job run with other seeds too (jobs named <job>-seed<N>), as mean ± standard deviation over
 its seeds.
 
-    python -m experiments.erc.report
+    python -m experiments.erc.report               # runs/
+    python -m experiments.erc.report experiments/erc/xeon   # another folder of such runs
 """
 
 import re
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -84,4 +86,4 @@ def table(results: Path = HERE / "runs") -> str:
 
 
 if __name__ == "__main__":
-    print(table(), end="")
+    print(table(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "runs"), end="")
