@@ -86,4 +86,7 @@ def table(results: Path = HERE / "runs") -> str:
 
 
 if __name__ == "__main__":
-    print(table(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "runs"), end="")
+    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "runs"
+    if not any(folder.glob("*/metrics.json")):
+        sys.exit(f"report: no <job>/metrics.json in {folder}; pass a folder of runs such as experiments/erc/xeon")
+    print(table(folder), end="")
