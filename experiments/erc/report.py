@@ -8,6 +8,7 @@ its seeds.
     python -m experiments.erc.report experiments/erc/xeon   # another folder of such runs
 """
 
+import argparse
 import re
 import statistics
 import sys
@@ -85,8 +86,14 @@ def table(results: Path = HERE / "runs") -> str:
     return "\n".join(lines) + "\n"
 
 
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="?", type=Path, default=HERE / "runs", help="a folder of <job>/metrics.json")
+    runs = parser.parse_args(argv).runs
+    if not any(runs.glob("*/metrics.json")):
+        sys.exit(f"report: no <job>/metrics.json in {runs}; pass a folder of runs such as experiments/erc/xeon")
+    print(table(runs), end="")
+
+
 if __name__ == "__main__":
-    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "runs"
-    if not any(folder.glob("*/metrics.json")):
-        sys.exit(f"report: no <job>/metrics.json in {folder}; pass a folder of runs such as experiments/erc/xeon")
-    print(table(folder), end="")
+    main()
