@@ -33,6 +33,10 @@ STEPS["-epochs3"] = ["trainer.epochs=3"]
 # Half the batch: twice the updates from one epoch's tokens (measured: 1.22x the one-epoch time on
 # the CPU); does it give the second epoch's gain for about one epoch's time?
 STEPS["-batch8"] = ["trainer.batch_size=8"]
+# The preset's levers left (at its cost: 2 epochs): the prefix's learning rate, chosen on 125 steps
+# (experiments/classifiers), may be too high for 1,250; a longer prefix.
+STEPS["-epochs2-lr1e-2"] = [*STEPS["-epochs2"], "adapter.lr=1.0e-2"]
+STEPS["-epochs2-prefix64"] = [*STEPS["-epochs2"], "adapter.num_virtual_tokens=64"]
 # name -> the run's overrides (every other setting is emorec's default).
 JOBS = {
     f"{dataset}-best{step}": [f"dataset={dataset}", *BEST, *extra]
