@@ -346,3 +346,41 @@ def test_the_erc_preset_is_the_winning_jobs_configuration():
         dataset, *overrides = JOBS[name]
         assert compose_config([dataset, "+experiment=erc_best"]) == compose_config([dataset, *overrides])
         assert compose_config(JOBS[f"{name}-seed43"]).seed == 43
+
+
+def test_logit_adjustment_is_retuned_from_probabilities_already_adjusted(tmp_path):
+    from experiments.classifiers.report import adjusted
+
+    prior = [0.8, 0.2]
+    # Unadjusted score differences a - b; tau t predicts a where d > t * log(0.8 / 0.2) = t * 1.386.
+    # Gold follows tau 1: the row at 1.2 is b (tau 0.75 says a), the row at 1.6 is a (tau 1.25 says b).
+    rows = [(3.0, "a"), (1.2, "b"), (1.6, "a"), (-1.0, "b")]
+
+    def saved(applied: float) -> Path:
+        path = tmp_path / f"applied{applied}.csv"
+        lines = ["split,id,text,gold,prediction,generated,score_a,score_b"]
+        for split in ("dev", "test"):
+            for i, (d, gold) in enumerate(rows):
+                logits = torch.tensor([d, 0.0]) - applied * torch.tensor(prior).log()
+                p = torch.softmax(logits, -1).tolist()
+                lines.append(f"{split},{i},x,{gold},,,{p[0]:.9f},{p[1]:.9f}")
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    raw = adjusted(saved(0.0), ["a", "b"], prior, by="weighted_f1")
+    readjusted = adjusted(saved(0.5), ["a", "b"], prior, applied=0.5, by="weighted_f1")
+    assert raw["tau"] == readjusted["tau"] == 1.0
+    assert raw["test"]["weighted_f1"] == readjusted["test"]["weighted_f1"] == 1.0
+    # Read as if unadjusted, the same file is tuned from the wrong start.
+    assert adjusted(saved(0.5), ["a", "b"], prior, by="weighted_f1")["tau"] == 0.5
+    # The erc report's table of it, per job whose predictions are at hand.
+    from experiments.erc.report import retuned_rows
+
+    (tmp_path / "out" / "job").mkdir(parents=True)
+    shutil.copy(saved(0.5), tmp_path / "out" / "job" / "predictions.csv")
+    data = {"labels": ["a", "b"], "train_counts": {"a": 8, "b": 2}}
+    found = {
+        "job": {"config": {"trainer": {"logit_adjust": 0.5}}, "metrics": {"data": data, "test": {"weighted_f1": 0.75}}}
+    }
+    assert retuned_rows(found, tmp_path / "out") == ["| job | 0.5 | 1 | 100.0 | +25.0 | 100.0 |"]
+    assert retuned_rows(found, tmp_path / "elsewhere") == []

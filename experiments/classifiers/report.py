@@ -38,8 +38,12 @@ def describe(config: dict) -> dict:
     }
 
 
-def adjusted(path: Path, labels: list[str], prior: list[float]) -> dict | None:
-    """Post-hoc logit adjustment from a job's predictions: the dev-best tau, and test metrics under it."""
+def adjusted(
+    path: Path, labels: list[str], prior: list[float], applied: float = 0.0, by: str = "macro_f1"
+) -> dict | None:
+    """Post-hoc logit adjustment from a job's predictions: the tau of TAUS best on dev by `by`, and
+    test metrics under it. `applied`: the tau the job's saved probabilities already carry (its
+    trainer.logit_adjust), added back first: log p + applied * log prior is the unadjusted score."""
     if not path.is_file():
         return None
     with open(path, newline="") as f:
@@ -50,15 +54,17 @@ def adjusted(path: Path, labels: list[str], prior: list[float]) -> dict | None:
         preds = [
             max(
                 range(len(labels)),
-                key=lambda i: math.log(max(float(r[f"score_{labels[i]}"]), 1e-30)) - tau * math.log(prior[i]),
+                key=lambda i: (
+                    math.log(max(float(r[f"score_{labels[i]}"]), 1e-30)) + (applied - tau) * math.log(prior[i])
+                ),
             )
             for r in part
         ]
         golds = [labels.index(r["gold"]) for r in part]
         return classification_metrics(preds, golds, labels, 0)
 
-    best = max(TAUS, key=lambda t: metrics("dev", t)["macro_f1"])
-    return {"tau": best, "test": metrics("test", best)}
+    best = max(TAUS, key=lambda t: metrics("dev", t)[by])
+    return {"tau": best, "dev": metrics("dev", best), "test": metrics("test", best)}
 
 
 def main() -> None:

@@ -6,6 +6,12 @@ its seeds.
 
     python -m experiments.erc.report               # runs/
     python -m experiments.erc.report experiments/erc/xeon   # another folder of such runs
+    python -m experiments.erc.report --outputs outputs/erc   # + logit adjustment's tau chosen on dev
+
+With --outputs, each job whose predictions.csv is still in <outputs>/<job>/ (they are not committed:
+they hold the datasets' text) also gets logit adjustment's tau chosen on its dev predictions by the
+metric of record (experiments.classifiers.report.TAUS) and test weighted F1 under it, against the
+job's own tau: does choosing tau per run pay?
 """
 
 import argparse
@@ -15,6 +21,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from experiments.classifiers.report import adjusted
 from experiments.common import read_results
 
 HERE = Path(__file__).parent
@@ -22,6 +29,7 @@ COLUMNS = (
     "| job | test weighted F1 | test macro F1 | dev weighted F1 | disgust F1 | fear F1 | best epoch "
     "| training s | test eval s | prompt tokens |"
 )
+RETUNED = "| job | its tau | tau chosen on dev | test weighted F1 at it | change | dev weighted F1 at it |"
 SEEDS = "| configuration | seeds | test weighted F1 | test macro F1 | dev weighted F1 | training s |"
 
 
@@ -77,6 +85,22 @@ def seed_rows(found: dict) -> list[str]:
     return rows
 
 
+def retuned_rows(found: dict, outputs: Path) -> list[str]:
+    """Per job with predictions in outputs/<job>/: the dev-best tau of logit adjustment, test under it."""
+    rows = []
+    for name, job in found.items():
+        metrics, applied = job["metrics"], job["config"]["trainer"]["logit_adjust"]
+        labels, counts = metrics["data"]["labels"], metrics["data"]["train_counts"]
+        prior = [max(counts.get(label, 0), 1) / sum(counts.values()) for label in labels]
+        result = adjusted(outputs / name / "predictions.csv", labels, prior, applied, by="weighted_f1")
+        if result is None:
+            continue
+        test, own = result["test"]["weighted_f1"], metrics["test"]["weighted_f1"]
+        cells = [f"{applied:g}", f"{result['tau']:g}", f"{100 * test:.1f}", f"{100 * (test - own):+.1f}"]
+        rows.append(f"| {name} | " + " | ".join([*cells, f"{100 * result['dev']['weighted_f1']:.1f}"]) + " |")
+    return rows
+
+
 def table(results: Path = HERE / "runs") -> str:
     found = read_results(results)
     lines = [COLUMNS, "|" + "---|" * COLUMNS.count(" | ") + "---|"]
@@ -89,10 +113,13 @@ def table(results: Path = HERE / "runs") -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="?", type=Path, default=HERE / "runs", help="a folder of <job>/metrics.json")
-    runs = parser.parse_args(argv).runs
-    if not any(runs.glob("*/metrics.json")):
-        sys.exit(f"report: no <job>/metrics.json in {runs}; pass a folder of runs such as experiments/erc/xeon")
-    print(table(runs), end="")
+    parser.add_argument("--outputs", type=Path, help="the jobs' run directories, for tau chosen on dev")
+    args = parser.parse_args(argv)
+    if not any(args.runs.glob("*/metrics.json")):
+        sys.exit(f"report: no <job>/metrics.json in {args.runs}; pass a folder of runs such as experiments/erc/xeon")
+    print(table(args.runs), end="")
+    if args.outputs and (rows := retuned_rows(read_results(args.runs), args.outputs)):
+        print("", RETUNED, "|" + "---|" * RETUNED.count(" | ") + "---|", *rows, sep="\n")
 
 
 if __name__ == "__main__":
