@@ -350,6 +350,7 @@ def test_the_erc_preset_is_the_winning_jobs_configuration():
 
 def test_logit_adjustment_is_retuned_from_probabilities_already_adjusted(tmp_path):
     from experiments.classifiers.report import adjusted
+    from experiments.erc.report import retuned_rows
 
     prior = [0.8, 0.2]
     # Unadjusted score differences a - b; tau t predicts a where d > t * log(0.8 / 0.2) = t * 1.386.
@@ -374,8 +375,6 @@ def test_logit_adjustment_is_retuned_from_probabilities_already_adjusted(tmp_pat
     # Read as if unadjusted, the same file is tuned from the wrong start.
     assert adjusted(saved(0.5), ["a", "b"], prior, by="weighted_f1")["tau"] == 0.5
     # The erc report's table of it, per job whose predictions are at hand.
-    from experiments.erc.report import retuned_rows
-
     (tmp_path / "out" / "job").mkdir(parents=True)
     shutil.copy(saved(0.5), tmp_path / "out" / "job" / "predictions.csv")
     data = {"labels": ["a", "b"], "train_counts": {"a": 8, "b": 2}}

@@ -89,8 +89,10 @@ def retuned_rows(found: dict, outputs: Path) -> list[str]:
     """Per job with predictions in outputs/<job>/: the dev-best tau of logit adjustment, test under it."""
     rows = []
     for name, job in found.items():
-        metrics, applied = job["metrics"], job["config"]["trainer"]["logit_adjust"]
-        labels, counts = metrics["data"]["labels"], metrics["data"]["train_counts"]
+        metrics, applied = job["metrics"], job["config"]["trainer"].get("logit_adjust", 0.0)
+        labels, counts = metrics["data"]["labels"], metrics["data"].get("train_counts")
+        if not counts:  # a run from before metrics.json kept the training prior
+            continue
         prior = [max(counts.get(label, 0), 1) / sum(counts.values()) for label in labels]
         result = adjusted(outputs / name / "predictions.csv", labels, prior, applied, by="weighted_f1")
         if result is None:
