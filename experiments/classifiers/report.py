@@ -38,33 +38,48 @@ def describe(config: dict) -> dict:
     }
 
 
+def prior_of(labels: list[str], counts: dict[str, int] | None) -> list[float] | None:
+    """The training prior from the training split's label counts as the run saw them (a label never
+    seen counts once, as emorec's own adjustment does); None when the run did not keep them."""
+    total = sum((counts or {}).values())
+    return [max(counts.get(label, 0), 1) / total for label in labels] if total else None
+
+
 def adjusted(
     path: Path, labels: list[str], prior: list[float], applied: float = 0.0, by: str = "macro_f1"
 ) -> dict | None:
-    """Post-hoc logit adjustment from a job's predictions: the tau of TAUS best on dev by `by`, and
-    test metrics under it. `applied`: the tau the job's saved probabilities already carry (its
+    """Post-hoc logit adjustment from a job's predictions: the tau of TAUS best on dev by `by`, dev
+    and test metrics under it. `applied`: the tau the job's saved probabilities already carry (its
     trainer.logit_adjust), added back first: log p + applied * log prior is the unadjusted score."""
     if not path.is_file():
         return None
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
+    log_prior = [math.log(p) for p in prior]
+    # Each split's unadjusted scores and golds, read once for every tau.
+    splits = {
+        split: (
+            [
+                [
+                    math.log(max(float(r[f"score_{label}"]), 1e-30)) + applied * lp
+                    for label, lp in zip(labels, log_prior)
+                ]
+                for r in rows
+                if r["split"] == split
+            ],
+            [labels.index(r["gold"]) for r in rows if r["split"] == split],
+        )
+        for split in ("dev", "test")
+    }
 
     def metrics(split: str, tau: float) -> dict:
-        part = [r for r in rows if r["split"] == split]
-        preds = [
-            max(
-                range(len(labels)),
-                key=lambda i: (
-                    math.log(max(float(r[f"score_{labels[i]}"]), 1e-30)) + (applied - tau) * math.log(prior[i])
-                ),
-            )
-            for r in part
-        ]
-        golds = [labels.index(r["gold"]) for r in part]
+        scores, golds = splits[split]
+        preds = [max(range(len(labels)), key=lambda i: row[i] - tau * log_prior[i]) for row in scores]
         return classification_metrics(preds, golds, labels, 0)
 
-    best = max(TAUS, key=lambda t: metrics("dev", t)[by])
-    return {"tau": best, "dev": metrics("dev", best), "test": metrics("test", best)}
+    dev = {tau: metrics("dev", tau) for tau in TAUS}
+    best = max(TAUS, key=lambda tau: dev[tau][by])
+    return {"tau": best, "dev": dev[best], "test": metrics("test", best)}
 
 
 def main() -> None:
@@ -90,14 +105,9 @@ def main() -> None:
             f"{m['train']['losses'][0]:.2f} |"
         )
         labels = m["data"]["labels"]
-        counts = [0] * len(labels)
-        # The training prior, from the training split's label counts as the run saw them.
-        for label, n in (m["data"].get("train_counts") or {}).items():
-            counts[labels.index(label)] = n
-        if sum(counts) and not d["adjust"]:  # a job that adjusted its predictions already: not again
-            result = adjusted(
-                args.outputs / folder.name / "predictions.csv", labels, [max(c, 1) / sum(counts) for c in counts]
-            )
+        prior = prior_of(labels, m["data"].get("train_counts"))
+        if prior and not d["adjust"]:  # a job that adjusted its predictions already: not again
+            result = adjusted(args.outputs / folder.name / "predictions.csv", labels, prior)
             if result:
                 posthoc[folder.name] = {
                     "tau": result["tau"],

@@ -21,7 +21,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from experiments.classifiers.report import adjusted
+from experiments.classifiers.report import adjusted, prior_of
 from experiments.common import read_results
 
 HERE = Path(__file__).parent
@@ -90,12 +90,10 @@ def retuned_rows(found: dict, outputs: Path) -> list[str]:
     rows = []
     for name, job in found.items():
         metrics, applied = job["metrics"], job["config"]["trainer"].get("logit_adjust", 0.0)
-        labels, counts = metrics["data"]["labels"], metrics["data"].get("train_counts")
-        if not counts:  # a run from before metrics.json kept the training prior
-            continue
-        prior = [max(counts.get(label, 0), 1) / sum(counts.values()) for label in labels]
-        result = adjusted(outputs / name / "predictions.csv", labels, prior, applied, by="weighted_f1")
-        if result is None:
+        labels = metrics["data"]["labels"]
+        prior = prior_of(labels, metrics["data"].get("train_counts"))
+        result = prior and adjusted(outputs / name / "predictions.csv", labels, prior, applied, by="weighted_f1")
+        if not result:  # no predictions at hand, or a run from before metrics.json kept the prior
             continue
         test, own = result["test"]["weighted_f1"], metrics["test"]["weighted_f1"]
         cells = [f"{applied:g}", f"{result['tau']:g}", f"{100 * test:.1f}", f"{100 * (test - own):+.1f}"]
@@ -103,12 +101,18 @@ def retuned_rows(found: dict, outputs: Path) -> list[str]:
     return rows
 
 
-def table(results: Path = HERE / "runs") -> str:
-    found = read_results(results)
-    lines = [COLUMNS, "|" + "---|" * COLUMNS.count(" | ") + "---|"]
+def header(columns: str) -> list[str]:
+    """A markdown table's header row and its separator."""
+    return [columns, "|" + "---|" * columns.count(" | ") + "---|"]
+
+
+def table(results: Path = HERE / "runs", found: dict | None = None) -> str:
+    """The job table and the seed table of the runs in `results` (or `found`, read from them already)."""
+    found = read_results(results) if found is None else found
+    lines = header(COLUMNS)
     lines += [row(name, job["metrics"]) for name, job in found.items()]
     if seeds := seed_rows(found):
-        lines += ["", SEEDS, "|" + "---|" * SEEDS.count(" | ") + "---|", *seeds]
+        lines += ["", *header(SEEDS), *seeds]
     return "\n".join(lines) + "\n"
 
 
@@ -119,9 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not any(args.runs.glob("*/metrics.json")):
         sys.exit(f"report: no <job>/metrics.json in {args.runs}; pass a folder of runs such as experiments/erc/xeon")
-    print(table(args.runs), end="")
-    if args.outputs and (rows := retuned_rows(read_results(args.runs), args.outputs)):
-        print("", RETUNED, "|" + "---|" * RETUNED.count(" | ") + "---|", *rows, sep="\n")
+    found = read_results(args.runs)
+    print(table(found=found), end="")
+    if args.outputs and (rows := retuned_rows(found, args.outputs)):
+        print("", *header(RETUNED), *rows, sep="\n")
 
 
 if __name__ == "__main__":
