@@ -2,11 +2,11 @@
 classification head and logit adjustment 0.5, experiments/classifiers/), then one technique added to
 it per job: dialogue context, a speaker-aware prompt (two wordings), both, retrieved demonstrations
 (k = 2 and 4 by similarity, one per label), speaker identification as an auxiliary task, 2 and 3
-epochs, half the batch; and the preset candidates' other seeds. Each job is one emorec run (seed 42
-unless named -seed<N>, one epoch of the full training split unless named -epochs<N>, the whole test
-set), resumable; each finished job's config and metrics (no predictions: they hold the datasets'
-text) go to runs/<job>/ and are committed at once, so a later session continues where this one
-stopped.
+epochs, half the batch; full fine-tuning for one epoch; and the preset candidates' other seeds. Each
+job is one emorec run (seed 42 unless named -seed<N>, one epoch of the full training split unless
+named -epochs<N>, the whole test set), resumable; each finished job's config and metrics (no
+predictions: they hold the datasets' text) go to runs/<job>/ and are committed at once, so a later
+session continues where this one stopped.
 
     EMOREC_DATA_DIR=../shared/datasets python -m experiments.erc.jobs [--only JOB ...]
     python -m experiments.erc.jobs --list
@@ -50,12 +50,25 @@ LORA = ["head=classifier", "adapter=lora", "head.lr=2.0e-2", "trainer.logit_adju
 JOBS |= {
     f"{dataset}-lora-epochs2": [f"dataset={dataset}", *LORA, "trainer.epochs=2"] for dataset in ("meld", "emorynlp")
 }
+# Full fine-tuning: every weight of the 135M model trains (fp32 weights under bf16 autocast), the
+# head at lr 1e-3, the base at emorec's full-tuning lr 5e-5. One epoch of it fits the preset's budget
+# (measured on MELD: 1.46x the one-epoch P-Tuning v2 configuration's training time).
+FULL = ["head=classifier", "adapter=full", "head.lr=1.0e-3", "trainer.logit_adjust=0.5"]
+JOBS |= {f"{dataset}-full": [f"dataset={dataset}", *FULL] for dataset in ("meld", "emorynlp")}
 
 # Candidates for the preset: each also runs with seeds 43 and 44 as <job>-seed<N> (one seed's
 # difference under about a point is inside the seed spread). The winning combination
 # (conf/experiment/erc_best.yaml) is the configuration of WINNERS, chosen from them.
 # emorynlp-best-ctx1 is one: on seed 42 context moved EmoryNLP's test and dev in opposite directions.
-CANDIDATES = ("meld-best", "emorynlp-best", "meld-best-epochs2", "emorynlp-best-epochs2", "emorynlp-best-ctx1")
+CANDIDATES = (
+    "meld-best",
+    "emorynlp-best",
+    "meld-best-epochs2",
+    "emorynlp-best-epochs2",
+    "emorynlp-best-ctx1",
+    "meld-full",
+    "emorynlp-full",
+)
 WINNERS = ("meld-best-epochs2", "emorynlp-best-epochs2")
 JOBS |= {f"{name}-seed{seed}": [*JOBS[name], f"seed={seed}"] for name in CANDIDATES for seed in (43, 44)}
 
