@@ -55,6 +55,8 @@ JOBS |= {
 # (measured on MELD: 1.46x the one-epoch P-Tuning v2 configuration's training time).
 FULL = ["head=classifier", "adapter=full", "head.lr=1.0e-3", "trainer.logit_adjust=0.5"]
 JOBS |= {f"{dataset}-full": [f"dataset={dataset}", *FULL] for dataset in ("meld", "emorynlp")}
+# Its first steps' loss jumps (2.4 to 5.3 by step 4 of a 40-step probe): does a lower base lr pay?
+JOBS |= {f"{dataset}-full-lr2e-5": [*JOBS[f"{dataset}-full"], "adapter.lr=2.0e-5"] for dataset in ("meld", "emorynlp")}
 
 # Candidates for the preset: each also runs with seeds 43 and 44 as <job>-seed<N> (one seed's
 # difference under about a point is inside the seed spread). The winning combination
