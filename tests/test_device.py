@@ -218,6 +218,29 @@ def test_bf16_only_where_the_gpu_computes_it_natively(monkeypatch):
     assert use_bf16("fp32", CUDA) is False and use_bf16("bf16", CUDA) is True
 
 
+@pytest.mark.parametrize(
+    ("machine", "avx512_bf16", "amx", "onednn", "native"),
+    [
+        ("x86_64", False, False, True, False),  # AVX-512 without BF16 (Ice Lake): oneDNN says yes, emulated
+        ("x86_64", True, False, True, True),  # AVX-512 BF16 (Zen 4, Cooper Lake)
+        ("x86_64", False, True, True, True),  # AMX (Sapphire Rapids)
+        ("x86_64", False, False, False, False),  # AVX2 only
+        ("aarch64", False, False, True, True),  # Arm's BF16 extension: oneDNN's answer
+    ],
+)
+def test_bf16_only_where_the_cpu_computes_it(monkeypatch, machine, avx512_bf16, amx, onednn, native):
+    import platform
+
+    from emorec.fast import use_bf16
+
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
+    assert use_bf16("auto", torch.device("cpu")) is native
+    assert use_bf16("bf16", torch.device("cpu")) is True and use_bf16("fp32", torch.device("cpu")) is False
+
+
 def test_attention_kernel_per_device(monkeypatch):
     import importlib.util
 

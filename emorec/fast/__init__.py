@@ -41,6 +41,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from emorec.batches import row_batches, token_batches
 from emorec.distributed import DataParallel
+from emorec.env import cpu_computes_bf16
 from emorec.errors import EmorecError
 from emorec.fast.buckets import plan_buckets
 from emorec.fast.kernels import dispatch_kernels
@@ -141,12 +142,13 @@ class LoadPlan:
 def use_bf16(precision: str, device: torch.device) -> bool:
     """bf16 autocast where the hardware computes bf16 natively (tensor cores from Ampere, compute
     capability 8.0, on; AVX-512 BF16/AMX on CPUs): elsewhere it is emulated and slower than
-    fp32 (torch.cuda.is_bf16_supported() counts emulation on a V100 or T4 as support)."""
+    fp32 (torch.cuda.is_bf16_supported() counts emulation on a V100 or T4 as support, oneDNN's
+    check AVX-512 without BF16)."""
     if precision != "auto":
         return precision == "bf16"
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
-    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return device.type == "cpu" and cpu_computes_bf16()
 
 
 def plan_load(fast: Fast, device: torch.device, bf16: bool, trains_base: bool) -> LoadPlan:
