@@ -127,11 +127,14 @@ class Keep:
 class Checkpointer(Callback):
     """Checkpoints as `when` says, at each epoch's end, and when a signal arrives, after which
     training raises Interrupted. All processes stop at the same step; `store` writes and reads
-    the weights and optimizer state (WholeState, or emorec.sharded.ShardedState)."""
+    the weights and optimizer state (WholeState, or emorec.sharded.ShardedState). `precision`
+    (bf16 or fp32, what trainer.precision=auto chose on this machine) is saved with each
+    checkpoint: a run resumed on a machine that chooses otherwise is told so."""
 
-    def __init__(self, out: Path, store, scheduler, best: KeepBest, backward, when: Keep):
+    def __init__(self, out: Path, store, scheduler, best: KeepBest, backward, when: Keep, precision: str):
         self.out, self.store, self.scheduler, self.best = out, store, scheduler, best
         self.every, self.keep, self.stop, self.backward = when.every, when.keep, when.stop, backward
+        self.precision = precision
 
     def on_step(self, progress: TrainingProgress, epoch: float) -> None:
         signal_name = self.stop()
@@ -154,6 +157,7 @@ class Checkpointer(Callback):
             raise numerical_fault(f"weights are no longer finite after step {progress.step}")
         tensors = {"scheduler": self.scheduler.state_dict(), **torch_rng_state(), "generator": state.pop("generator")}
         state = {"progress": state, "best_value": self.best.value, "best_epoch": self.best.epoch}
+        state["precision"] = self.precision
         path = self.store.save(self.out, progress.step, self.best.state, tensors, state, self.keep)
         self.backward.barrier()
         return path
@@ -163,6 +167,15 @@ class Checkpointer(Callback):
         saved = self.store.restore(path)
         self.scheduler.load_state_dict(saved["tensors"]["scheduler"])
         state = saved["state"]
+        if state.get("precision", self.precision) != self.precision:  # checkpoints before it lack it
+            # trainer.precision=auto follows the hardware: a requeued job can land on another kind.
+            log.warning(
+                "resuming in %s a run whose checkpoint at step %d trained in %s: its steps mix the two "
+                "(a run that may move between machines keeps one when launched with trainer.precision=bf16 or fp32)",
+                self.precision,
+                state["progress"]["step"],
+                state["precision"],
+            )
         # The best epoch's validation is recomputed from its weights at the end (deterministic).
         self.best.value, self.best.epoch, self.best.state = state["best_value"], state["best_epoch"], saved["best"]
         restore_rng(state, saved["tensors"])

@@ -74,12 +74,17 @@ def test_kill_9_then_resume_gives_the_same_final_metrics(tiny_model, tmp_path, u
     state = json.loads(state_file.read_text())
     assert state["progress"]["wall_seconds"] > state["progress"]["seconds"] > 0  # loading, validation
     state["progress"]["wall_seconds"] = 1000.0  # as if the killed process had run for long
+    # The checkpoint says what precision trained it; one from a machine where trainer.precision=auto
+    # chose bf16 resumes here in fp32 with a warning (the run is still continued).
+    assert state["precision"] == "fp32"
+    state["precision"] = "bf16"
     state_file.write_text(json.dumps(state))
     start = time.perf_counter()
     resumed = emorec(tiny_model, run_dir, "resume=true")
     took = time.perf_counter() - start
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout and "step-00000006 at step 6" in resumed.stdout
+    assert "resuming in fp32 a run whose checkpoint at step 6 trained in bf16" in resumed.stdout
     assert final(run_dir) == uninterrupted
     assert len(uninterrupted["losses"]) == 10
     assert 1000.0 < json.loads((run_dir / "metrics.json").read_text())["wall_time_s"] < 1000.0 + took
