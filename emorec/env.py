@@ -33,6 +33,11 @@ class Env:
         return self.earlier + time.perf_counter() - self.start
 
     @property
+    def precision(self) -> str:
+        """What metrics.json and checkpoints record: bf16 (autocast) or fp32."""
+        return "bf16" if self.bf16 else "fp32"
+
+    @property
     def rank_world(self) -> tuple[int, int]:
         return rank_and_world(self.accelerator)
 

@@ -26,7 +26,7 @@ def describe(built: Built, env: Env, data: Data) -> dict:
         "dataset": data.name,
         "metric": data.metric,
         **built.task.describe(),
-        "precision": "bf16" if env.bf16 else "fp32",
+        "precision": env.precision,
         "hardware": hardware(env.device, env.rank_world[1]),
         "trainable_params": trainable,
         "total_params": total,

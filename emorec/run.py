@@ -187,7 +187,7 @@ def fit(built: Built, training: tuple, trainer: DictConfig, optimizer: Optimizer
     signals = StopSignals()
     when = Keep(trainer.checkpoint_every, trainer.keep_checkpoints, lambda: signals.received)
     store = ShardedState(model, optimizer) if is_sharded(model) else WholeState(model, optimizer, env.rank_world[0])
-    checkpointer = Checkpointer(env.out, store, scheduler, best, backward, when, "bf16" if env.bf16 else "fp32")
+    checkpointer = Checkpointer(env.out, store, scheduler, best, backward, when, env.precision)
     progress = checkpointer.restore(env.checkpoint) if env.checkpoint is not None else None
     if progress is not None:
         log.info("resuming from %s at step %d", env.checkpoint, progress.step)

@@ -56,7 +56,7 @@ FULL = ["head=classifier", "adapter=full", "head.lr=1.0e-3", "trainer.logit_adju
 JOBS |= {f"{dataset}-full": [f"dataset={dataset}", *FULL] for dataset in DATASETS}
 # Its first steps' loss jumps (2.4 to 5.3 by step 4 of a 40-step probe): does a lower base lr pay?
 JOBS |= {f"{dataset}-full-lr2e-5": [*JOBS[f"{dataset}-full"], "adapter.lr=2.0e-5"] for dataset in DATASETS}
-# 2e-5 lost a point on both datasets: does the other direction pay? (Not either: README.)
+# 2e-5 lost a point on both datasets: does the other direction pay? (It does not either: README.)
 JOBS |= {f"{dataset}-full-lr1e-4": [*JOBS[f"{dataset}-full"], "adapter.lr=1.0e-4"] for dataset in DATASETS}
 
 # Candidates for the preset: each also runs with seeds 43 and 44 as <job>-seed<N> (one seed's
