@@ -76,6 +76,8 @@ CANDIDATES = (
     "emorynlp-best-ctx1",
     "meld-full",
     "emorynlp-full",
+    "meld-lora_all-epochs2",
+    "emorynlp-lora_all-epochs2",
 )
 WINNERS = ("meld-best-epochs2", "emorynlp-best-epochs2")
 JOBS |= {f"{name}-seed{seed}": [*JOBS[name], f"seed={seed}"] for name in CANDIDATES for seed in (43, 44)}
