@@ -79,7 +79,7 @@ CANDIDATES = (
     "meld-lora_all-epochs2",
     "emorynlp-lora_all-epochs2",
 )
-WINNERS = ("meld-best-epochs2", "emorynlp-best-epochs2")
+WINNERS = ("meld-lora_all-epochs2", "emorynlp-lora_all-epochs2")
 JOBS |= {f"{name}-seed{seed}": [*JOBS[name], f"seed={seed}"] for name in CANDIDATES for seed in (43, 44)}
 
 
