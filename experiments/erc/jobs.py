@@ -105,7 +105,8 @@ CANDIDATES = (
     "meld-lora_all_r32-epochs2",
     "emorynlp-lora_all_r32-epochs2",
     # Not a candidate by dev (seed 42: 58.2 against the preset's 59.9), but its test rose 0.6 to
-    # 63.6: do MELD's dev and test disagree about LoRA's learning rate over three seeds?
+    # 63.6: do MELD's dev and test disagree about LoRA's learning rate over three seeds? (Test
+    # ties the preset, 62.7 ± 0.9; dev is lower on every seed, 58.4 ± 0.7: README.)
     "meld-lora_all_r32-epochs2-lr1e-3",
 )
 # Rank 32 over three seeds against rank 16's on the same AMD EPYC (amd/): MELD dev 59.7 against
