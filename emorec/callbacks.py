@@ -1,11 +1,12 @@
 """What happens around the training loop's steps (emorec.train): each a callback that sees
 every step and epoch end, and may end training before an epoch (`done`). Loss logging, the
-run's wall clock, validation keeping the best weights (and stopping early), checkpoints and
-stop signals."""
+run's wall clock, a moving average of the weights, validation keeping the best weights (and
+stopping early), checkpoints and stop signals."""
 
 import logging
 import math
 from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,16 +74,61 @@ class WallClock(Callback):
         progress.wall_seconds = self.wall()
 
 
+class Average(Callback):
+    """An exponential moving average of the trained weights (trainer.ema: its decay), updated
+    after every optimizer step, in fp32 beside them. Validation and the run's result use it
+    (`applied`, `install`) in place of the weights as they stand, which keep training. The decay
+    at step t is min(ema, (t - 1) / t): until the window of 1 / (1 - ema) steps is full, the
+    average is the plain mean of the weights after each step so far, so the start (an untrained
+    adapter) never weighs in it."""
+
+    def __init__(self, model, decay: float):
+        self.decay = decay
+        self.params = [local(p) for p in trained_weights(model).values()]
+        self.names = list(trained_weights(model))
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    def on_step(self, progress: TrainingProgress, epoch: float) -> None:
+        decay = min(self.decay, (progress.step - 1) / progress.step)
+        with torch.no_grad():
+            torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1 - decay)
+
+    @contextmanager
+    def applied(self):
+        """The average in the model's weights for the block, the weights as they were after it."""
+        kept = [p.detach().clone() for p in self.params]
+        self.install()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, kept)
+
+    def install(self) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.shadow)
+
+    def state_dict(self) -> dict:
+        return dict(zip(self.names, self.shadow))
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != set(self.names):
+            raise EmorecError("the checkpoint's weight average holds other weights; resume with the same adapter")
+        self.shadow = [state[n].to(s.device, s.dtype) for n, s in zip(self.names, self.shadow)]
+
+
 class KeepBest(Callback):
     """Validation at each epoch's end (`evaluate(desc)` returns (predictions, metrics)); the
     trainable weights of the best epoch by the metric of record stay in host memory (adapters are
     small; a fully fine-tuned model then takes no second copy on the GPU) and `restore` puts them
-    back. With `patience`, training stops early (`done`)."""
+    back. With `patience`, training stops early (`done`). `view()`: what the weights validated and
+    kept are (a context: the moving average, emorec.callbacks.Average; the weights by default)."""
 
     def __init__(self, model, evaluate, metric: str, log, patience: int | None = None):
         self.model, self.evaluate, self.metric, self.log = model, evaluate, metric, log
         self.value, self.epoch, self.state, self.val = -math.inf, None, None, None
         self.patience = patience
+        self.view = nullcontext
 
     def done(self, progress: TrainingProgress) -> bool:
         """Early stopping: `patience` epochs have passed without a better validation metric.
@@ -91,6 +137,10 @@ class KeepBest(Callback):
         return bool(self.patience) and self.epoch is not None and progress.epoch - self.epoch >= self.patience
 
     def on_epoch_end(self, progress: TrainingProgress) -> None:
+        with self.view():
+            self.validate(progress)
+
+    def validate(self, progress: TrainingProgress) -> None:
         result, m = self.evaluate(f"val epoch {progress.epoch}")
         self.log({f"val/{k}": m[k] for k in METRICS if k in m}, progress.step)
         log.info(
@@ -129,12 +179,13 @@ class Checkpointer(Callback):
     training raises Interrupted. All processes stop at the same step; `store` writes and reads
     the weights and optimizer state (WholeState, or emorec.sharded.ShardedState). `precision`
     (bf16 or fp32, what trainer.precision=auto chose on this machine) is saved with each
-    checkpoint: a run resumed on a machine that chooses otherwise is told so."""
+    checkpoint: a run resumed on a machine that chooses otherwise is told so. A weight average
+    (`average`, trainer.ema) is saved and restored with the rest."""
 
-    def __init__(self, out: Path, store, scheduler, best: KeepBest, backward, when: Keep, precision: str):
+    def __init__(self, out: Path, store, scheduler, best: KeepBest, backward, when: Keep, precision: str, average=None):
         self.out, self.store, self.scheduler, self.best = out, store, scheduler, best
         self.every, self.keep, self.stop, self.backward = when.every, when.keep, when.stop, backward
-        self.precision = precision
+        self.precision, self.average = precision, average
 
     def on_step(self, progress: TrainingProgress, epoch: float) -> None:
         signal_name = self.stop()
@@ -156,6 +207,8 @@ class Checkpointer(Callback):
         if self.backward.agree(torch.tensor([float(not finite)]))[0]:
             raise numerical_fault(f"weights are no longer finite after step {progress.step}")
         tensors = {"scheduler": self.scheduler.state_dict(), **torch_rng_state(), "generator": state.pop("generator")}
+        if self.average is not None:
+            tensors["average"] = self.average.state_dict()
         state = {"progress": state, "best_value": self.best.value, "best_epoch": self.best.epoch}
         state["precision"] = self.precision
         path = self.store.save(self.out, progress.step, self.best.state, tensors, state, self.keep)
@@ -166,6 +219,8 @@ class Checkpointer(Callback):
         """Load a checkpoint into the model, optimizer, scheduler, best-so-far and RNGs."""
         saved = self.store.restore(path)
         self.scheduler.load_state_dict(saved["tensors"]["scheduler"])
+        if self.average is not None:
+            self.average.load_state_dict(saved["tensors"]["average"])
         state = saved["state"]
         if state.get("precision", self.precision) != self.precision:  # checkpoints before it lack it
             # trainer.precision=auto follows the hardware: a requeued job can land on another kind.

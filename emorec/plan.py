@@ -8,6 +8,7 @@ Nothing here is a rule of thumb. The model is built from its config on PyTorch's
   what trains in fp32: emorec.fast.plan_load), counted;
 - optimizer state: the run's optimizer (conf/optimizer) stepped once on a small tensor, its
   state's bytes per weight counted, times the weights that train;
+- the weight average (trainer.ema): an fp32 copy of what trains;
 - activations: one training pass of the process's rows at T tokens each run on the meta model
   under autograd's saved-tensor hooks, every tensor kept for the backward counted once (each
   storage once, the weights left out); with activation checkpointing, each layer's input
@@ -161,6 +162,7 @@ def footprint(shapes: Shapes, settings: dict, processes: int, strategy: str) -> 
         "weights": (shapes.frozen * base + shapes.trained * 4) / n,
         "gradients": shapes.trained * 4 / n,
         "optimizer": shapes.trained * settings["optimizer_bytes"] / n,
+        "average": shapes.trained * 4 * settings["average"],  # trainer.ema's fp32 copy (never sharded)
     }
     # The pass's rows are this process's share of a batch: activations scale with them.
     share = math.ceil(settings["batch_size"] / processes) / settings["rows"]
@@ -178,7 +180,7 @@ def footprint(shapes: Shapes, settings: dict, processes: int, strategy: str) -> 
     training = sum(v for k, v in parts.items() if k != "checkpoint")
     # A checkpoint is written between steps (gradients and activations freed): on a CPU, where its
     # host memory is the run's, the peak is the larger moment; on a GPU it is training's.
-    writing = parts["weights"] + parts["optimizer"] + parts["checkpoint"]
+    writing = parts["weights"] + parts["optimizer"] + parts["average"] + parts["checkpoint"]
     parts["total"] = max(training, writing) if settings["on_cpu"] else training
     return parts
 
@@ -199,6 +201,7 @@ def plan(cfg: DictConfig, processes: list[int], tokens: int | None, device: str)
         "compute_bytes": torch.empty((), dtype=compute).element_size(),
         "optimizer_bytes": optimizer_bytes_per_weight(instantiate(cfg.optimizer)) if cfg.adapter.train else 0,
         "checkpointing": bool(cfg.trainer.activation_checkpointing),
+        "average": bool(cfg.adapter.train and cfg.trainer.get("ema")),
         "on_cpu": device == "cpu",
         "batch_size": cfg.trainer.batch_size,
         "rows": rows,
@@ -228,7 +231,7 @@ def main(argv: list[str]) -> None:
         f"{meta['trained']:,} weights train, {meta['frozen']:,} frozen; {'bf16' if meta['bf16'] else 'fp32'} compute; "
         f"activations at {meta['tokens_per_row']} tokens per row; GB per process:"
     )
-    keys = ["strategy", "processes", "weights", "gradients", "optimizer", "activations", "gathered", "total"]
+    keys = ["strategy", "processes", "weights", "gradients", "optimizer", "average", "activations", "gathered", "total"]
     keys.insert(-1 if args.device == "cpu" else len(keys), "checkpoint")  # host memory, beside a GPU's
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for row in rows:

@@ -18,7 +18,7 @@ from transformers import get_scheduler
 from emorec.auxiliary import HEAD, SpeakerTask, attach_head, detach_head, speaker_loss, speaker_task
 from emorec.batches import steps_per_epoch
 from emorec.build import Built, Optimizer, Spec, build, prompt_format, prompts_of
-from emorec.callbacks import Checkpointer, Keep, KeepBest, LogLoss, WallClock, WholeState
+from emorec.callbacks import Average, Checkpointer, Keep, KeepBest, LogLoss, WallClock, WholeState
 from emorec.checkpoint import FOLDER, Interrupted, StopSignals, checkpoints, find_checkpoint, tidy_checkpoints
 from emorec.data.records import SPLITS
 from emorec.data.splits import Data, load_splits
@@ -187,7 +187,10 @@ def fit(built: Built, training: tuple, trainer: DictConfig, optimizer: Optimizer
     signals = StopSignals()
     when = Keep(trainer.checkpoint_every, trainer.keep_checkpoints, lambda: signals.received)
     store = ShardedState(model, optimizer) if is_sharded(model) else WholeState(model, optimizer, env.rank_world[0])
-    checkpointer = Checkpointer(env.out, store, scheduler, best, backward, when, env.precision)
+    average = Average(model, trainer.ema) if trainer.ema else None
+    if average is not None:
+        best.view = average.applied  # validation, and the best epoch's weights kept, are the average's
+    checkpointer = Checkpointer(env.out, store, scheduler, best, backward, when, env.precision, average)
     progress = checkpointer.restore(env.checkpoint) if env.checkpoint is not None else None
     if progress is not None:
         log.info("resuming from %s at step %d", env.checkpoint, progress.step)
@@ -195,7 +198,7 @@ def fit(built: Built, training: tuple, trainer: DictConfig, optimizer: Optimizer
     log_loss = LogLoss(logger.log, scheduler, trainer.log_every, steps, progress.step if progress else 0, env.main)
     validating = [best] if trainer.val_every_epoch and best.evaluate else []
     clock = WallClock(env.wall)  # after validation, before the checkpointer saves the progress
-    callbacks = [log_loss, *validating, clock, checkpointer]
+    callbacks = [log_loss, *([average] if average else []), *validating, clock, checkpointer]
     plan = Plan(steps, trainer.batch_size, trainer.grad_accum, trainer.max_grad_norm, env.seed)
     with signals:
         try:
@@ -205,6 +208,8 @@ def fit(built: Built, training: tuple, trainer: DictConfig, optimizer: Optimizer
             signals.forward()
             raise
     best.restore()
+    if average is not None and best.state is None:  # no validation kept an epoch's weights
+        average.install()
     detach_head(model)  # the auxiliary head served training only
     stats = progress.summary()
     per_s = (stats["examples_per_s"], stats["tokens_per_s"])

@@ -161,6 +161,11 @@ def auxiliary_tasks(cfg: dict) -> None:
     cfg.setdefault("prompt", {}).setdefault("speaker_question", "Which of {labels} says this sentence: {text}")
 
 
+def weight_average(cfg: dict) -> None:
+    """12 -> 13 (issue 43): trainer.ema, the trained weights' moving average, off before."""
+    cfg.setdefault("trainer", {}).setdefault("ema", 0.0)
+
+
 DEMONSTRATIONS = {
     "demonstrations": 0,
     "demonstrations_by": "similar",
@@ -183,6 +188,7 @@ UPGRADES = [
     strategy,
     speaker_template,
     auxiliary_tasks,
+    weight_average,
 ]
 VERSION = len(UPGRADES)
 

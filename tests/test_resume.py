@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from emorec.checkpoint import checkpoints, tidy_checkpoints
@@ -88,6 +89,21 @@ def test_kill_9_then_resume_gives_the_same_final_metrics(tiny_model, tmp_path, u
     assert final(run_dir) == uninterrupted
     assert len(uninterrupted["losses"]) == 10
     assert 1000.0 < json.loads((run_dir / "metrics.json").read_text())["wall_time_s"] < 1000.0 + took
+
+
+def test_the_weight_average_resumes_with_the_run(tiny_model, tmp_path):
+    """trainer.ema: a run killed at step 7 and resumed ends as the same run never interrupted (the
+    average, checkpointed with the weights, goes on from where it was)."""
+    whole, run_dir = tmp_path / "whole", tmp_path / "run"
+    assert emorec(tiny_model, whole, "trainer.ema=0.7").returncode == 0
+    killed = emorec(tiny_model, run_dir, "trainer.ema=0.7", interrupt=["KILL", "7"])
+    assert killed.returncode == -9 and not (run_dir / "metrics.json").exists()
+    resumed = emorec(tiny_model, run_dir, "trainer.ema=0.7", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr
+    assert final(run_dir) == final(whole)
+    adapter = "adapter/adapter_model.safetensors"
+    resumed, once = load_file(run_dir / adapter), load_file(whole / adapter)
+    assert set(resumed) == set(once) and all(torch.equal(resumed[k], v) for k, v in once.items())
 
 
 def test_a_resumed_run_continues_its_wandb_run(tiny_model, tmp_path, uninterrupted):
