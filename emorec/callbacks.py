@@ -84,8 +84,8 @@ class Average(Callback):
 
     def __init__(self, model, decay: float):
         self.decay = decay
-        self.params = [local(p) for p in trained_weights(model).values()]
-        self.names = list(trained_weights(model))
+        weights = trained_weights(model)
+        self.names, self.params = list(weights), [local(p) for p in weights.values()]
         self.shadow = [p.detach().float().clone() for p in self.params]
 
     def on_step(self, progress: TrainingProgress, epoch: float) -> None:
