@@ -101,12 +101,14 @@ class Average(Callback):
         try:
             yield
         finally:
-            with torch.no_grad():
-                torch._foreach_copy_(self.params, kept)
+            self.put(kept)
 
     def install(self) -> None:
+        self.put(self.shadow)
+
+    def put(self, values: list) -> None:
         with torch.no_grad():
-            torch._foreach_copy_(self.params, self.shadow)
+            torch._foreach_copy_(self.params, values)
 
     def state_dict(self) -> dict:
         return dict(zip(self.names, self.shadow))
