@@ -183,7 +183,13 @@ def add_adapter(model, adapter: DictConfig, decoder_head: bool, model_name: str,
 
 def build_task(tokenizer, spec: Spec, labels: list[str], engine: Engine, balance: Balance) -> Task:
     """The task of the spec's kind of model: lm (label words), classifier (a decoder's head) or
-    encoder."""
+    encoder, its loss label-smoothed by trainer.label_smoothing."""
+    task = task_of_kind(tokenizer, spec, labels, engine, balance)
+    task.smoothing = spec.trainer.label_smoothing
+    return task
+
+
+def task_of_kind(tokenizer, spec: Spec, labels: list[str], engine: Engine, balance: Balance) -> Task:
     if spec.kind == "encoder":
         return SequenceClassifier(tokenizer.pad_token_id, balance)
     if spec.kind == "classifier":

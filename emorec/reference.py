@@ -28,9 +28,23 @@ def weighted_mean(losses: torch.Tensor, weights: torch.Tensor | None) -> torch.T
     return losses.mean() if weights is None else (losses * weights.to(losses)).sum() / len(losses)
 
 
-def answer_logprobs(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> torch.Tensor:
+def target_logp(logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Each position's log-probability of its target, from (..., vocabulary) logits, in fp32. With
+    label smoothing e (trainer.label_smoothing), (1 - e) log p(target) + e mean_v log p(v): its
+    negative is the cross-entropy against the target smoothed uniformly over the logits' entries
+    (Szegedy et al. 2016; torch's cross_entropy(label_smoothing=e)): a head's labels, or a language
+    model's whole vocabulary, as transformers' label_smoothing_factor."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, targets[..., None]).squeeze(-1)
+    return (1 - smoothing) * picked + smoothing * logp.mean(-1) if smoothing else picked
+
+
+def answer_logprobs(
+    model, prompts: list[list[int]], answers: list[list[int]], pad_id: int, smoothing: float = 0.0
+) -> torch.Tensor:
     """(batch,) log-likelihood of each answer after its prompt, summed over the answer's tokens,
-    from one forward pass over the right-padded prompt + answer sequences."""
+    from one forward pass over the right-padded prompt + answer sequences (`smoothing`: see
+    target_logp; training only)."""
     device = device_of(model)
     ids, mask = right_pad([p + a for p, a in zip(prompts, answers)], pad_id, device)
     # A prompt-learning adapter's virtual tokens come first: the last positions are the input's.
@@ -38,14 +52,17 @@ def answer_logprobs(model, prompts: list[list[int]], answers: list[list[int]], p
     # Answer token j of row r sits at len(prompt) + j; the position before it predicts it.
     row = on_device([r for r, a in enumerate(answers) for _ in a], device)
     col = on_device([len(p) + j for p, a in zip(prompts, answers) for j in range(len(a))], device)
-    logp = torch.log_softmax(logits[row, col - 1].float(), dim=-1).gather(-1, ids[row, col][:, None])[:, 0]
+    logp = target_logp(logits[row, col - 1], ids[row, col], smoothing)
     return torch.zeros(len(prompts), device=device).index_add(0, row, logp)
 
 
-def answer_loss(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int, weights=None) -> torch.Tensor:
+def answer_loss(
+    model, prompts: list[list[int]], answers: list[list[int]], pad_id: int, weights=None, smoothing: float = 0.0
+) -> torch.Tensor:
     """Mean over examples of the answer's negative log-likelihood: the loss sees the answer only,
-    and it is the quantity that scoring ranks. `weights`: see weighted_mean."""
-    return weighted_mean(-answer_logprobs(model, prompts, answers, pad_id), weights)
+    and it is the quantity that scoring ranks. `weights`: see weighted_mean; `smoothing`: see
+    target_logp."""
+    return weighted_mean(-answer_logprobs(model, prompts, answers, pad_id, smoothing), weights)
 
 
 @torch.no_grad()
@@ -94,11 +111,13 @@ def generate_labels(
     return [parse_label(t, labels) for t in texts], texts
 
 
-def classifier_loss(model, prompts: list[list[int]], targets: list[int], pad_id: int, weights=None) -> torch.Tensor:
+def classifier_loss(
+    model, prompts: list[list[int]], targets: list[int], pad_id: int, weights=None, smoothing: float = 0.0
+) -> torch.Tensor:
     """An encoder classifier's loss: mean cross-entropy of its head over the labels."""
     ids, mask = right_pad(prompts, pad_id, device_of(model))
     logits = model(input_ids=ids, attention_mask=mask).logits
-    losses = torch.nn.functional.cross_entropy(logits.float(), on_device(targets, ids.device), reduction="none")
+    losses = -target_logp(logits, on_device(targets, ids.device), smoothing)
     return weighted_mean(losses, weights)
 
 
@@ -116,8 +135,8 @@ class Reference:
     def shared_length(self, model, prompts: list[list[int]]) -> int:
         return 0
 
-    def loss(self, model, prompts, answers, pad_id: int, weights=None) -> torch.Tensor:
-        return answer_loss(model, prompts, answers, pad_id, weights)
+    def loss(self, model, prompts, answers, pad_id: int, weights=None, smoothing: float = 0.0) -> torch.Tensor:
+        return answer_loss(model, prompts, answers, pad_id, weights, smoothing)
 
     def open(self, model, prompts: list[list[int]]) -> None:
         return None

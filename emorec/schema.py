@@ -78,6 +78,7 @@ class Trainer(Checked):
     aux: list[str] = field(default_factory=list)  # auxiliary training tasks (emorec.auxiliary)
     aux_ratio: float = 0.25
     ema: float = 0.0  # decay of the trained weights' moving average (emorec.callbacks.Average); 0: off
+    label_smoothing: float = 0.0  # the emotion loss's (emorec.reference.target_logp); 0: off
 
     def __post_init__(self):
         self.one_of("strategy", "data_parallel", "fsdp")
@@ -86,6 +87,7 @@ class Trainer(Checked):
                 raise invalid("trainer.aux", list(self.aux), f"a list of {', '.join(TASKS)}")
         self.check("aux_ratio", lambda v: v > 0, "a number > 0")
         self.check("ema", lambda v: 0 <= v < 1, "a number in [0, 1): the average's decay per step (0: off)")
+        self.check("label_smoothing", lambda v: 0 <= v < 1, "a number in [0, 1), e.g. 0.1 (0: off)")
         if self.ema and self.strategy == "fsdp":
             raise EmorecError("trainer.ema averages whole weights; with trainer.strategy=fsdp set trainer.ema=0")
         self.positive("batch_size", "eval_batch_size", "grad_accum", "epochs", "max_length", "log_every")

@@ -24,6 +24,7 @@ class Task(Protocol):
     """What a run trains and evaluates: LabelWords, LabelHead or SequenceClassifier."""
 
     streams: bool  # whether evaluation batches may run in several threads at once
+    smoothing: float  # the loss's label smoothing (trainer.label_smoothing; reference.target_logp)
 
     def describe(self) -> dict: ...
 
@@ -87,6 +88,8 @@ class LabelWords:
     label (-1 when it names none), as the paper evaluated. `impl` computes the loss and scores:
     one of emorec.fast's answer components, or reference.Reference. `balance`: see Balance."""
 
+    smoothing = 0.0
+
     def __init__(
         self, answers, scored, labels, pad_id: int, first_token: bool, impl, tokenizer=None, balance=Balance()
     ):
@@ -109,7 +112,8 @@ class LabelWords:
         # The static step takes its values on the host, to copy them to the device in one go.
         device = "cpu" if getattr(self.impl, "host_inputs", False) else device_of(model)
         weights = self.balance.of_targets(targets, device)
-        return self.impl.loss(model, prompts, [self.answers[t] for t in targets], self.pad_id, weights)
+        answers = [self.answers[t] for t in targets]
+        return self.impl.loss(model, prompts, answers, self.pad_id, weights, self.smoothing)
 
     def with_impl(self, impl) -> "LabelWords":
         """This task, its loss and scores computed by `impl`."""
@@ -153,7 +157,7 @@ class SequenceClassifier:
     attends both ways, so no part of a prompt is computed independently of what follows it:
     nothing is shared."""
 
-    streams = True
+    streams, smoothing = True, 0.0
 
     def __init__(self, pad_id: int, balance=Balance()):
         self.pad_id, self.balance = pad_id, balance
@@ -169,7 +173,7 @@ class SequenceClassifier:
 
     def loss(self, model, prompts: list[list[int]], targets: list[int]) -> torch.Tensor:
         weights = self.balance.of_targets(targets, device_of(model))
-        return reference.classifier_loss(model, prompts, targets, self.pad_id, weights)
+        return reference.classifier_loss(model, prompts, targets, self.pad_id, weights, self.smoothing)
 
     def predictor(self, model, prompts: list[list[int]]):
         def run(chunk: list[list[int]]):

@@ -166,6 +166,11 @@ def weight_average(cfg: dict) -> None:
     cfg.setdefault("trainer", {}).setdefault("ema", 0.0)
 
 
+def label_smoothing(cfg: dict) -> None:
+    """13 -> 14 (issue 43): trainer.label_smoothing, off before."""
+    cfg.setdefault("trainer", {}).setdefault("label_smoothing", 0.0)
+
+
 DEMONSTRATIONS = {
     "demonstrations": 0,
     "demonstrations_by": "similar",
@@ -189,6 +194,7 @@ UPGRADES = [
     speaker_template,
     auxiliary_tasks,
     weight_average,
+    label_smoothing,
 ]
 VERSION = len(UPGRADES)
 

@@ -69,6 +69,13 @@ def seq_logprob(model, prompt, answer):
     return sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(answer))
 
 
+def next_token(model, prompt, answer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the logits predicting each answer token, those tokens) from one unpadded forward pass."""
+    ids = torch.tensor([prompt + answer], device=model.device)
+    logits = model(input_ids=ids).logits[0, -ids.shape[1] :].float()
+    return logits[len(prompt) - 1 : -1], ids[0, len(prompt) :]
+
+
 def names(model) -> list[str]:
     return [name for name, _ in candidates(model)]
 
@@ -92,6 +99,14 @@ def test_the_reference_matches_one_sequence_at_a_time(model):
     loss = reference.answer_loss(model, PROMPTS, ANSWERS[:3], pad_id=2)
     expected = -sum(seq_logprob(model, p, a) for p, a in zip(PROMPTS, ANSWERS[:3])) / 3
     assert loss.item() == pytest.approx(expected, abs=TOL)
+    # Label smoothing: each answer token's cross-entropy as torch's, summed over the answer.
+    smoothed = reference.answer_loss(model, PROMPTS, ANSWERS[:3], pad_id=2, smoothing=0.1)
+    cross_entropy = torch.nn.functional.cross_entropy
+    each = [
+        cross_entropy(*next_token(model, p, a), label_smoothing=0.1, reduction="sum")
+        for p, a in zip(PROMPTS, ANSWERS[:3])
+    ]
+    assert smoothed.item() == pytest.approx(sum(each).item() / 3, abs=TOL) and smoothed.item() > loss.item()
     for first_token in (False, True):
         scores = reference.score_labels(model, PROMPTS, ANSWERS, pad_id=2, first_token=first_token)
         for i, p in enumerate(PROMPTS):
@@ -99,13 +114,15 @@ def test_the_reference_matches_one_sequence_at_a_time(model):
                 assert scores[i, j].item() == pytest.approx(seq_logprob(model, p, a[:1] if first_token else a), abs=TOL)
 
 
-def test_every_component_gives_the_reference_loss_and_gradients(tiny_model, device, packed_calls):
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_every_component_gives_the_reference_loss_and_gradients(tiny_model, device, packed_calls, smoothing):
+    """With label smoothing too (over the vocabulary: reference.target_logp)."""
     model = lora_model(tiny_model, device=device).train()  # nonzero B, and dropout off (as the default)
     assert names(model) == ["packed pass (SDPA)", "packed pass", "prefix cache", "head at positions", "reference"]
     results = {}
     for name, impl in candidates(model):
         model.zero_grad()
-        loss = impl.loss(model, PACKED_PROMPTS, PACKED_ANSWERS, 2)
+        loss = impl.loss(model, PACKED_PROMPTS, PACKED_ANSWERS, 2, None, smoothing)
         loss.backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         results[name] = (loss.item(), grads)

@@ -76,7 +76,8 @@ def test_random_init_is_a_new_head(tiny_model):
 @pytest.mark.parametrize("adapter", ["lora", "ptuning_v2", "prompt_tuning"])
 def test_every_component_matches_the_head_at_the_last_token(adapter, make_cfg, tiny_model):
     """The loss and scores of each engine component equal the head's logits read at each row's
-    last token from one unpadded forward pass per prompt."""
+    last token from one unpadded forward pass per prompt; label smoothing spreads over the labels,
+    as torch's cross-entropy does."""
     from hydra.utils import instantiate
 
     cfg = make_cfg(
@@ -91,11 +92,15 @@ def test_every_component_matches_the_head_at_the_last_token(adapter, make_cfg, t
     plain = torch.stack([all_logits(model, input_ids=torch.tensor([p]))[0, -1].log_softmax(-1) for p in PROMPTS])
     targets = [1, 3, 0, 2]
     expected = -plain[range(4), targets].mean()
+    smoothed = torch.nn.functional.cross_entropy(plain, torch.tensor(targets), label_smoothing=0.5)
+    assert abs(smoothed.item() - expected.item()) > 1e-3  # the two differ here
     answers = [[i] for i in range(len(LABELS))]
     for name, impl in candidates(model):
         assert torch.allclose(impl.scores(model, PROMPTS, answers, 2, True), plain, atol=1e-5), name
         loss = impl.loss(model, PROMPTS, [answers[t] for t in targets], 2)
         assert loss.item() == pytest.approx(expected.item(), abs=1e-5), name
+        loss = impl.loss(model, PROMPTS, [answers[t] for t in targets], 2, None, 0.5)
+        assert loss.item() == pytest.approx(smoothed.item(), abs=1e-5), name
 
 
 def test_weighted_loss_weighs_each_example(tiny_model):
@@ -213,6 +218,18 @@ def test_head_trains_over_a_bf16_base(adapter, make_cfg):
     )
     assert metrics["precision"] == "bf16" and metrics["train"]["steps"] == 4
     assert all(0 < loss < 5 for loss in metrics["train"]["losses"])
+
+
+def test_label_smoothing_reaches_the_runs_loss(make_cfg, tmp_path):
+    """trainer.label_smoothing: the same seed's first step (the same weights and batch) has another
+    loss with it; every value outside [0, 1) is refused in one line."""
+    plain, smoothed = (
+        run(make_cfg("head=classifier", "seed=3", "trainer.max_steps=1", f"output_dir={tmp_path / name}", *extra))
+        for name, extra in (("plain", []), ("smoothed", ["trainer.label_smoothing=0.3"]))
+    )
+    assert plain["train"]["losses"][0] != pytest.approx(smoothed["train"]["losses"][0], abs=1e-4)
+    with pytest.raises(EmorecError, match=r"trainer.label_smoothing=1.0 is not valid; it must be a number in \[0, 1\)"):
+        run(make_cfg("trainer.label_smoothing=1.0"))
 
 
 def test_zero_shot_head_equals_label_scoring(make_cfg):

@@ -79,12 +79,14 @@ def test_buckets_hold_every_pass_drawn_and_longer_ones_run_as_they_are():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_the_static_step_gives_the_reference_loss_and_gradients(tiny_model, device):
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_the_static_step_gives_the_reference_loss_and_gradients(tiny_model, device, smoothing):
     device = torch.device(device)
     model = lora_model(tiny_model, device=device).train()
     task = static_task(model, device)
+    task.smoothing = smoothing
     assert isinstance(task.impl, StaticPacked) and task.impl.buckets.prefix == (5, 9, 30)
-    expected = reference.answer_loss(model, PROMPTS, ANSWERS, 2)
+    expected = reference.answer_loss(model, PROMPTS, ANSWERS, 2, smoothing=smoothing)
     expected.backward()
     ref = grads(model)
     model.zero_grad()
@@ -94,7 +96,8 @@ def test_the_static_step_gives_the_reference_loss_and_gradients(tiny_model, devi
     assert torch.allclose(grads(model), ref, atol=1e-5)
     # A short pass (2 of the 4 rows, the others empty and of weight 0) is the mean of its own.
     short = task.loss(model, PROMPTS[:2], [0, 1])
-    assert short.item() == pytest.approx(reference.answer_loss(model, PROMPTS[:2], ANSWERS[:2], 2).item(), abs=1e-4)
+    expected = reference.answer_loss(model, PROMPTS[:2], ANSWERS[:2], 2, smoothing=smoothing)
+    assert short.item() == pytest.approx(expected.item(), abs=1e-4)
 
 
 def test_flex_attention_forward_matches_sdpa_and_the_packed_pass(tiny_model):

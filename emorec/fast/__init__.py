@@ -100,7 +100,7 @@ class AnswerComponent(Protocol):
     def shared_length(self, model, prompts: list[list[int]]) -> int:
         """The tokens a pass of these prompts runs once for all of them."""
 
-    def loss(self, model, prompts, answers, pad_id: int, weights=None) -> torch.Tensor:
+    def loss(self, model, prompts, answers, pad_id: int, weights=None, smoothing: float = 0.0) -> torch.Tensor:
         """The answers' mean negative log-likelihood (reference.answer_loss)."""
 
     def open(self, model, prompts: list[list[int]]):
@@ -322,8 +322,8 @@ class PlainTraining:
     def __init__(self, fast_component):
         self.fast, self.plain = fast_component, Reference()
 
-    def loss(self, model, prompts, answers, pad_id: int, weights=None) -> torch.Tensor:
-        return self.plain.loss(model, prompts, answers, pad_id, weights)
+    def loss(self, model, prompts, answers, pad_id: int, weights=None, smoothing: float = 0.0) -> torch.Tensor:
+        return self.plain.loss(model, prompts, answers, pad_id, weights, smoothing)
 
     def shared_length(self, model, prompts: list[list[int]]) -> int:
         return self.plain.shared_length(model, prompts)

@@ -19,7 +19,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from emorec.errors import EmorecError
 from emorec.fast.lm_head import HeadAt
 from emorec.fast.prefix import PrefixCache, can_share_prefix
-from emorec.reference import weighted_mean
+from emorec.reference import target_logp, weighted_mean
 from emorec.tensors import base_of, device_of, on_device, right_pad
 
 
@@ -240,14 +240,14 @@ class Packed:
     def shared_length(self, model, prompts: list[list[int]]) -> int:
         return self.fallback.shared_length(model, prompts)
 
-    def loss(self, model, prompts, answers, pad_id: int, weights=None) -> torch.Tensor:
+    def loss(self, model, prompts, answers, pad_id: int, weights=None, smoothing: float = 0.0) -> torch.Tensor:
         """reference.answer_loss in one packed pass (padded layout). The head runs only where an
         answer token is predicted. (The shared layout would also drop the few percent of padding
         that length-grouped batches have; it measured slower here, its gathers' backward being
         scatter-adds: experiments/bench/README.md.)"""
         n = self.shared_length(model, prompts)
         if n == 0:
-            return self.fallback.loss(model, prompts, answers, pad_id, weights)
+            return self.fallback.loss(model, prompts, answers, pad_id, weights, smoothing)
         device = device_of(model)
         seqs = [p[n:] + a for p, a in zip(prompts, answers)]
         ids, _ = right_pad(seqs, pad_id, device)
@@ -269,7 +269,7 @@ class Packed:
                 packed=layout,
                 use_cache=False,  # else each layer's keys and values are copied into a new cache
             )
-        logp = torch.log_softmax(logits[0].float(), dim=-1).gather(-1, ids[row, col][:, None])[:, 0]
+        logp = target_logp(logits[0], ids[row, col], smoothing)
         return weighted_mean(-torch.zeros(rows, device=device).index_add(0, row, logp), weights)
 
     def open(self, model, prompts: list[list[int]]) -> tuple | None:

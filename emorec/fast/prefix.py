@@ -14,7 +14,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 
 from emorec.fast.lm_head import HeadAt
-from emorec.reference import weighted_mean
+from emorec.reference import target_logp, weighted_mean
 from emorec.tensors import base_of, device_of, on_device, right_pad
 
 
@@ -79,7 +79,7 @@ class PrefixCache:
         cache.batch_repeat_interleave(len(prompts))
         return n, {"past_key_values": cache}
 
-    def loss(self, model, prompts, answers, pad_id: int, weights=None) -> torch.Tensor:
+    def loss(self, model, prompts, answers, pad_id: int, weights=None, smoothing: float = 0.0) -> torch.Tensor:
         """reference.answer_loss, the head at the last k positions of each row only."""
         device = device_of(model)
         n, cached = self.repeated(model, prompts)
@@ -94,7 +94,7 @@ class PrefixCache:
         span = torch.arange(k, device=device)
         targets = ids[torch.arange(len(seqs), device=device)[:, None], lengths[:, None] - k + span]
         is_answer = span >= (k - on_device([len(a) for a in answers], device))[:, None]
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+        logp = target_logp(logits, targets, smoothing)
         return weighted_mean(-(logp * is_answer).sum(-1), weights)
 
     def open(self, model, prompts: list[list[int]]) -> tuple | None:

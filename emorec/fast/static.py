@@ -28,6 +28,7 @@ import torch
 
 from emorec.fast.buckets import Buckets
 from emorec.fast.packed import Packed, PackedAttention, Packing, packed_flex_attention, packed_sdpa_attention
+from emorec.reference import target_logp
 from emorec.tensors import base_of
 
 log = logging.getLogger(__name__)
@@ -105,9 +106,10 @@ def flex_mask(row: torch.Tensor):
 ATTENTION = {"sdpa": (packed_sdpa_attention, dense_mask), "flex": (packed_flex_attention, flex_mask)}
 
 
-def step_loss(model, inputs: StepInputs, mask: Callable) -> torch.Tensor:
+def step_loss(model, inputs: StepInputs, mask: Callable, smoothing: float = 0.0) -> torch.Tensor:
     """The pass's loss (its examples' weighted mean answer NLL, as reference.answer_loss): reads
-    tensors only. `mask`: a mask builder of ATTENTION, run once for all layers."""
+    tensors only. `mask`: a mask builder of ATTENTION, run once for all layers; `smoothing`:
+    reference.target_logp's (a constant of the run, so one compiled graph serves it)."""
     packing = Packing(0, 0, mask=mask(inputs.row))
     logits = model(
         input_ids=inputs.ids,
@@ -116,7 +118,7 @@ def step_loss(model, inputs: StepInputs, mask: Callable) -> torch.Tensor:
         packed=packing,
         use_cache=False,  # a cache would copy every layer's keys and values
     ).logits
-    logp = torch.log_softmax(logits[0].float(), dim=-1).gather(-1, inputs.target[:, None])[:, 0]
+    logp = target_logp(logits[0], inputs.target, smoothing)
     return -(logp * inputs.weight).sum()
 
 
@@ -225,17 +227,17 @@ class StaticPacked:
     def shared_length(self, model, prompts: list[list[int]]) -> int:
         return len(self.buckets.prefix)  # the training prompts' common prefix (Engine.for_training)
 
-    def loss(self, model, prompts, answers, pad_id: int, weights=None) -> torch.Tensor:
+    def loss(self, model, prompts, answers, pad_id: int, weights=None, smoothing: float = 0.0) -> torch.Tensor:
         inputs = prepare(prompts, answers, weights, pad_id, self.buckets, self.device)
         try:
             with self.attention.packed():
-                return self.step(model, inputs, self.mask)
+                return self.step(model, inputs, self.mask, smoothing)
         except torch._dynamo.exc.TorchDynamoException as error:  # compiling, before any of the step ran
             if self.step is step_loss:
                 raise
             self.compile_failed(error)
         with self.attention.packed():
-            return self.step(model, inputs, self.mask)
+            return self.step(model, inputs, self.mask, smoothing)
 
     def open(self, model, prompts: list[list[int]]):
         return self.packed.open(model, prompts)
