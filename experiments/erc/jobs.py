@@ -123,12 +123,12 @@ JOBS |= {f"{d}-lora_all_r32-epochs2-cosine": [*lora_all(d, r=32), "trainer.sched
 # 0.37M weights read the utterance through 32 virtual tokens; LoRA on every linear layer has 26x
 # them. Does one turn of context pay at rank 32? (1.55x the tokens: over the issue's 2x in time
 # at two epochs; run to see whether cutting its cost is worth it.)
-JOBS |= {f"{d}-lora_all_r32-epochs2-ctx1": [*lora_all(d, r=32), "dataset.context_window=1"] for d in DATASETS}
+JOBS |= {f"{d}-lora_all_r32-epochs2-ctx1": [*lora_all(d, r=32), *STEPS["-ctx1"]] for d in DATASETS}
 # (MELD seed 42: dev 60.8, the study's highest, against 59.9; test 62.4 against 63.0; 2,463 s, 1.9x
 # the preset's time a step. EmoryNLP: 36.4 / dev 39.6 against 38.4 / 39.8.) One epoch of it costs
 # about what the preset's two do: does it keep dev?
 # (No: MELD 62.2 / dev 59.6, EmoryNLP 36.8 / 39.9, against the preset's 63.0 / 59.9 and 38.4 / 39.8.)
-JOBS |= {f"{d}-lora_all_r32-epochs1-ctx1": [*lora_all(d, epochs=1, r=32), "dataset.context_window=1"] for d in DATASETS}
+JOBS |= {f"{d}-lora_all_r32-epochs1-ctx1": [*lora_all(d, epochs=1, r=32), *STEPS["-ctx1"]] for d in DATASETS}
 # Full fine-tuning: every weight of the 135M model trains (fp32 weights under bf16 autocast), the
 # head at lr 1e-3, the base at emorec's full-tuning lr 5e-5. One epoch of it fits the preset's budget
 # (measured: 1.46x / 1.77x the one-epoch P-Tuning v2 configuration's training time, MELD / EmoryNLP).
